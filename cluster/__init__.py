@@ -1,0 +1,1 @@
+"""The control plane on the Ray head: gateway, router, global scheduler, replicas, metrics, CLI."""

@@ -1,0 +1,1 @@
+"""Triton kernels, one per file; no imports from cluster/ or workers/."""

@@ -1,0 +1,1 @@
+"""The gRPC service definition; Python modules are generated from it at install time."""

@@ -1,0 +1,63 @@
+"""The reference attention: plain PyTorch over the paged KV slab, in fp32, one sequence at a time.
+
+It is the definition every faster backend is tested against, so it favours obviousness over speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.attention.base import AttentionBackend, AttentionMetadata
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write each new token's K/V ([T, KVH, D]) into its slot of the slab."""
+    block_size = kv_cache.shape[3]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[0, blocks, :, offsets] = k.to(kv_cache.dtype)
+    kv_cache[1, blocks, :, offsets] = v.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """One sequence's K and V in order: [2, KVH, seq_len, D]."""
+    block_size = kv_cache.shape[3]
+    num_blocks = -(-seq_len // block_size)
+    blocks = kv_cache[:, block_table[:num_blocks].long()]  # [2, n, KVH, BS, D]
+    two, n, kv_heads, _, head_dim = blocks.shape
+    return blocks.permute(0, 2, 1, 3, 4).reshape(two, kv_heads, n * block_size, head_dim)[
+        :, :, :seq_len
+    ]
+
+
+class TorchRefBackend(AttentionBackend):
+    name = "torch_ref"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        num_heads, kv_heads = q.shape[1], kv_cache.shape[2]
+        out = torch.empty_like(q)
+        starts = meta.query_start_loc_host
+        for i, seq_len in enumerate(meta.seq_lens_host):
+            start, end = starts[i], starts[i + 1]
+            query_len = end - start
+            if query_len == 0:
+                continue
+            keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len).float()
+            keys = keys.repeat_interleave(num_heads // kv_heads, dim=0)  # [H, S, D]
+            values = values.repeat_interleave(num_heads // kv_heads, dim=0)
+            queries = q[start:end].float().transpose(0, 1)  # [H, L, D]
+            scores = queries @ keys.transpose(1, 2) * scale  # [H, L, S]
+            # query j sits at position seq_len - query_len + j and sees keys up to it
+            query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+            future = torch.arange(seq_len, device=q.device)[None, :] > query_pos[:, None]
+            probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+            out[start:end] = (probs @ values).transpose(0, 1).to(q.dtype)  # [L, H, D]
+        return out

@@ -1,0 +1,1 @@
+"""Model-agnostic building blocks: linears, embeddings, norms, rotary, activation, attention."""

@@ -1,0 +1,126 @@
+"""Linear layers, dense or split over the tensor-parallel ranks.
+
+Each weight carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies this rank's
+slice of a full checkpoint tensor into it, so loaders never need to know how a layer is split.
+Column-parallel layers split the output features (no communication); row-parallel layers split the
+input features and sum the partial products with an all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(
+            f"weight {name or '?'}: checkpoint shape {tuple(loaded.shape)} does not match the "
+            f"model's {tuple(param.shape)}"
+        )
+    param.data.copy_(loaded)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    copy_checked(param, loaded, getattr(param, "checkpoint_name", ""))
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's rows (output features) split over the ranks."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.input_size = input_size
+        self.output_size_per_rank = divide(output_size, self.tp_size, "output features")
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size))
+        self.weight.weight_loader = self.weight_loader
+        self.bias = nn.Parameter(torch.empty(self.output_size_per_rank)) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        rows = param.shape[0]
+        copy_checked(param, loaded.narrow(0, self.tp_rank * rows, rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input fused into one GEMM (gate and up)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(input_size, sum(output_sizes), bias)
+        self.output_sizes = output_sizes
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        shard = loaded.narrow(0, self.tp_rank * size, size)
+        copy_checked(param.data.narrow(0, offset, size), shard)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections fused; each rank holds its query heads and its K/V heads.
+
+    With fewer K/V heads than ranks, each K/V head is replicated on the ranks that share it.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+    ) -> None:
+        tp_size = get_tp_size()
+        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        if num_kv_heads >= tp_size:
+            self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
+            self.kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.kv_replicas = divide(tp_size, num_kv_heads, "tensor-parallel size over KV heads")
+        self.head_dim = head_dim
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, output_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        q_rows = self.num_heads * self.head_dim
+        kv_rows = self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, rows, rank_index = 0, q_rows, self.tp_rank
+        elif shard_id in ("k", "v"):
+            offset = q_rows if shard_id == "k" else q_rows + kv_rows
+            rows, rank_index = kv_rows, self.tp_rank // self.kv_replicas
+        else:
+            raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+        shard = loaded.narrow(0, rank_index * rows, rows)
+        copy_checked(param.data.narrow(0, offset, rows), shard)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's columns (input features) split over the ranks; outputs all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.input_size_per_rank = divide(input_size, self.tp_size, "input features")
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank))
+        self.weight.weight_loader = self.weight_loader
+        self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = default_weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        cols = param.shape[1]
+        copy_checked(param, loaded.narrow(1, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = tp_all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias

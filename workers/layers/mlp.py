@@ -1,0 +1,21 @@
+"""The SwiGLU feed-forward block: down(silu(gate(x)) * up(x)), gate and up fused in one GEMM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.layers.activation import SiluAndMul
+from workers.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> gate_up [T, 2 * I / tp] -> [T, I / tp] -> [T, hidden]
+        return self.down_proj(self.act(self.gate_up_proj(x)))

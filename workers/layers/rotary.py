@@ -1,0 +1,66 @@
+"""Rotary position embedding (RoPE), NeoX/HF layout: `rotate_half` over the two halves of a head.
+
+cos/sin are tabulated once in fp32 for every position up to the model's context and indexed by
+each token's position, so the flattened batch needs no per-sequence offsets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None = None
+) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    original_context = float(scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_band, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        theta: float,
+        scaling: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)  # [D/2]
+        positions = torch.arange(max_position, dtype=torch.int64).float()
+        freqs = torch.outer(positions, inv_freq)  # [P, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.register_buffer("cos_cache", angles.cos(), persistent=False)
+        self.register_buffer("sin_cache", angles.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T]; q: [T, num_heads, D]; k: [T, num_kv_heads, D]
+        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin_cache[positions].unsqueeze(1)
+        q_rot = q * cos.to(q.dtype) + rotate_half(q) * sin.to(q.dtype)
+        k_rot = k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+        return q_rot, k_rot

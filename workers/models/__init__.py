@@ -1,0 +1,1 @@
+"""Model architectures, one file each, looked up by their HF `architectures` name."""

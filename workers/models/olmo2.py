@@ -1,0 +1,47 @@
+"""Olmo 2: no input norm; each sublayer's output is normalised before it joins the residual.
+
+    h = h + post_attention_layernorm(attn(h))
+    h = h + post_feedforward_layernorm(mlp(h))
+
+q_norm and k_norm are RMSNorms over the full q and k projections (all heads at once, before the
+head split and RoPE); under tensor parallelism that norm spans every rank's shard.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.config import ModelConfig
+from workers.layers.mlp import GatedMLP
+from workers.layers.norm import RMSNorm
+from workers.models.base import CausalLM
+from workers.models.llama import LlamaAttention
+
+
+class Olmo2Attention(LlamaAttention):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__(config, layer_index)
+        self.q_norm = RMSNorm(config.num_attention_heads * config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.num_key_value_heads * config.head_dim, config.rms_norm_eps)
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H * D], k: [T, KVH * D], normalised over the whole width
+        return self.q_norm(q), self.k_norm(k)
+
+
+class Olmo2DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.self_attn = Olmo2Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden))
+        return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
+
+
+class Olmo2ForCausalLM(CausalLM):
+    decoder_layer = Olmo2DecoderLayer

@@ -1,0 +1,1 @@
+"""Checkpoint readers: HF safetensors, GGUF, dummy weights, and tokenizers."""
