@@ -29,8 +29,13 @@ def prefill_check(loaded, prompt_len: int = 128, batch: int = 4) -> dict:
     block_size = 16
     blocks_per_seq = -(-prompt_len // block_size)
     slab = allocate_kv_slab(
-        config.num_hidden_layers, batch * blocks_per_seq, block_size,
-        config.num_key_value_heads, config.head_dim, config.torch_dtype, "cuda",
+        config.num_hidden_layers,
+        batch * blocks_per_seq,
+        block_size,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.torch_dtype,
+        "cuda",
     )
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
     meta = build_attention_metadata(tables, [0] * batch, [prompt_len] * batch, block_size, "cuda")

@@ -48,7 +48,11 @@ class PagedSequences:
         )
         input_ids = torch.tensor([t for seq in new_tokens for t in seq], device=self.device)
         positions = torch.tensor(
-            [done + j for done, seq in zip(computed, new_tokens) for j in range(len(seq))],
+            [
+                done + j
+                for done, seq in zip(computed, new_tokens, strict=True)
+                for j in range(len(seq))
+            ],
             device=self.device,
         )
         with forward_context(ForwardContext(meta, self.slab, self.backend)):

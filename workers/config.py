@@ -26,7 +26,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Turn 'bf16', 'bfloat16', 'torch.bfloat16' or a torch.dtype into a torch.dtype."""
     if isinstance(name, torch.dtype):
         if name not in _DTYPES.values():
-            raise ValueError(f"dtype: {name} is not supported; use one of float32, bfloat16, float16")
+            raise ValueError(
+                f"dtype: {name} is not supported; use one of float32, bfloat16, float16"
+            )
         return name
     key = str(name).removeprefix("torch.").lower()
     if key not in _DTYPES:
@@ -57,7 +59,7 @@ class ModelConfig:
     num_key_value_heads: int
     """K/V heads; fewer than the query heads means grouped-query attention."""
     head_dim: int
-    """Width of one head (hidden_size // num_attention_heads unless the checkpoint says otherwise)."""
+    """Width of one head: hidden_size // num_attention_heads unless the checkpoint says."""
     max_position_embeddings: int
     """Longest context the model was trained for; prompts plus outputs may not exceed it."""
     rms_norm_eps: float
@@ -128,7 +130,9 @@ class ModelConfig:
         return dataclasses.replace(self, dtype=dtype_name(parse_dtype(dtype)))
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any], dtype: str | torch.dtype | None = None) -> ModelConfig:
+    def from_hf_dict(
+        cls, cfg: dict[str, Any], dtype: str | torch.dtype | None = None
+    ) -> ModelConfig:
         """Build from the contents of an HF `config.json`."""
         architectures = cfg.get("architectures") or []
         if not architectures:

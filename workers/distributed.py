@@ -61,5 +61,7 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 def divide(numerator: int, denominator: int, what: str) -> int:
     """Exact division, or a ValueError naming what could not be split."""
     if numerator % denominator:
-        raise ValueError(f"{what}: {numerator} is not divisible by tensor-parallel size {denominator}")
+        raise ValueError(
+            f"{what}: {numerator} is not divisible by tensor-parallel size {denominator}"
+        )
     return numerator // denominator

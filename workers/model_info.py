@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from workers.config import dtype_name, parse_dtype
 from workers.weights.loader import build_model, default_dtype_for, load_config, resolve_model
 
 
-def describe_model(
-    name: str, dtype: str | None = None, device: str = "cpu"
-) -> dict[str, Any]:
+def describe_model(name: str, dtype: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """The model built on the meta device (no memory), measured parameter by parameter."""
     source = resolve_model(name)
     config = load_config(source)

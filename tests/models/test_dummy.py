@@ -38,7 +38,7 @@ def test_dummy_weights_are_seeded():
     initialize_dummy_weights(first, seed=3)
     initialize_dummy_weights(second, seed=3)
     initialize_dummy_weights(other, seed=4)
-    for a, b, c in zip(first.parameters(), second.parameters(), other.parameters()):
+    for a, b, c in zip(first.parameters(), second.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
         assert a.dim() == 1 or not torch.equal(a, c)
 

@@ -17,7 +17,9 @@ def test_chunks_over_cached_prefix_match_sdpa(num_heads, num_kv_heads):
     generator = torch.Generator().manual_seed(0)
     lengths = [1, 7, 13]  # total tokens per sequence
     cached = [0, 4, 6]  # of which already in the slab (6 ends mid-block)
-    slab = allocate_kv_slab(1, num_blocks, block_size, num_kv_heads, head_dim, torch.float32, "cpu")[0]
+    slab = allocate_kv_slab(
+        1, num_blocks, block_size, num_kv_heads, head_dim, torch.float32, "cpu"
+    )[0]
     blocks = torch.randperm(num_blocks, generator=generator).tolist()
     tables = [[blocks.pop() for _ in range(-(-n // block_size))] for n in lengths]
     full = [
@@ -32,16 +34,16 @@ def test_chunks_over_cached_prefix_match_sdpa(num_heads, num_kv_heads):
     scale = head_dim**-0.5
     # first the cached part of each sequence, then the rest, as two steps
     for step in range(2):
-        spans = [(0, c) if step == 0 else (c, n) for c, n in zip(cached, lengths)]
+        spans = [(0, c) if step == 0 else (c, n) for c, n in zip(cached, lengths, strict=True)]
         meta = build_attention_metadata(
             tables, [s for s, _ in spans], [e - s for s, e in spans], block_size
         )
-        q = torch.cat([f[0][s:e] for f, (s, e) in zip(full, spans)])
-        k = torch.cat([f[1][s:e] for f, (s, e) in zip(full, spans)])
-        v = torch.cat([f[2][s:e] for f, (s, e) in zip(full, spans)])
+        q = torch.cat([f[0][s:e] for f, (s, e) in zip(full, spans, strict=True)])
+        k = torch.cat([f[1][s:e] for f, (s, e) in zip(full, spans, strict=True)])
+        v = torch.cat([f[2][s:e] for f, (s, e) in zip(full, spans, strict=True)])
         out = backend.forward(q, k, v, slab, meta, scale)
     rows = 0
-    for (q, k, v), c, n in zip(full, cached, lengths):
+    for (q, k, v), c, n in zip(full, cached, lengths, strict=True):
         group = num_heads // num_kv_heads
         expected = F.scaled_dot_product_attention(
             q.transpose(0, 1),

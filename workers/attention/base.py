@@ -19,7 +19,7 @@ import torch
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor
-    """[T] int64: slab slot (block_id * block_size + offset) where each new token's K/V is stored."""
+    """[T] int64: slab slot (block_id * block_size + offset) of each new token's K/V."""
     query_start_loc: torch.Tensor
     """[B + 1] int32: prefix sums of new tokens per sequence (cu_seqlens of the queries)."""
     seq_lens: torch.Tensor
@@ -55,7 +55,9 @@ def build_attention_metadata(
         total = computed + new
         if total > len(table) * block_size:
             raise ValueError(f"block table of {len(table)} blocks cannot hold {total} tokens")
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(computed, total))
+        slots.extend(
+            table[p // block_size] * block_size + p % block_size for p in range(computed, total)
+        )
         starts.append(starts[-1] + new)
         seq_lens.append(total)
     width = max((len(t) for t in block_tables), default=0)
@@ -86,5 +88,5 @@ class AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        """q [T, H, D], k and v [T, KVH, D], kv_cache [2, blocks, KVH, block_size, D] -> [T, H, D]."""
+        """q [T, H, D], k and v [T, KVH, D], kv_cache [2, blocks, KVH, BS, D] -> [T, H, D]."""
         raise NotImplementedError

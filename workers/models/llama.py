@@ -1,4 +1,4 @@
-"""Llama (Llama 2/3, SmolLM2): pre-norm blocks, grouped-query attention, optional tied embeddings."""
+"""Llama (Llama 2/3, SmolLM2): pre-norm blocks, grouped-query attention, tied embeddings."""
 
 from __future__ import annotations
 

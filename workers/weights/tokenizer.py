@@ -98,7 +98,7 @@ class Tokenizer:
         eos_tokens: Sequence[str],
         chat_template: str | None,
     ) -> None:
-        self._backend = backend
+        self.backend = backend
         self.bos_token = bos_token
         self.eos_token = eos_tokens[0] if eos_tokens else None
         self.bos_token_id = None if bos_token is None else backend.token_to_id(bos_token)
@@ -186,17 +186,17 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._backend.get_vocab_size(with_added_tokens=True)
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
-        return self._backend.token_to_id(token)
+        return self.backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens in it stay whole; BOS if the model says so."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
