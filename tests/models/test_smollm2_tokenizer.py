@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
@@ -30,7 +33,7 @@ TEXTS = [
     "http://example.com/a?b=c&d=e#frag",
     "mixed: 漢字 and 😀 and 123abc456",
     "ÀÉÎÕÜ ß ø æ œ",
-    "JSON: {\"key\": [1, 2, 3], \"nested\": {\"a\": null}}",
+    'JSON: {"key": [1, 2, 3], "nested": {"a": null}}',
     "",
 ]
 
@@ -126,3 +129,47 @@ def test_template_exceptions_become_value_errors(ours: Tokenizer) -> None:
     strict = Tokenizer(ours.backend, ours.bos_token, [ours.eos_token], chat_template=template)
     with pytest.raises(ValueError, match="chat template: roles must alternate"):
         strict.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.fixture()
+def hf_dir(theirs, tmp_path: Path) -> Path:
+    theirs.save_pretrained(tmp_path)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
+    return tmp_path
+
+
+def test_hf_dir_matches_transformers(theirs, hf_dir: Path) -> None:
+    loaded = Tokenizer.from_hf_dir(hf_dir)
+    assert (loaded.bos_token_id, loaded.eos_token_ids) == (1, (2,))
+    for text in TEXTS + DIGIT_AFTER_SPACES:
+        assert loaded.encode(text) == theirs(text)["input_ids"], text
+    messages = CONVERSATIONS[0]
+    expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert loaded.apply_chat_template(messages) == expected
+
+
+def test_hf_dir_flags_named_templates_and_generation_eos(hf_dir: Path) -> None:
+    config_path = hf_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["add_bos_token"] = True
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "tools"},
+        {
+            "name": "default",
+            "template": "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}",
+        },
+    ]
+    config_path.write_text(json.dumps(config))
+    (hf_dir / "chat_template.jinja").unlink()
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+
+    loaded = Tokenizer.from_hf_dir(hf_dir)
+    assert loaded.encode("hi") == [1, 6004]
+    assert loaded.encode("hi", add_special_tokens=False) == [6004]
+    assert loaded.eos_token_ids == (2, 0)
+    rendered = loaded.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert rendered == "<|im_start|>hi<|im_end|>"
+
+
+def test_hf_dir_without_tokenizer_json_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
+        Tokenizer.from_hf_dir(tmp_path)

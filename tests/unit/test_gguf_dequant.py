@@ -1,4 +1,4 @@
-"""GGUF reading: our dequantizers against gguf's reference, and files written here with GGUFWriter."""
+"""GGUF reading: our dequantizers against gguf's reference; files written with GGUFWriter."""
 
 from __future__ import annotations
 
@@ -129,7 +129,11 @@ def test_llama_file_gives_hf_names_shapes_and_unpermuted_qk(tmp_path: Path) -> N
     path = _write_gguf(tmp_path / "tiny.gguf", "llama", tensors)
 
     config = load_gguf_config(path, dtype="bfloat16")
-    assert (config.architecture, config.hidden_size, config.head_dim) == ("LlamaForCausalLM", 64, 16)
+    assert (config.architecture, config.hidden_size, config.head_dim) == (
+        "LlamaForCausalLM",
+        64,
+        16,
+    )
     assert (config.num_attention_heads, config.num_key_value_heads) == (HEADS, KV_HEADS)
     assert (config.vocab_size, config.intermediate_size, config.rope_theta) == (VOCAB, FFN, 5e4)
     assert config.tie_word_embeddings  # no output.weight in the file

@@ -234,7 +234,7 @@ def _undo_rope_permutation(weight: torch.Tensor, num_heads: int) -> torch.Tensor
 def iter_gguf_weights(
     path: str | os.PathLike[str], config: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor in config's dtype, HF shape) for every tensor of a GGUF file.
+    """Yield (HF name, tensor) for every tensor of a GGUF file, in HF's shape and config's dtype.
 
     Names and types are all checked before the first tensor is yielded, so a bad file fails
     before any weight is loaded.
