@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 
 run: $(STAMP)
 	$(VENV)/bin/afs info smollm2-135m-instruct
+	$(VENV)/bin/afs generate --chat "What is the capital of France? Answer in one sentence."
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q tests

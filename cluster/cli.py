@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
+from workers.config import EngineConfig
+from workers.engine.sampling_params import SamplingParams
 from workers.model_info import describe_model
 from workers.weights.loader import DEFAULT_MODEL, load_model
 
@@ -30,7 +33,105 @@ def _build_parser() -> argparse.ArgumentParser:
         "--load", action="store_true", help="also load the weights and report the time it took"
     )
     info.add_argument("--device", default="cpu", help="device for --load: cpu, cuda, cuda:N")
+    gen = commands.add_parser("generate", help="generate text in-process, streamed to stdout")
+    gen.add_argument("prompt", help="the prompt (with --chat: the user message)")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="model name or path")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--system", default=None, help="with --chat: a system message")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--min-tokens", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 disables")
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    _engine_flags(gen)
     return parser
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that map onto EngineConfig fields (model excepted)."""
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV slab size on CPU")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--attention-backend", default="auto")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=not args.no_prefix_caching,
+        attention_backend=args.attention_backend,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    config = engine_config_from_args(args)
+    from workers.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config)
+    prompt = args.prompt
+    if args.chat:
+        if engine.tokenizer is None:
+            raise ValueError("--chat: this model has no tokenizer or chat template")
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    start = time.perf_counter()
+    engine.add_request(prompt, params)
+    first_token_at = None
+    output = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if first_token_at is None and output.new_token_ids:
+                first_token_at = time.perf_counter()
+            sys.stdout.write(output.text_delta)
+            sys.stdout.flush()
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    if output is not None and output.error:
+        raise ValueError(output.error)
+    usage = output.usage
+    prefill = (first_token_at or end) - start
+    decode_tokens = max(usage.completion_tokens - 1, 0)
+    decode_rate = decode_tokens / (end - first_token_at) if first_token_at and decode_tokens else 0
+    print(
+        f"[{usage.prompt_tokens} prompt tokens in {prefill:.2f} s "
+        f"({usage.prompt_tokens / prefill:.1f} tok/s); {usage.completion_tokens} generated, "
+        f"decode {decode_rate:.1f} tok/s; finish: {output.finish_reason}; "
+        f"load {engine.load_seconds:.2f} s on {engine.device}]",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -51,7 +152,7 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return {"info": _info}[args.command](args)
+        return {"info": _info, "generate": _generate}[args.command](args)
     except (ValueError, FileNotFoundError) as error:
         print(f"afs {args.command}: error: {error}", file=sys.stderr)
         return 2

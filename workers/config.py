@@ -184,3 +184,70 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if kind != "llama3":
         raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported; supported: llama3")
     return dict(scaling)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine (one replica's step loop) is built from; `afs` flags map onto it."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model name: the embedded default, a directory, a .gguf file, dummy:olmo2-*, or a hub id."""
+    dtype: str | None = None
+    """Parameter and KV dtype; None picks fp32 on CPU and the checkpoint's half type on CUDA."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when present)."""
+    seed: int = 0
+    """Seeds the per-request seeds assigned to requests that bring none."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_gib: float = 1.0
+    """KV slab size on CPU, in GiB."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA, the fraction of device memory the weights, activations and KV slab may use."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks, overriding both budgets (tests use tiny slabs)."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step: new tokens over all scheduled requests."""
+    max_num_seqs: int = 128
+    """Most requests running at once."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None means the model's context length."""
+    enable_prefix_caching: bool = True
+    """Reuse the K/V of full blocks shared with earlier requests."""
+    attention_backend: str = "auto"
+    """torch_ref, or auto (the fastest available on the device)."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "block_size": self.block_size,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_num_seqs": self.max_num_seqs,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib: must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(
+                f"device: {self.device!r} is not a device; use cpu, cuda or auto"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} asked for, but no CUDA device is present")
+        return device

@@ -1,0 +1,305 @@
+"""The in-process engine: add_request / step / abort, and `generate` on top of them.
+
+Usable without Ray: tests, benchmarks and `afs generate` drive it directly; a replica's rank-0
+worker runs the same step loop.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from workers.attention import get_backend
+from workers.config import EngineConfig
+from workers.engine.kv_cache import KVCacheManager, allocate_kv_slab, kv_block_bytes
+from workers.engine.outputs import (
+    Completion,
+    GenerationResult,
+    RequestOutput,
+    TextStream,
+    Usage,
+)
+from workers.engine.request import Request, RequestStatus
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import Scheduler
+from workers.layers.sampler import Sampler
+from workers.model_runner import ModelRunner
+from workers.weights.loader import load_model
+
+_GIB = 1 << 30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+        config = config or EngineConfig(**overrides)
+        self.config = config
+        self.device = config.resolved_device()
+        loaded = load_model(config.model, dtype=config.dtype, device=self.device, seed=config.seed)
+        self.model, self.model_config, self.tokenizer = (
+            loaded.model,
+            loaded.config,
+            loaded.tokenizer,
+        )
+        self.load_seconds = loaded.load_seconds
+        model_config = self.model_config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len: {self.max_model_len} exceeds the model's context length "
+                f"{model_config.max_position_embeddings}"
+            )
+        self.eos_token_ids = set(model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
+        sampleable = self.tokenizer.vocab_size if self.tokenizer is not None else None
+        self.sampler = Sampler(model_config.vocab_size, sampleable, tuple(self.eos_token_ids))
+
+        self.num_kv_blocks = self._kv_blocks()
+        kv_caches = allocate_kv_slab(
+            model_config.num_hidden_layers,
+            self.num_kv_blocks,
+            config.block_size,
+            self.model.model.layers[0].self_attn.num_kv_heads,
+            model_config.head_dim,
+            model_config.torch_dtype,
+            self.device,
+        )
+        backend = get_backend(config.attention_backend, self.device.type)
+        self.runner = ModelRunner(
+            self.model, kv_caches, backend, self.sampler, config.block_size, self.device
+        )
+        self.kv = KVCacheManager(
+            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self._seeds = random.Random(config.seed)
+        self._arrivals = 0
+        self._streams: dict[str, TextStream] = {}
+        self._prompt_logprobs: dict[str, list] = {}
+        self._finished_outputs: list[RequestOutput] = []
+        self._children: dict[str, list[Request]] = {}
+
+    def _kv_blocks(self) -> int:
+        config, model_config = self.config, self.model_config
+        block_bytes = kv_block_bytes(
+            model_config.num_hidden_layers,
+            config.block_size,
+            self.model.model.layers[0].self_attn.num_kv_heads,
+            model_config.head_dim,
+            model_config.torch_dtype,
+        )
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if self.device.type == "cuda":
+            from workers.engine.memory import profile_free_kv_bytes
+
+            budget = profile_free_kv_bytes(self, config.gpu_memory_utilization)
+        else:
+            budget = int(config.kv_cache_gib * _GIB)
+        blocks = budget // block_bytes
+        if blocks < 1:
+            raise ValueError(
+                f"the KV budget ({budget} bytes) holds no block of {block_bytes} bytes; "
+                "raise kv_cache_gib or gpu_memory_utilization"
+            )
+        return blocks
+
+    # -- requests --
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt)
+        token_ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        bad = [
+            t
+            for t in token_ids
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+        ]
+        if bad:
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        return token_ids
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; bad input raises ValueError and queues nothing."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params: must be a SamplingParams")
+        params.validate_for_vocab(self.model_config.vocab_size)
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} exceed "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        if request_id is None:
+            request_id = f"req-{self._arrivals}"
+        if request_id in self._children:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        children: list[Request] = []
+        for index in range(params.n):
+            child = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                prompt_token_ids=token_ids,
+                params=params,
+                seed=(base_seed + index) % (1 << 63),
+                arrival_index=self._arrivals,
+                parent_id=request_id,
+                index=index,
+                leader=children[0] if children else None,
+            )
+            self._arrivals += 1
+            children.append(child)
+            self._streams[child.request_id] = TextStream(self.tokenizer, params, token_ids)
+            self.scheduler.add(child)
+        self._children[request_id] = children
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (all its n completions); its blocks go back to the pool now."""
+        for child in self._children.get(request_id, ()):
+            if not child.status.finished:
+                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                self._finished_outputs.append(self._output(child, [], None))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._finished_outputs)
+
+    # -- the step --
+
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        outputs, self._finished_outputs = self._finished_outputs, []
+        for request in self.scheduler.errored:
+            outputs.append(self._output(request, [], None))
+        self.scheduler.errored.clear()
+        result = self.runner.execute(schedule)
+        for request_id, logprobs in result.prompt_logprobs.items():
+            self._prompt_logprobs.setdefault(request_id, [None]).extend(logprobs)
+        for request in self.scheduler.update(schedule, result.sampled):
+            token = request.output_token_ids[-1]
+            stream = self._streams[request.request_id]
+            # stop tokens and stop strings count only once min_tokens tokens are out
+            can_stop = len(request.output_token_ids) > request.params.min_tokens
+            stop = self._token_stop(request, token) if can_stop else None
+            if stream.add([token], can_stop) and stop is None:
+                stop = (RequestStatus.FINISHED_STOPPED, stream.stop_reason)
+            if stop is None and len(request.output_token_ids) >= request.params.max_tokens:
+                stop = (RequestStatus.FINISHED_LENGTH, None)
+            if stop is not None:
+                self.scheduler.finish(request, stop[0])
+                stream.stop_reason = stop[1]
+            logprobs = result.logprobs.get(request.request_id)
+            outputs.append(self._output(request, [token], logprobs))
+        return outputs
+
+    def _token_stop(self, request: Request, token: int) -> tuple[RequestStatus, int] | None:
+        params = request.params
+        if (
+            token in self.eos_token_ids and not params.ignore_eos
+        ) or token in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token
+        return None
+
+    def _output(self, request: Request, new_tokens: list[int], logprobs) -> RequestOutput:
+        finished = request.status.finished
+        stream = self._streams[request.request_id]
+        if finished:
+            stream.finish()
+            self._streams.pop(request.request_id)
+        prompt_logprobs = None
+        if request.params.prompt_logprobs is not None and (new_tokens or finished):
+            prompt_logprobs = self._prompt_logprobs.pop(request.request_id, None)
+        output = RequestOutput(
+            request_id=request.parent_id or request.request_id,
+            index=request.index,
+            new_token_ids=new_tokens,
+            text_delta=stream.delta(finished),
+            finished=finished,
+            finish_reason=request.status.value if finished else None,
+            usage=Usage(
+                request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens
+            ),
+            logprobs=[logprobs] if logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
+            stop_reason=stream.stop_reason,
+            error=request.error,
+        )
+        if finished and all(c.status.finished for c in self._children[output.request_id]):
+            del self._children[output.request_id]
+        return output
+
+    # -- the convenience --
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Run prompts to completion; a bad prompt gets an error result, the others go on.
+
+        Drains the engine: outputs of requests added earlier through add_request are dropped.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
+        results: list[GenerationResult] = []
+        by_id: dict[str, GenerationResult] = {}
+        for prompt, request_params in zip(prompts, params, strict=True):
+            try:
+                request_id = self.add_request(prompt, request_params)
+            except ValueError as error:
+                failed = Completion(0, "", [], "error", error=str(error))
+                results.append(GenerationResult("", [], [failed]))
+                continue
+            prompt_ids = self._children[request_id][0].prompt_token_ids
+            result = GenerationResult(
+                request_id,
+                prompt_ids,
+                [Completion(i, "", [], None) for i in range(request_params.n)],
+            )
+            results.append(result)
+            by_id[request_id] = result
+        while self.has_unfinished_requests():
+            for output in self.step():
+                result = by_id.get(output.request_id)
+                if result is None:
+                    continue
+                completion = result.completions[output.index]
+                completion.text += output.text_delta
+                completion.token_ids += output.new_token_ids
+                if output.logprobs is not None:
+                    completion.logprobs = (completion.logprobs or []) + output.logprobs
+                if output.prompt_logprobs is not None:
+                    result.prompt_logprobs = output.prompt_logprobs
+                if output.finished:
+                    completion.finish_reason = output.finish_reason
+                    completion.stop_reason = output.stop_reason
+                    completion.error = output.error
+                    result.usage = output.usage
+        return results
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics and benchmarks."""
+        return {
+            "num_kv_blocks": self.num_kv_blocks,
+            "free_kv_blocks": self.kv.pool.num_free_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "chunked_prefills": self.scheduler.num_chunked_prefills,
+            "prefix_hit_rate": self.kv.prefix_hit_rate,
+        }

@@ -1,0 +1,51 @@
+"""How much device memory the KV slab may take on CUDA.
+
+Run one forward at the largest step the scheduler can build (max_num_batched_tokens tokens) over
+a temporary slab, note the peak, and give the slab what is left under the utilization cap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from workers.attention import build_attention_metadata, get_backend
+from workers.engine.kv_cache import allocate_kv_slab
+from workers.forward_context import ForwardContext, forward_context
+
+if TYPE_CHECKING:
+    from workers.engine.llm_engine import LLMEngine
+
+
+@torch.inference_mode()
+def profile_free_kv_bytes(engine: LLMEngine, utilization: float) -> int:
+    config, model_config, device = engine.config, engine.model_config, engine.device
+    tokens = min(config.max_num_batched_tokens, engine.max_model_len)
+    blocks = -(-tokens // config.block_size)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    slab = allocate_kv_slab(
+        model_config.num_hidden_layers,
+        blocks,
+        config.block_size,
+        engine.model.model.layers[0].self_attn.num_kv_heads,
+        model_config.head_dim,
+        model_config.torch_dtype,
+        device,
+    )
+    slab_bytes = sum(t.numel() * t.element_size() for t in slab)
+    meta = build_attention_metadata([list(range(blocks))], [0], [tokens], config.block_size, device)
+    input_ids = torch.randint(0, model_config.vocab_size, (tokens,), device=device)
+    positions = torch.arange(tokens, device=device)
+    backend = get_backend(config.attention_backend, device.type)
+    with forward_context(ForwardContext(meta, slab, backend)):
+        hidden = engine.model(input_ids, positions)
+    engine.model.compute_logits(hidden[-min(tokens, config.max_num_seqs) :])
+    torch.cuda.synchronize(device)
+    peak_without_slab = torch.cuda.max_memory_allocated(device) - slab_bytes
+    del slab, hidden
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    outside_torch = (total - free) - torch.cuda.memory_reserved(device)  # context, other processes
+    return int(total * utilization - outside_torch - peak_without_slab)
