@@ -1,4 +1,4 @@
-"""Continuous batching end to end: preemption, chunked prefill and the prefix cache change nothing."""
+"""Continuous batching end to end: preemption, chunked prefill and prefix caching change nothing."""
 
 from __future__ import annotations
 
