@@ -1,6 +1,9 @@
-"""The reference attention: plain PyTorch over the paged KV slab, in fp32, one sequence at a time.
+"""The reference attention: plain PyTorch over the paged KV slab, in fp32.
 
-It is the definition every faster backend is tested against, so it favours obviousness over speed.
+It is the definition every faster backend is tested against, so it favours obviousness over speed:
+prompt chunks attend one sequence at a time; one-token (decode) rows attend together, their
+blocks gathered into one padded tensor and the padding masked, because a per-sequence loop over a
+large decode batch would dominate a CPU step.
 """
 
 from __future__ import annotations
@@ -45,10 +48,14 @@ class TorchRefBackend(AttentionBackend):
         num_heads, kv_heads = q.shape[1], kv_cache.shape[2]
         out = torch.empty_like(q)
         starts = meta.query_start_loc_host
+        query_lens = [end - start for start, end in zip(starts, starts[1:], strict=False)]
+        decode = [i for i, n in enumerate(query_lens) if n == 1]
+        if decode:
+            self._decode(q, kv_cache, meta, decode, out, scale)
         for i, seq_len in enumerate(meta.seq_lens_host):
             start, end = starts[i], starts[i + 1]
             query_len = end - start
-            if query_len == 0:
+            if query_len <= 1:
                 continue
             keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len).float()
             keys = keys.repeat_interleave(num_heads // kv_heads, dim=0)  # [H, S, D]
@@ -61,3 +68,30 @@ class TorchRefBackend(AttentionBackend):
             probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
             out[start:end] = (probs @ values).transpose(0, 1).to(q.dtype)  # [L, H, D]
         return out
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        seqs: list[int],
+        out: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Rows with one query token: all sequences at once over their padded, gathered blocks."""
+        num_heads, kv_heads, block_size, head_dim = q.shape[1], *kv_cache.shape[2:]
+        group = num_heads // kv_heads
+        seq_lens = [meta.seq_lens_host[i] for i in seqs]
+        num_blocks = -(-max(seq_lens) // block_size)
+        index = torch.tensor(seqs, device=q.device)
+        rows = torch.tensor([meta.query_start_loc_host[i] for i in seqs], device=q.device)
+        tables = meta.block_tables[index, :num_blocks].long()  # [B, nb]
+        kv = kv_cache[:, tables]  # [2, B, nb, KVH, BS, D]
+        kv = kv.permute(0, 1, 3, 2, 4, 5).reshape(2, len(seqs), kv_heads, -1, head_dim).float()
+        queries = q[rows].float().view(len(seqs), kv_heads, group, head_dim)  # [B, KVH, G, D]
+        scores = torch.einsum("bkgd,bksd->bkgs", queries, kv[0]) * scale  # [B, KVH, G, S]
+        lengths = torch.tensor(seq_lens, device=q.device)
+        padding = torch.arange(kv.shape[3], device=q.device)[None, :] >= lengths[:, None]
+        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+        attended = torch.einsum("bkgs,bksd->bkgd", scores.softmax(dim=-1), kv[1])
+        out[rows] = attended.reshape(len(seqs), num_heads, head_dim).to(out.dtype)

@@ -40,7 +40,7 @@ class LLMEngine:
             loaded.config,
             loaded.tokenizer,
         )
-        self.load_seconds = loaded.load_seconds
+        self.source, self.load_seconds = loaded.source, loaded.load_seconds
         model_config = self.model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         if self.max_model_len > model_config.max_position_embeddings:

@@ -1,0 +1,160 @@
+"""The in-process engine against transformers' generate() on the same model, prompts and dtype.
+
+    python benchmarks/engine_vs_hf.py [--model smollm2-135m-instruct] [--new-tokens 128]
+                                      [--batch 16] [--dtype float32] [--device cpu]
+
+Batch-1 decode tokens/s (time after the first token) and the throughput of `--batch` concurrent
+prompts (all generated tokens over wall time, prefill included), each with `ignore_eos` so both
+sides generate exactly `--new-tokens`. Prints a table last; writes JSON under benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis to a child.",
+    "Write a short poem about the sea.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue?",
+    "How do airplanes stay in the air?",
+    "Describe a cat in five sentences.",
+    "What is the difference between weather and climate?",
+    "Give me a recipe for pancakes.",
+    "What causes earthquakes?",
+    "Summarise the plot of Cinderella.",
+    "How does a computer store numbers?",
+    "What are the planets of the solar system?",
+    "Tell me a fun fact about octopuses.",
+    "How do vaccines work?",
+    "What is a prime number?",
+]
+
+
+def engine_figures(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+
+    engine.add_request(prompts[0], params)
+    first = None
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if first is None and any(o.new_token_ids for o in outputs):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    decode = (new_tokens - 1) / (end - first)
+
+    start = time.perf_counter()
+    results = engine.generate(prompts, params)
+    wall = time.perf_counter() - start
+    generated = sum(len(r.completions[0].token_ids) for r in results)
+    return {
+        "batch1_decode_tok_s": decode,
+        "batch_throughput_tok_s": generated / wall,
+        "batch_wall_s": wall,
+        "batch_generated_tokens": generated,
+    }
+
+
+@torch.inference_mode()
+def hf_figures(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict:
+    device = next(model.parameters()).device
+
+    def run(batch: list[list[int]], tokens: int) -> float:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        elapsed = time.perf_counter() - start
+        assert out.shape[1] == width + tokens
+        return elapsed
+
+    run(prompts[:1], 4)  # warm-up
+    one = run(prompts[:1], 1)
+    full = run(prompts[:1], new_tokens)
+    wall = run(prompts, new_tokens)
+    return {
+        "batch1_decode_tok_s": (new_tokens - 1) / (full - one),
+        "batch_throughput_tok_s": len(prompts) * new_tokens / wall,
+        "batch_wall_s": wall,
+        "batch_generated_tokens": len(prompts) * new_tokens,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    engine = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gib=0.5)
+    tokenizer = engine.tokenizer
+    prompts = [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
+        for q in (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
+    ]
+    ours = engine_figures(engine, prompts, args.new_tokens)
+
+    import transformers
+
+    source, dtype = engine.source, engine.model_config.torch_dtype
+    if source.kind == "gguf":
+        path = Path(source.path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype
+        )
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    hf = hf.to(engine.device).eval()
+    pad_id = tokenizer.eos_token_ids[0]
+    peer = hf_figures(hf, prompts, args.new_tokens, pad_id)
+
+    command = "python benchmarks/engine_vs_hf.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
+    )
+    result = {
+        "command": command,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "engine": ours,
+        "transformers_generate": peer,
+        "ratio": {k: ours[k] / peer[k] for k in ("batch1_decode_tok_s", "batch_throughput_tok_s")},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"engine_vs_hf_{args.device}_{args.dtype}.json").write_text(json.dumps(result, indent=2))
+    print(f"{'figure':<28} {'afs':>9} {'transformers':>13} {'ratio':>6}")
+    for key in ("batch1_decode_tok_s", "batch_throughput_tok_s"):
+        print(f"{key:<28} {ours[key]:9.1f} {peer[key]:13.1f} {result['ratio'][key]:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
