@@ -107,10 +107,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantization", default="none", help="ours only: none or int4")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    engine = LLMEngine(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gib=0.5)
+    engine = LLMEngine(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_gib=0.5,
+        quantization=args.quantization,
+    )
     tokenizer = engine.tokenizer
     prompts = [
         tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
@@ -150,7 +157,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"engine_vs_hf_{args.device}_{args.dtype}.json").write_text(json.dumps(result, indent=2))
+    (out / f"engine_vs_hf_{args.device}_{args.dtype}_{args.quantization}.json").write_text(
+        json.dumps(result, indent=2)
+    )
     print(f"{'figure':<28} {'afs':>9} {'transformers':>13} {'ratio':>6}")
     for key in ("batch1_decode_tok_s", "batch_throughput_tok_s"):
         print(f"{key:<28} {ours[key]:9.1f} {peer[key]:13.1f} {result['ratio'][key]:6.2f}")

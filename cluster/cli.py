@@ -64,6 +64,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--quantization", default="none", help="none, or int4 (weight-only, CPU)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -77,6 +78,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
+        quantization=args.quantization,
     )
 
 

@@ -216,6 +216,8 @@ class EngineConfig:
     """Reuse the K/V of full blocks shared with earlier requests."""
     attention_backend: str = "auto"
     """torch_ref, or auto (the fastest available on the device)."""
+    quantization: str = "none"
+    """Linear weights: none (as loaded), or int4 (weight-only, groups of 32; CPU)."""
 
     def __post_init__(self) -> None:
         positive = {

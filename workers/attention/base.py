@@ -11,7 +11,8 @@ holds seq_lens[i] tokens, the last (query_start_loc[i+1] - query_start_loc[i]) o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ class AttentionMetadata:
     """query_start_loc on the host, for the reference path's per-sequence loop."""
     seq_lens_host: list[int]
     """seq_lens on the host, likewise."""
+    derived: dict[str, Any] = field(default_factory=dict)
+    """Per-step values a backend derives once and reuses in every layer (index tensors, masks)."""
 
     @property
     def num_seqs(self) -> int:

@@ -8,15 +8,21 @@ large decode batch would dominate a CPU step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from workers.attention.base import AttentionBackend, AttentionMetadata
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+) -> None:
     """Write each new token's K/V ([T, KVH, D]) into its slot of the slab."""
-    block_size = kv_cache.shape[3]
-    blocks, offsets = slots // block_size, slots % block_size
+    if "store" not in meta.derived:
+        block_size = kv_cache.shape[3]
+        meta.derived["store"] = (meta.slot_mapping // block_size, meta.slot_mapping % block_size)
+    blocks, offsets = meta.derived["store"]
     kv_cache[0, blocks, :, offsets] = k.to(kv_cache.dtype)
     kv_cache[1, blocks, :, offsets] = v.to(kv_cache.dtype)
 
@@ -44,14 +50,14 @@ class TorchRefBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        store_kv(k, v, kv_cache, meta)
         num_heads, kv_heads = q.shape[1], kv_cache.shape[2]
         out = torch.empty_like(q)
         starts = meta.query_start_loc_host
-        query_lens = [end - start for start, end in zip(starts, starts[1:], strict=False)]
-        decode = [i for i, n in enumerate(query_lens) if n == 1]
-        if decode:
-            self._decode(q, kv_cache, meta, decode, out, scale)
+        if "decode" not in meta.derived:
+            meta.derived["decode"] = _decode_plan(meta, kv_cache.shape[3], q.device)
+        if meta.derived["decode"] is not None:
+            self._decode(q, kv_cache, meta.derived["decode"], out, scale)
         for i, seq_len in enumerate(meta.seq_lens_host):
             start, end = starts[i], starts[i + 1]
             query_len = end - start
@@ -73,25 +79,46 @@ class TorchRefBackend(AttentionBackend):
         self,
         q: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        seqs: list[int],
+        plan: _DecodePlan,
         out: torch.Tensor,
         scale: float,
     ) -> None:
         """Rows with one query token: all sequences at once over their padded, gathered blocks."""
-        num_heads, kv_heads, block_size, head_dim = q.shape[1], *kv_cache.shape[2:]
-        group = num_heads // kv_heads
-        seq_lens = [meta.seq_lens_host[i] for i in seqs]
-        num_blocks = -(-max(seq_lens) // block_size)
-        index = torch.tensor(seqs, device=q.device)
-        rows = torch.tensor([meta.query_start_loc_host[i] for i in seqs], device=q.device)
-        tables = meta.block_tables[index, :num_blocks].long()  # [B, nb]
-        kv = kv_cache[:, tables]  # [2, B, nb, KVH, BS, D]
-        kv = kv.permute(0, 1, 3, 2, 4, 5).reshape(2, len(seqs), kv_heads, -1, head_dim).float()
-        queries = q[rows].float().view(len(seqs), kv_heads, group, head_dim)  # [B, KVH, G, D]
-        scores = torch.einsum("bkgd,bksd->bkgs", queries, kv[0]) * scale  # [B, KVH, G, S]
-        lengths = torch.tensor(seq_lens, device=q.device)
-        padding = torch.arange(kv.shape[3], device=q.device)[None, :] >= lengths[:, None]
-        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-        attended = torch.einsum("bkgs,bksd->bkgd", scores.softmax(dim=-1), kv[1])
-        out[rows] = attended.reshape(len(seqs), num_heads, head_dim).to(out.dtype)
+        num_heads, kv_heads, _, head_dim = q.shape[1], *kv_cache.shape[2:]
+        batch = plan.rows.shape[0]
+        kv = kv_cache[:, plan.block_tables]  # [2, B, nb, KVH, BS, D]
+        kv = kv.permute(0, 1, 3, 2, 4, 5).reshape(2, batch, kv_heads, -1, head_dim).float()
+        queries = q[plan.rows].float().view(batch, kv_heads, -1, head_dim)  # [B, KVH, G, D]
+        scores = queries @ kv[0].transpose(2, 3) * scale  # [B, KVH, G, S]
+        scores.masked_fill_(plan.padding, float("-inf"))
+        attended = scores.softmax(dim=-1) @ kv[1]  # [B, KVH, G, D]
+        out[plan.rows] = attended.reshape(batch, num_heads, head_dim).to(out.dtype)
+
+
+@dataclass
+class _DecodePlan:
+    rows: torch.Tensor
+    """[B] rows of q that are one-token sequences."""
+    block_tables: torch.Tensor
+    """[B, nb] their blocks, padded to the longest."""
+    padding: torch.Tensor
+    """[B, 1, 1, nb * block_size] True past each sequence's length."""
+
+
+def _decode_plan(
+    meta: AttentionMetadata, block_size: int, device: torch.device
+) -> _DecodePlan | None:
+    starts = meta.query_start_loc_host
+    seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+    if not seqs:
+        return None
+    seq_lens = [meta.seq_lens_host[i] for i in seqs]
+    num_blocks = -(-max(seq_lens) // block_size)
+    index = torch.tensor(seqs, device=device)
+    lengths = torch.tensor(seq_lens, device=device)
+    padding = torch.arange(num_blocks * block_size, device=device)[None, :] >= lengths[:, None]
+    return _DecodePlan(
+        rows=torch.tensor([starts[i] for i in seqs], device=device),
+        block_tables=meta.block_tables[index, :num_blocks].long(),
+        padding=padding[:, None, None, :],
+    )

@@ -34,7 +34,13 @@ class LLMEngine:
         config = config or EngineConfig(**overrides)
         self.config = config
         self.device = config.resolved_device()
-        loaded = load_model(config.model, dtype=config.dtype, device=self.device, seed=config.seed)
+        loaded = load_model(
+            config.model,
+            dtype=config.dtype,
+            device=self.device,
+            seed=config.seed,
+            quantization=config.quantization,
+        )
         self.model, self.model_config, self.tokenizer = (
             loaded.model,
             loaded.config,

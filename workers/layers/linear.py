@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from workers.layers.quantization import Int4WeightOnly
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
@@ -28,7 +29,20 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
     copy_checked(param, loaded, getattr(param, "checkpoint_name", ""))
 
 
-class ColumnParallelLinear(nn.Module):
+class LinearBase(nn.Module):
+    """The matmul both parallel kinds share: dense, or weight-only int4 once quantized."""
+
+    int4: Int4WeightOnly | None = None
+
+    def quantize_int4_(self, group_size: int) -> None:
+        self.int4 = Int4WeightOnly(self.weight.data, group_size)
+        self.register_parameter("weight", None)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.int4(x) if self.int4 is not None else F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(LinearBase):
     """y = x W^T + b with W's rows (output features) split over the ranks."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -47,7 +61,8 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param, loaded.narrow(0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = self.matmul(x)
+        return out if self.bias is None else out + self.bias
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -104,7 +119,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         copy_checked(param.data.narrow(0, offset, rows), shard)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = x W^T + b with W's columns (input features) split over the ranks; outputs all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -122,5 +137,5 @@ class RowParallelLinear(nn.Module):
         copy_checked(param, loaded.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(F.linear(x, self.weight))
+        out = tp_all_reduce(self.matmul(x))
         return out if self.bias is None else out + self.bias

@@ -1,7 +1,8 @@
 """Rotary position embedding (RoPE), NeoX/HF layout: `rotate_half` over the two halves of a head.
 
 cos/sin are tabulated once in fp32 for every position up to the model's context and indexed by
-each token's position, so the flattened batch needs no per-sequence offsets.
+each token's position, so the flattened batch needs no per-sequence offsets. One table serves the
+whole model: the stack looks up the step's positions once and every layer applies them.
 """
 
 from __future__ import annotations
@@ -56,11 +57,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", angles.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T]; q: [T, num_heads, D]; k: [T, num_kv_heads, D]
-        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin_cache[positions].unsqueeze(1)
-        q_rot = q * cos.to(q.dtype) + rotate_half(q) * sin.to(q.dtype)
-        k_rot = k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
-        return q_rot, k_rot
+        """cos and sin for the step's positions ([T]), each [T, 1, D] in `dtype`."""
+        cos = self.cos_cache[positions].unsqueeze(1).to(dtype)
+        sin = self.sin_cache[positions].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [T, num_heads, D]; k: [T, num_kv_heads, D]; cos, sin: [T, 1, D]
+    cos, sin = rope
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

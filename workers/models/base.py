@@ -16,6 +16,7 @@ from workers.config import ModelConfig
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import default_weight_loader
 from workers.layers.norm import RMSNorm
+from workers.layers.rotary import RotaryEmbedding
 
 # checkpoint projection name -> (our fused parameter, shard id within it)
 FUSED_PROJECTIONS = {
@@ -36,11 +37,15 @@ class DecoderStack(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        rope = self.rotary_emb(positions, hidden.dtype)  # cos, sin: [T, 1, D]
         for layer in self.layers:
-            hidden = layer(positions, hidden)
+            hidden = layer(hidden, rope)
         return self.norm(hidden)
 
 

@@ -38,8 +38,10 @@ class Olmo2DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden))
+    def forward(
+        self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        hidden = hidden + self.post_attention_layernorm(self.self_attn(hidden, rope))
         return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
 
 

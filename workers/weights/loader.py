@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from workers.config import ModelConfig, parse_dtype
+from workers.layers.quantization import quantize_linears_
 from workers.models.registry import model_class
 from workers.weights.dummy import DUMMY_MODELS, dummy_config, initialize_dummy_weights
 from workers.weights.gguf import embedded_gguf_path, iter_gguf_weights, load_gguf_config
@@ -100,6 +101,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    quantization: str = "none",
 ) -> LoadedModel:
     start = time.perf_counter()
     source = resolve_model(name)
@@ -116,6 +118,7 @@ def load_model(
         model.load_weights(iter_safetensors_weights(source.path))
         has_tokenizer = (Path(source.path) / "tokenizer.json").is_file()
         tokenizer = Tokenizer.from_hf_dir(source.path) if has_tokenizer else None
+    quantize_linears_(model, quantization)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return LoadedModel(model, config, tokenizer, source, time.perf_counter() - start)
