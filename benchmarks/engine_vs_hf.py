@@ -107,23 +107,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quantization", default="none", help="ours only: none or int4")
+    parser.add_argument(
+        "--quantization", default="none,int4", help="ours, comma-separated: none and/or int4"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    engine = LLMEngine(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        kv_cache_gib=0.5,
-        quantization=args.quantization,
-    )
-    tokenizer = engine.tokenizer
-    prompts = [
-        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
-        for q in (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
-    ]
-    ours = engine_figures(engine, prompts, args.new_tokens)
+    ours = {}
+    for quantization in args.quantization.split(","):
+        engine = LLMEngine(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            kv_cache_gib=0.5,
+            quantization=quantization,
+        )
+        tokenizer = engine.tokenizer
+        prompts = [
+            tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
+            for q in (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
+        ]
+        ours[f"afs {args.dtype} quantization={quantization}"] = engine_figures(
+            engine, prompts, args.new_tokens
+        )
 
     import transformers
 
@@ -152,17 +158,20 @@ def main() -> None:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
         "engine": ours,
-        "transformers_generate": peer,
-        "ratio": {k: ours[k] / peer[k] for k in ("batch1_decode_tok_s", "batch_throughput_tok_s")},
+        f"transformers generate {args.dtype}": peer,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"engine_vs_hf_{args.device}_{args.dtype}_{args.quantization}.json").write_text(
-        json.dumps(result, indent=2)
-    )
-    print(f"{'figure':<28} {'afs':>9} {'transformers':>13} {'ratio':>6}")
-    for key in ("batch1_decode_tok_s", "batch_throughput_tok_s"):
-        print(f"{key:<28} {ours[key]:9.1f} {peer[key]:13.1f} {result['ratio'][key]:6.2f}")
+    path = out / f"engine_vs_hf_{args.device}_{args.dtype}.json"
+    path.write_text(json.dumps(result, indent=2))
+    figures = ("batch1_decode_tok_s", "batch_throughput_tok_s")
+    header = f"b{args.batch} tok/s"
+    print(f"{'run':<36} {'b1 decode tok/s':>16} {header:>10}  ratio to transformers")
+    peer_name = f"transformers generate {args.dtype}"
+    print(f"{peer_name:<36} {peer[figures[0]]:16.1f} {peer[figures[1]]:10.1f}")
+    for name, row in ours.items():
+        ratios = " / ".join(f"{row[f] / peer[f]:.2f}" for f in figures)
+        print(f"{name:<36} {row[figures[0]]:16.1f} {row[figures[1]]:10.1f}  {ratios}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from workers.attention.base import AttentionBackend, AttentionMetadata
 
@@ -89,9 +90,10 @@ class TorchRefBackend(AttentionBackend):
         kv = kv_cache[:, plan.block_tables]  # [2, B, nb, KVH, BS, D]
         kv = kv.permute(0, 1, 3, 2, 4, 5).reshape(2, batch, kv_heads, -1, head_dim).float()
         queries = q[plan.rows].float().view(batch, kv_heads, -1, head_dim)  # [B, KVH, G, D]
-        scores = queries @ kv[0].transpose(2, 3) * scale  # [B, KVH, G, S]
-        scores.masked_fill_(plan.padding, float("-inf"))
-        attended = scores.softmax(dim=-1) @ kv[1]  # [B, KVH, G, D]
+        # softmax(q k^T * scale, masked past each length) v, the G query heads of a KV head together
+        attended = F.scaled_dot_product_attention(
+            queries, kv[0], kv[1], attn_mask=plan.valid, scale=scale
+        )  # [B, KVH, G, D]
         out[plan.rows] = attended.reshape(batch, num_heads, head_dim).to(out.dtype)
 
 
@@ -101,8 +103,8 @@ class _DecodePlan:
     """[B] rows of q that are one-token sequences."""
     block_tables: torch.Tensor
     """[B, nb] their blocks, padded to the longest."""
-    padding: torch.Tensor
-    """[B, 1, 1, nb * block_size] True past each sequence's length."""
+    valid: torch.Tensor
+    """[B, 1, 1, nb * block_size] True up to each sequence's length, False on the padding."""
 
 
 def _decode_plan(
@@ -116,9 +118,9 @@ def _decode_plan(
     num_blocks = -(-max(seq_lens) // block_size)
     index = torch.tensor(seqs, device=device)
     lengths = torch.tensor(seq_lens, device=device)
-    padding = torch.arange(num_blocks * block_size, device=device)[None, :] >= lengths[:, None]
+    valid = torch.arange(num_blocks * block_size, device=device)[None, :] < lengths[:, None]
     return _DecodePlan(
         rows=torch.tensor([starts[i] for i in seqs], device=device),
         block_tables=meta.block_tables[index, :num_blocks].long(),
-        padding=padding[:, None, None, :],
+        valid=valid[:, None, None, :],
     )

@@ -55,7 +55,7 @@ class Int4WeightOnly:
 
 
 def quantize_linears_(model: nn.Module, method: str, group_size: int = 32) -> int:
-    """Quantize every linear layer's weight in place (not embeddings or the LM head)."""
+    """Quantize every linear layer's weight in place (not the embedding or the LM head)."""
     if method not in QUANTIZATIONS:
         raise ValueError(
             f"quantization: {method!r} is not supported; choose one of {QUANTIZATIONS}"

@@ -48,10 +48,10 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.normalize_qk(q, k)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, rope)
+        # q and k rotated together: [T, H + KVH, D]
+        qk = apply_rotary(torch.cat((q, k), dim=-1).view(q.shape[0], -1, self.head_dim), rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         return self.o_proj(self.attn(q, k, v))
 
 
