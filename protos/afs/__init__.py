@@ -1,0 +1,1 @@
+"""The afs gRPC packages."""
