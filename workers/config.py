@@ -218,6 +218,9 @@ class EngineConfig:
     """torch_ref, or auto (the fastest available on the device)."""
     quantization: str = "none"
     """Linear weights: none (as loaded), or int4 (weight-only, groups of 32; CPU)."""
+    detokenize: bool = True
+    """Produce text deltas and match stop strings here; a cluster's workers leave both to the
+    gateway, which sees the whole stream even across a failover."""
 
     def __post_init__(self) -> None:
         positive = {

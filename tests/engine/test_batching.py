@@ -101,3 +101,17 @@ def test_abort_mid_generation_frees_every_block(tiny_llama_dir):
         engine.step()
     assert engine.stats()["free_kv_blocks"] == 50
     assert not engine.runner.states
+
+
+def test_a_resumed_request_continues_where_it_stopped(tiny_llama_dir):
+    prompt = list(range(7, 40))
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=20, ignore_eos=True)
+    engine = tiny_engine(tiny_llama_dir, num_kv_blocks=32)
+    [whole] = engine.generate([prompt], params)
+    tokens = whole.completions[0].token_ids
+    engine.add_request(prompt, params, request_id="again", resume_output_ids=tokens[:8])
+    rest = []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            rest += output.new_token_ids
+    assert tokens[:8] + rest == tokens

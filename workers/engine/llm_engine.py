@@ -133,8 +133,14 @@ class LLMEngine:
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        resume_output_ids: Sequence[int] = (),
     ) -> str:
-        """Queue a request; bad input raises ValueError and queues nothing."""
+        """Queue a request; bad input raises ValueError and queues nothing.
+
+        `resume_output_ids` continues a completion that another engine started (failover): they
+        count as output already produced, so positions, max_tokens and seeded draws go on as if
+        nothing had happened.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params: must be a SamplingParams")
@@ -146,6 +152,14 @@ class LLMEngine:
             raise ValueError(
                 f"prompt: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} exceed "
                 f"the model's context of {self.max_model_len} tokens"
+            )
+        if resume_output_ids and params.n != 1:
+            raise ValueError("resume_output_ids: only a request with n == 1 can be resumed")
+        resumed = self.tokenize(list(resume_output_ids)) if resume_output_ids else []
+        if len(resumed) >= params.max_tokens:
+            raise ValueError(
+                f"resume_output_ids: {len(resumed)} tokens already reach "
+                f"max_tokens={params.max_tokens}"
             )
         if request_id is None:
             request_id = f"req-{self._arrivals}"
@@ -163,10 +177,12 @@ class LLMEngine:
                 parent_id=request_id,
                 index=index,
                 leader=children[0] if children else None,
+                output_token_ids=list(resumed),
             )
             self._arrivals += 1
             children.append(child)
-            self._streams[child.request_id] = TextStream(self.tokenizer, params, token_ids)
+            tokenizer = self.tokenizer if self.config.detokenize else None
+            self._streams[child.request_id] = TextStream(tokenizer, params, token_ids + resumed)
             self.scheduler.add(child)
         self._children[request_id] = children
         return request_id
@@ -177,6 +193,14 @@ class LLMEngine:
             if not child.status.finished:
                 self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
                 self._finished_outputs.append(self._output(child, [], None))
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """After a step raised: every unfinished request ends with the error; the engine goes on."""
+        outputs = []
+        for request in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, error)
+            outputs.append(self._output(request, [], None))
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished_outputs)

@@ -110,18 +110,24 @@ def load_model(
     model = build_model(config, device)
     if source.kind == "dummy":
         initialize_dummy_weights(model, seed)
-        tokenizer = None
     elif source.kind == "gguf":
         model.load_weights(iter_gguf_weights(source.path, config))
-        tokenizer = Tokenizer.from_gguf(source.path)
     else:
         model.load_weights(iter_safetensors_weights(source.path))
-        has_tokenizer = (Path(source.path) / "tokenizer.json").is_file()
-        tokenizer = Tokenizer.from_hf_dir(source.path) if has_tokenizer else None
+    tokenizer = load_tokenizer(source)
     quantize_linears_(model, quantization)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return LoadedModel(model, config, tokenizer, source, time.perf_counter() - start)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    """The model's tokenizer, or None (dummy models, HF directories without tokenizer.json)."""
+    if source.kind == "gguf":
+        return Tokenizer.from_gguf(source.path)
+    if source.kind == "hf" and (Path(source.path) / "tokenizer.json").is_file():
+        return Tokenizer.from_hf_dir(source.path)
+    return None
 
 
 def _looks_like_hub_id(name: str) -> bool:

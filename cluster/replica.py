@@ -1,0 +1,119 @@
+"""One model instance: a placement group of worker actors on one node, its health and restarts.
+
+The head keeps one poll in flight per replica: each reply carries every output the replica's
+steps produced since the previous one, and an actor that died makes the poll raise, which is how
+the head learns of it (then `on_death` re-dispatches its requests and the replica restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from workers.actor import NewWork, WorkerActor
+from workers.config import EngineConfig
+
+log = logging.getLogger(__name__)
+_RemoteWorker = ray.remote(WorkerActor)
+
+
+class Replica:
+    def __init__(
+        self,
+        replica_id: str,
+        engine: EngineConfig,
+        cpus: float,
+        gpus: float,
+        on_outputs: Callable[[Replica, list], None],
+        on_death: Callable[[Replica], Awaitable[None]],
+        target_node: str | None = None,
+    ) -> None:
+        self.replica_id = replica_id
+        self.engine = engine
+        self.cpus, self.gpus = cpus, gpus
+        self.on_outputs, self.on_death = on_outputs, on_death
+        self.target_node = target_node
+        self.state = "starting"
+        self.inflight: set[str] = set()
+        self.stats: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
+        self.restarts = 0
+        self.actor = None
+        self._group = None
+        self._poller: asyncio.Task | None = None
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight)
+
+    @property
+    def has_room(self) -> bool:
+        return self.state == "ready" and self.load < self.info.get("max_num_seqs", 1)
+
+    async def start(self) -> None:
+        self.state = "starting"
+        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+        self._group = placement_group(
+            [bundle], strategy="STRICT_PACK", _soft_target_node_id=self.target_node
+        )
+        await self._group.ready()
+        self.actor = _RemoteWorker.options(
+            num_cpus=self.cpus,
+            num_gpus=self.gpus,
+            max_concurrency=4,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, 0),
+        ).remote(self.engine, self.replica_id)
+        try:
+            self.info = await self.actor.info.remote()
+        except RayActorError as error:
+            self.state = "dead"
+            raise RuntimeError(f"replica {self.replica_id} failed to start: {error}") from None
+        self.state = "ready"
+        self._poller = asyncio.create_task(self._poll(), name=f"poll-{self.replica_id}")
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                batch = await self.actor.poll.remote(0.5)
+            except RayActorError as error:
+                log.warning("replica %s died: %s", self.replica_id, error)
+                self.state = "dead"
+                await self.on_death(self)
+                return
+            self.stats = batch["stats"]
+            if batch["outputs"]:
+                self.on_outputs(self, batch["outputs"])
+
+    async def submit(self, new: list[NewWork], aborts: list[str]) -> None:
+        """Hand requests and aborts to the actor; a dead actor is noticed by the poll."""
+        if self.actor is None or self.state == "dead":
+            return
+        with contextlib.suppress(RayActorError):
+            await self.actor.submit.remote(new, aborts)
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        await self.stop()
+        await self.start()
+
+    async def stop(self) -> None:
+        if self._poller is not None and self._poller is not asyncio.current_task():
+            self._poller.cancel()
+        self._poller = None
+        if self.actor is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actor, no_restart=True)
+            self.actor = None
+        if self._group is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self._group)
+            self._group = None
+        self.state = "dead"
