@@ -50,7 +50,30 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--server", default=None, help="HOST:PORT of a running afs serve")
+    gen.add_argument("--api-key", default=None, help="with --server: the server's API key")
     _engine_flags(gen)
+
+    serve = commands.add_parser("serve", help="serve a model over gRPC from a Ray cluster")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="model name or path")
+    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    serve.add_argument("--address", default="local", help="local, auto, or HOST:PORT of Ray")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=9400)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--max-queue", type=int, default=1024)
+    serve.add_argument("--cpus-per-worker", type=float, default=1.0)
+    serve.add_argument("--gpus-per-worker", type=float, default=None)
+    serve.add_argument("--sample", action="store_true", help="stream a sample chat answer first")
+    serve.add_argument("--demo", action="store_true", help="stream a sample answer, then exit")
+    _engine_flags(serve)
+
+    from cluster import loadtest
+
+    load = commands.add_parser("loadtest", help="load-test a running server over gRPC")
+    loadtest.add_arguments(load)
     return parser
 
 
@@ -67,8 +90,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default="none", help="none, or int4 (weight-only, CPU)")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace, detokenize: bool = True) -> EngineConfig:
     return EngineConfig(
+        detokenize=detokenize,
         model=args.model,
         dtype=args.dtype,
         device=args.device,
@@ -82,8 +106,35 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def _generate(args: argparse.Namespace) -> int:
-    params = SamplingParams(
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.config import ClusterConfig
+    from cluster.serve import serve_main
+
+    config = ClusterConfig(
+        engine=engine_config_from_args(args, detokenize=False),
+        replicas=args.replicas,
+        tp=args.tp,
+        address=args.address,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+    )
+    return serve_main(config, sample=args.sample, demo=args.demo)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from cluster import loadtest
+
+    loadtest.run(args)
+    return 0
+
+
+def _sampling_from_args(args: argparse.Namespace) -> dict:
+    return dict(
         max_tokens=args.max_tokens,
         min_tokens=args.min_tokens,
         temperature=args.temperature,
@@ -97,6 +148,43 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    from cluster.client import AfsClient
+
+    client = AfsClient(args.server, api_key=args.api_key)
+    sampling = {k: v for k, v in _sampling_from_args(args).items() if v is not None}
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        stream = client.chat_stream(messages, **sampling)
+    else:
+        stream = client.generate_stream(args.prompt, **sampling)
+    start, first, last = time.perf_counter(), None, None
+    for last in stream:
+        if first is None and last.token_ids:
+            first = time.perf_counter()
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    end = time.perf_counter()
+    if last is not None and last.finished:
+        usage = last.usage
+        print(
+            f"[{usage.prompt_tokens} prompt tokens, "
+            f"first token after {(first or end) - start:.2f} s; "
+            f"{usage.completion_tokens} generated in {end - start:.2f} s; "
+            f"finish: {last.finish_reason}; server {args.server}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return _generate_remote(args)
+    params = SamplingParams(**_sampling_from_args(args))
     config = engine_config_from_args(args)
     from workers.engine.llm_engine import LLMEngine
 
@@ -154,7 +242,8 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return {"info": _info, "generate": _generate}[args.command](args)
+        commands = {"info": _info, "generate": _generate, "serve": _serve, "loadtest": _loadtest}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:
         print(f"afs {args.command}: error: {error}", file=sys.stderr)
         return 2

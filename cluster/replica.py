@@ -46,6 +46,7 @@ class Replica:
         self.stats: dict[str, Any] = {}
         self.info: dict[str, Any] = {}
         self.restarts = 0
+        self.served = 0
         self.actor = None
         self._group = None
         self._poller: asyncio.Task | None = None

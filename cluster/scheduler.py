@@ -58,6 +58,7 @@ class GlobalScheduler:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.router = Router(block_size=config.engine.block_size)
+        self.max_queue = config.max_queue
         self.replicas: list[Replica] = []
         self.table: dict[str, _Completion] = {}
         self._heap: list[tuple[int, int, _Completion]] = []
@@ -111,8 +112,8 @@ class GlobalScheduler:
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if any(i in self.table for i in ids):
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        if self._queued + params.n > self.config.max_queue:
-            raise QueueFullError(f"the admission queue is full ({self.config.max_queue} requests)")
+        if self._queued + params.n > self.max_queue:
+            raise QueueFullError(f"the admission queue is full ({self.max_queue} requests)")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         events: asyncio.Queue = asyncio.Queue()
         completions = [
@@ -209,6 +210,7 @@ class GlobalScheduler:
                 completion.finished = True
                 self.table.pop(completion.request_id, None)
                 replica.inflight.discard(completion.request_id)
+                replica.served += 1
                 self._wake.set()
             completion.events.put_nowait(
                 TokenEvent(
@@ -282,6 +284,7 @@ class GlobalScheduler:
                     "running": stats.get("running", 0),
                     "waiting": stats.get("waiting", 0),
                     "restarts": r.restarts,
+                    "served": r.served,
                 }
             )
         return {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 
 import ray
 
@@ -69,3 +71,50 @@ class Cluster:
         if self.scheduler is not None:
             await self.scheduler.stop()
         self.metrics.stop()
+
+
+SAMPLE_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def _sample_chat(address: str, api_key: str | None) -> None:
+    from cluster.client import AfsClient
+
+    client = AfsClient(address, api_key=api_key)
+    print(f"\n> {SAMPLE_QUESTION}\n", flush=True)
+    messages = [{"role": "user", "content": SAMPLE_QUESTION}]
+    for message in client.chat_stream(messages, temperature=0.0, max_tokens=64):
+        print(message.text, end="", flush=True)
+    print("\n", flush=True)
+
+
+def serve_main(config: ClusterConfig, sample: bool = False, demo: bool = False) -> int:
+    """Serve until Ctrl-C; `sample` streams one chat answer first, `demo` exits after it."""
+
+    async def run() -> None:
+        cluster = Cluster(config)
+        await cluster.start()
+        address = f"{config.host}:{cluster.port}"
+        print(
+            f"afs: serving {config.engine.model} with {config.replicas} replica(s) on {address}; "
+            f"metrics at http://{config.host}:{cluster.metrics_port}/metrics",
+            flush=True,
+        )
+        key = f" --api-key {config.api_key}" if config.api_key else ""
+        print(f'afs: try  afs generate --server {address}{key} "Hello"', flush=True)
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopped.set)
+        try:
+            if sample or demo:
+                await asyncio.to_thread(_sample_chat, address, config.api_key)
+            if not demo:
+                print("afs: serving until Ctrl-C", flush=True)
+                await stopped.wait()
+        finally:
+            await cluster.stop()
+            if config.address == "local":
+                ray.shutdown()
+
+    asyncio.run(run())
+    return 0
