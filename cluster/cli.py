@@ -127,9 +127,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
+    import grpc
+
     from cluster import loadtest
 
-    loadtest.run(args)
+    try:
+        loadtest.run(args)
+    except grpc.RpcError as error:
+        print(f"afs loadtest: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
     return 0
 
 
