@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml Makefile protos/afs/v1/inference.proto
 
 run: $(STAMP)
 	$(VENV)/bin/afs info smollm2-135m-instruct
-	$(VENV)/bin/afs generate --chat "What is the capital of France? Answer in one sentence."
+	$(VENV)/bin/afs serve --device cpu --sample
 
+# tests/user_client loads a client generated from the .proto, whose modules register the same
+# protobuf symbols as the server's: it runs in a pytest process of its own.
 test: $(STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/user_client
+	$(PY) -m pytest -q tests/user_client
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

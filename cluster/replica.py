@@ -67,6 +67,8 @@ class Replica:
         )
         await self._group.ready()
         self.actor = _RemoteWorker.options(
+            name=f"afs-worker-{self.replica_id}-{self.restarts}",
+            namespace="afs",
             num_cpus=self.cpus,
             num_gpus=self.gpus,
             max_concurrency=4,

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ class _Completion:
     replica: Replica | None = None
     finished: bool = False
     sent_prompt_logprobs: bool = False
+    arrival_time: float = field(default_factory=time.perf_counter)
+    dispatched: bool = False
 
 
 class GlobalScheduler:
@@ -66,6 +69,7 @@ class GlobalScheduler:
         self._order = itertools.count()
         self._seeds = random.Random()
         self._wake = asyncio.Event()
+        self._outgoing: dict[Replica, list[NewWork]] = {}
         self._dispatcher: asyncio.Task | None = None
         self._restarts: set[asyncio.Task] = set()
 
@@ -131,7 +135,7 @@ class GlobalScheduler:
         for completion in completions:
             self.table[completion.request_id] = completion
             self._push(completion)
-        self._wake.set()
+        self._assign()  # at once: the queue bound counts only what truly waits
         return self._events(completions, events)
 
     async def _events(
@@ -169,31 +173,40 @@ class GlobalScheduler:
 
     # -- dispatch --
 
+    def _assign(self) -> None:
+        """Move queued completions to replicas with room; their submit goes out from the loop."""
+        while self._heap:
+            ready = [r for r in self.replicas if r.has_room]
+            if not ready:
+                break
+            _, _, completion = heapq.heappop(self._heap)
+            if completion.finished:
+                continue  # aborted while queued
+            self._queued -= 1
+            replica = self.router.choose(ready, completion.prompt_token_ids)
+            completion.replica = replica
+            replica.inflight.add(completion.request_id)
+            if not completion.dispatched and self.metrics is not None:
+                self.metrics.observe_queue_time(time.perf_counter() - completion.arrival_time)
+            completion.dispatched = True
+            self._outgoing.setdefault(replica, []).append(
+                NewWork(
+                    completion.request_id,
+                    completion.prompt_token_ids,
+                    completion.params,
+                    list(completion.streamed),
+                )
+            )
+        self._wake.set()
+
     async def _dispatch_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batches: dict[Replica, list[NewWork]] = {}
-            while self._heap:
-                ready = [r for r in self.replicas if r.has_room]
-                if not ready:
-                    break
-                _, _, completion = heapq.heappop(self._heap)
-                if completion.finished:
-                    continue  # aborted while queued
-                self._queued -= 1
-                replica = self.router.choose(ready, completion.prompt_token_ids)
-                completion.replica = replica
-                replica.inflight.add(completion.request_id)
-                batches.setdefault(replica, []).append(
-                    NewWork(
-                        completion.request_id,
-                        completion.prompt_token_ids,
-                        completion.params,
-                        list(completion.streamed),
-                    )
-                )
-            for replica, new in batches.items():
+            self._assign()
+            self._wake.clear()
+            outgoing, self._outgoing = self._outgoing, {}
+            for replica, new in outgoing.items():
                 await replica.submit(new, [])
             self._update_queue_metrics()
 

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import os
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
+from netutil import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers.config import EngineConfig
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
 ray = pytest.importorskip("ray")
 
+RAY = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+AFS = str(Path(sys.executable).parent / "afs")
+SEQS_PER_REPLICA = 8
+MAX_QUEUE = 16
 KEY = "test-key"
 AUTH = [("authorization", f"Bearer {KEY}")]
 PROMPTS = [
@@ -28,47 +35,96 @@ PROMPTS = [
 ]
 
 
-class RunningCluster:
-    def __init__(self, cluster, loop):
-        self.cluster, self.loop = cluster, loop
-
-    @property
-    def scheduler(self):
-        return self.cluster.scheduler
-
-    @property
-    def address(self):
-        return f"127.0.0.1:{self.cluster.port}"
-
-
 @pytest.fixture(scope="module")
-def running():
-    from cluster.config import ClusterConfig
-    from cluster.serve import Cluster
+def running(tmp_path_factory):
+    """`afs serve` in its own process on a Ray head started here, as an operator would run it.
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    engine = EngineConfig(device="cpu", kv_cache_gib=0.05, max_num_seqs=8, detokenize=False)
-    config = ClusterConfig(
-        engine=engine,
-        replicas=2,
-        port=0,
-        metrics_port=0,
-        api_key=KEY,
-        cpus_per_worker=0.5,
-        max_queue=64,
-    )
-    cluster = Cluster(config)
+    The test process never imports the server's generated modules: the client is the user's.
+    """
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ.update(RAY_AUTH_MODE="disabled")
+    ray_port, port, metrics_port = free_port(), free_port(), free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    server = None
     try:
-        asyncio.run_coroutine_threadsafe(cluster.start(), loop).result(300)
-        yield RunningCluster(cluster, loop)
+        subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={ray_port}",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(
+                [
+                    AFS,
+                    "serve",
+                    "--address",
+                    f"127.0.0.1:{ray_port}",
+                    "--replicas",
+                    "2",
+                    "--cpus-per-worker",
+                    "0.5",
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(metrics_port),
+                    "--device",
+                    "cpu",
+                    "--kv-cache-gib",
+                    "0.05",
+                    "--max-num-seqs",
+                    str(SEQS_PER_REPLICA),
+                    "--max-queue",
+                    str(MAX_QUEUE),
+                    "--api-key",
+                    KEY,
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        address = f"127.0.0.1:{port}"
+        wait_until_ready(address, server, log_path)
+        ray.init(address=f"127.0.0.1:{ray_port}", log_to_driver=False)
+        yield Running(address, metrics_port)
     finally:
-        asyncio.run_coroutine_threadsafe(cluster.stop(), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        if server is not None:
+            server.terminate()
+            server.wait(60)
         ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+class Running:
+    def __init__(self, address, metrics_port):
+        self.address, self.metrics_port = address, metrics_port
+
+
+def wait_until_ready(address, server, log_path, seconds=300):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.time() + seconds
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert server.poll() is None, log_path.read_text()
+            assert time.time() < deadline, "afs serve did not come up"
+            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -232,70 +288,68 @@ def test_32_concurrent_streams_are_each_exact(stub, reference):
         assert last.finished
 
 
-def test_full_queue_is_resource_exhausted_and_earlier_requests_finish(stub, running):
+def test_full_queue_is_resource_exhausted_and_earlier_requests_finish(stub):
     pb, client = stub
-    scheduler = running.scheduler
-    saved = scheduler.max_queue
-    capacity = sum(r.info["max_num_seqs"] for r in scheduler.replicas)
-    scheduler.max_queue = 2
+    capacity = 2 * SEQS_PER_REPLICA + MAX_QUEUE  # running in replicas, then queued at the head
     sampling = greedy(pb, max_tokens=48, ignore_eos=True)
-    try:
-        with ThreadPoolExecutor(capacity + 2) as pool:
-            first = [
-                pool.submit(stream_text, pb, client, f"{PROMPTS[0]} {i}", sampling)
-                for i in range(capacity + 2)
-            ]
-            deadline = time.time() + 30
-            while scheduler._queued < 2 and time.time() < deadline:
-                time.sleep(0.05)
-            with pytest.raises(grpc.RpcError) as error:
-                stream_text(pb, client, "one too many", sampling)
-            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            finished = [f.result(timeout=300) for f in first]
-    finally:
-        scheduler.max_queue = saved
+    with ThreadPoolExecutor(capacity) as pool:
+        first = [
+            pool.submit(stream_text, pb, client, f"{PROMPTS[0]} {i}", sampling, 600)
+            for i in range(capacity)
+        ]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            info = client.ServerInfo(pb.ServerInfoRequest(), metadata=AUTH)
+            if info.running_requests + info.waiting_requests >= capacity:
+                break
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as error:
+            stream_text(pb, client, "one too many", sampling)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finished = [f.result(timeout=600) for f in first]
     assert all(last.finished and len(tokens) == 48 for _, tokens, last in finished)
 
 
-def test_failover_mid_stream_keeps_the_text(stub, running, reference):
+def test_failover_mid_stream_keeps_the_text(stub, reference):
     pb, client = stub
     prompt = PROMPTS[3]
     want = expected(reference, prompt, max_tokens=40, ignore_eos=True)
-    request = pb.GenerateRequest(
-        text=prompt, sampling=greedy(pb, max_tokens=40, ignore_eos=True), request_id="failover-1"
-    )
-    text, tokens, killed = "", [], None
+    request = pb.GenerateRequest(text=prompt, sampling=greedy(pb, max_tokens=40, ignore_eos=True))
+    text, tokens, victim = "", [], None
     for message in client.Generate(request, metadata=AUTH, timeout=300):
         text += message.text
         tokens += list(message.token_ids)
-        if killed is None and len(tokens) >= 8:
-            [victim] = [r for r in running.scheduler.replicas if "failover-1" in r.inflight]
-            killed = victim
-            ray.kill(victim.actor, no_restart=True)
-    assert killed is not None
+        if victim is None and len(tokens) >= 8:
+            info = client.ServerInfo(pb.ServerInfoRequest(), metadata=AUTH)
+            [victim] = [r for r in info.replicas if r.running == 1]
+            actor = ray.get_actor(f"afs-worker-{victim.replica_id}-{victim.restarts}", "afs")
+            ray.kill(actor, no_restart=True)
+    assert victim is not None
     assert tokens == want.token_ids and text == want.text
 
     deadline = time.time() + 120
-    while not (killed.state == "ready" and killed.restarts == 1) and time.time() < deadline:
+    while time.time() < deadline:
+        info = client.ServerInfo(pb.ServerInfoRequest(), metadata=AUTH)
+        [back] = [r for r in info.replicas if r.replica_id == victim.replica_id]
+        if back.state == "ready" and back.restarts == victim.restarts + 1:
+            break
         time.sleep(0.5)
-    assert killed.state == "ready" and killed.restarts == 1
-    # the restarted replica serves again: give it every request
-    others = [r for r in running.scheduler.replicas if r is not killed]
-    for other in others:
-        other.state = "draining"
-    try:
-        again, again_tokens, _ = stream_text(pb, client, PROMPTS[0], greedy(pb))
-    finally:
-        for other in others:
-            other.state = "ready"
-    assert again_tokens == expected(reference, PROMPTS[0]).token_ids
+    assert back.state == "ready" and back.restarts == victim.restarts + 1
+    # the restarted replica serves again: enough concurrent requests reach every replica
+    before = back.served
+    prompts = [f"{PROMPTS[0]} again {i}" for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda p: stream_text(pb, client, p, greedy(pb, 8)), prompts))
+    info = client.ServerInfo(pb.ServerInfoRequest(), metadata=AUTH)
+    [back] = [r for r in info.replicas if r.replica_id == victim.replica_id]
+    assert back.served > before
 
 
 def test_metrics_count_requests_and_tokens(stub, running):
     pb, client = stub
 
     def samples():
-        url = f"http://127.0.0.1:{running.cluster.metrics_port}/metrics"
+        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
         body = urllib.request.urlopen(url, timeout=10).read().decode()
         values = {}
         for family in text_string_to_metric_families(body):

@@ -1,4 +1,8 @@
-"""Fixtures for tests that run the real cluster: stubs generated as a user would, and Ray."""
+"""Tests that drive the real cluster through a client generated from the .proto, as a user would.
+
+The generated modules register the same protobuf symbols as the server's own, so this folder runs
+in a pytest process of its own (the Makefile's second run) and starts servers as subprocesses.
+"""
 
 from __future__ import annotations
 
