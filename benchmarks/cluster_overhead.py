@@ -5,7 +5,7 @@ scheduler, Ray worker actor) and through the in-process engine, at several concu
 
 Prompts are random token ids drawn as `afs loadtest` draws them (same seed, same ids on both
 paths), each generating exactly --output-len tokens. Both paths get the machine's cores in turn:
-the engine in this process first, then the server with one worker actor given every CPU. Figures
+the engine in this process first, then the server with one worker actor (every CPU by default). Figures
 use the load test's rules (cluster/loadtest.py). Prints a table last; writes JSON under --out.
 """
 
@@ -104,10 +104,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--port", type=int, default=50071)
+    parser.add_argument(
+        "--cpus-per-worker", type=float, default=None, help="the worker's CPUs; default all"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    cpus = os.cpu_count() or 1
+    cpus = args.cpus_per_worker or os.cpu_count() or 1
     engine_flags = ["--device", "cpu", "--kv-cache-gib", "0.5", "--max-num-seqs", "32"]
 
     engine = LLMEngine(model=MODEL, device="cpu", kv_cache_gib=0.5, max_num_seqs=32)
