@@ -218,6 +218,8 @@ class EngineConfig:
     """torch_ref, or auto (the fastest available on the device)."""
     quantization: str = "none"
     """Linear weights: none (as loaded), or int4 (weight-only, groups of 32; CPU)."""
+    tp: int = 1
+    """Tensor-parallel ranks: the model's heads and MLP split over this many processes."""
     detokenize: bool = True
     """Produce text deltas and match stop strings here; a cluster's workers leave both to the
     gateway, which sees the whole stream even across a failover."""
@@ -227,6 +229,7 @@ class EngineConfig:
             "block_size": self.block_size,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_num_seqs": self.max_num_seqs,
+            "tp": self.tp,
         }
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -19,7 +19,9 @@ class TensorParallelGroup:
     size: int
     """Number of ranks the model is sharded over."""
     group: dist.ProcessGroup | None
-    """The torch.distributed group, or None for a group of one."""
+    """The torch.distributed group for tensors (NCCL on GPU, gloo on CPU), or None for one rank."""
+    cpu_group: dist.ProcessGroup | None = None
+    """A gloo group over the same ranks for Python objects (each step's SchedulerOutput)."""
 
 
 _TP = TensorParallelGroup(rank=0, size=1, group=None)
@@ -56,6 +58,44 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous(), group=_TP.group)
     return torch.cat(parts, dim=-1)
+
+
+def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device) -> None:
+    """Join the replica's group: rank 0's address in `init_method` (tcp://host:port) is the
+    rendezvous. NCCL carries tensors between GPUs, gloo between CPU processes; objects always go
+    over gloo."""
+    if size == 1:
+        set_tp_group(TensorParallelGroup(rank=0, size=1, group=None))
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    group = dist.group.WORLD
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else group
+    set_tp_group(TensorParallelGroup(rank=rank, size=size, group=group, cpu_group=cpu_group))
+
+
+def destroy_tensor_parallel() -> None:
+    if _TP.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    set_tp_group(TensorParallelGroup(rank=0, size=1, group=None))
+
+
+def tp_broadcast_object(obj: object = None) -> object:
+    """Rank 0's `obj` on every rank (what rank 0 passes is returned to it unchanged)."""
+    if _TP.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_TP.cpu_group)
+    return box[0]
+
+
+def tp_min(value: int) -> int:
+    """The smallest of the ranks' values (every rank gets it)."""
+    if _TP.size == 1:
+        return value
+    values: list = [None] * _TP.size
+    dist.all_gather_object(values, value, group=_TP.cpu_group)
+    return min(values)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

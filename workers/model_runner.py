@@ -45,7 +45,7 @@ class ModelRunner:
         model: nn.Module,
         kv_caches: list[torch.Tensor],
         backend: AttentionBackend,
-        sampler: Sampler,
+        sampler: Sampler | None,
         block_size: int,
         device: torch.device,
     ) -> None:
@@ -105,16 +105,20 @@ class ModelRunner:
         with forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
             hidden = self.model(self._to_device(input_ids), self._to_device(positions))  # [T, H]
 
+        # every rank computes the logits (the LM head gathers them), only rank 0 samples
         output = RunnerOutput()
         for request_id, (rows, next_tokens) in prompt_rows.items():
             logits = self.model.compute_logits(hidden[self._to_device(rows)])  # [P, V]
-            top_n = self.states[request_id].params.prompt_logprobs
-            output.prompt_logprobs[request_id] = prompt_logprobs(
-                logits, self._to_device(next_tokens), top_n
-            )
+            if self.sampler is not None:
+                top_n = self.states[request_id].params.prompt_logprobs
+                output.prompt_logprobs[request_id] = prompt_logprobs(
+                    logits, self._to_device(next_tokens), top_n
+                )
         if not sample_rows:
             return output
         logits = self.model.compute_logits(hidden[self._to_device(sample_rows)])  # [R, V]
+        if self.sampler is None:
+            return output
         batch = SamplingBatch(
             params=[state.params for _, state in sampled_states],
             seeds=[state.seed for _, state in sampled_states],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoints import COMMON, make_checkpoint
 from paged import PagedSequences
 
 from workers.weights.loader import load_model
@@ -12,19 +13,6 @@ transformers = pytest.importorskip("transformers")
 
 PROMPT_LENGTHS = (5, 16, 17, 40)  # around and across 16-token block boundaries
 NEW_TOKENS = 32
-
-COMMON = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=3,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    initializer_range=0.2,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
 
 CASES = {
     "olmo2-mha": (
@@ -69,20 +57,6 @@ CASES = {
         "60KB",
     ),
 }
-
-
-def make_checkpoint(tmp_path, family: str, overrides: dict, shard_size: str | None):
-    config_cls = getattr(transformers, f"{family}Config")
-    model_cls = getattr(transformers, f"{family}ForCausalLM")
-    config = config_cls(**COMMON, **overrides)
-    torch.manual_seed(1234)
-    hf_model = model_cls(config).eval()
-    with torch.no_grad():  # move norms away from 1 so that a skipped norm weight shows
-        for param in hf_model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    kwargs = {"max_shard_size": shard_size} if shard_size else {}
-    hf_model.save_pretrained(tmp_path, **kwargs)
-    return hf_model
 
 
 def hf_greedy(hf_model, prompt: list[int], steps: int) -> list[int]:

@@ -6,12 +6,18 @@ worker runs the same step loop.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from collections.abc import Sequence
 
-from workers.attention import get_backend
 from workers.config import EngineConfig
-from workers.engine.kv_cache import KVCacheManager, allocate_kv_slab, kv_block_bytes
+from workers.distributed import (
+    destroy_tensor_parallel,
+    get_tp_size,
+    init_tensor_parallel,
+    tp_broadcast_object,
+)
+from workers.engine.kv_cache import KVCacheManager
 from workers.engine.outputs import (
     Completion,
     GenerationResult,
@@ -22,58 +28,54 @@ from workers.engine.outputs import (
 from workers.engine.request import Request, RequestStatus
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
-from workers.layers.sampler import Sampler
-from workers.model_runner import ModelRunner
-from workers.weights.loader import load_model
-
-_GIB = 1 << 30
+from workers.worker import (
+    ShardWorker,
+    check_tensor_parallel,
+    follow,
+    free_rendezvous,
+    rank_device,
+    shutdown_followers,
+)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+    """The engine of one replica: rank 0 of its tensor-parallel group.
+
+    With `tp > 1` and no `rendezvous`, it spawns ranks 1..tp-1 as processes of its own and joins
+    them over 127.0.0.1; a cluster passes the `rendezvous` of ranks it placed itself.
+    """
+
+    def __init__(
+        self, config: EngineConfig | None = None, rendezvous: str | None = None, **overrides
+    ) -> None:
         config = config or EngineConfig(**overrides)
         self.config = config
-        self.device = config.resolved_device()
-        loaded = load_model(
-            config.model,
-            dtype=config.dtype,
-            device=self.device,
-            seed=config.seed,
-            quantization=config.quantization,
-        )
+        check_tensor_parallel(config)
+        self.device = rank_device(config, 0)
+        self._followers: list = []
+        if config.tp > 1:
+            if rendezvous is None:
+                rendezvous = free_rendezvous()
+                context = multiprocessing.get_context("spawn")
+                for rank in range(1, config.tp):
+                    process = context.Process(
+                        target=follow, args=(config, rank, rendezvous), daemon=True
+                    )
+                    process.start()
+                    self._followers.append(process)
+            init_tensor_parallel(0, config.tp, rendezvous, self.device)
+        worker = ShardWorker(config, self.device, sampler=True)
+        loaded = worker.loaded
         self.model, self.model_config, self.tokenizer = (
             loaded.model,
             loaded.config,
             loaded.tokenizer,
         )
         self.source, self.load_seconds = loaded.source, loaded.load_seconds
-        model_config = self.model_config
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        if self.max_model_len > model_config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len: {self.max_model_len} exceeds the model's context length "
-                f"{model_config.max_position_embeddings}"
-            )
-        self.eos_token_ids = set(model_config.eos_token_ids)
-        if self.tokenizer is not None:
-            self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
-        sampleable = self.tokenizer.vocab_size if self.tokenizer is not None else None
-        self.sampler = Sampler(model_config.vocab_size, sampleable, tuple(self.eos_token_ids))
-
-        self.num_kv_blocks = self._kv_blocks()
-        kv_caches = allocate_kv_slab(
-            model_config.num_hidden_layers,
-            self.num_kv_blocks,
-            config.block_size,
-            self.model.model.layers[0].self_attn.num_kv_heads,
-            model_config.head_dim,
-            model_config.torch_dtype,
-            self.device,
-        )
-        backend = get_backend(config.attention_backend, self.device.type)
-        self.runner = ModelRunner(
-            self.model, kv_caches, backend, self.sampler, config.block_size, self.device
-        )
+        self.max_model_len = worker.max_model_len
+        self.eos_token_ids = worker.eos_token_ids
+        self.sampler, self.runner = worker.sampler, worker.runner
+        self.num_kv_blocks = worker.num_kv_blocks
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -85,30 +87,13 @@ class LLMEngine:
         self._finished_outputs: list[RequestOutput] = []
         self._children: dict[str, list[Request]] = {}
 
-    def _kv_blocks(self) -> int:
-        config, model_config = self.config, self.model_config
-        block_bytes = kv_block_bytes(
-            model_config.num_hidden_layers,
-            config.block_size,
-            self.model.model.layers[0].self_attn.num_kv_heads,
-            model_config.head_dim,
-            model_config.torch_dtype,
-        )
-        if config.num_kv_blocks is not None:
-            return config.num_kv_blocks
-        if self.device.type == "cuda":
-            from workers.engine.memory import profile_free_kv_bytes
-
-            budget = profile_free_kv_bytes(self, config.gpu_memory_utilization)
-        else:
-            budget = int(config.kv_cache_gib * _GIB)
-        blocks = budget // block_bytes
-        if blocks < 1:
-            raise ValueError(
-                f"the KV budget ({budget} bytes) holds no block of {block_bytes} bytes; "
-                "raise kv_cache_gib or gpu_memory_utilization"
-            )
-        return blocks
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel followers (and wait for the ones this engine spawned)."""
+        if self.config.tp > 1 and get_tp_size() > 1:
+            shutdown_followers()
+            for process in self._followers:
+                process.join(30)
+            destroy_tensor_parallel()
 
     # -- requests --
 
@@ -209,6 +194,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         schedule = self.scheduler.schedule()
+        tp_broadcast_object(schedule)  # the other ranks run the same step over their shards
         outputs, self._finished_outputs = self._finished_outputs, []
         for request in self.scheduler.errored:
             outputs.append(self._output(request, [], None))

@@ -15,11 +15,11 @@ from workers.engine.kv_cache import allocate_kv_slab
 from workers.forward_context import ForwardContext, forward_context
 
 if TYPE_CHECKING:
-    from workers.engine.llm_engine import LLMEngine
+    from workers.worker import ShardWorker
 
 
 @torch.inference_mode()
-def profile_free_kv_bytes(engine: LLMEngine, utilization: float) -> int:
+def profile_free_kv_bytes(engine: ShardWorker, utilization: float) -> int:
     config, model_config, device = engine.config, engine.model_config, engine.device
     tokens = min(config.max_num_batched_tokens, engine.max_model_len)
     blocks = -(-tokens // config.block_size)
@@ -29,7 +29,7 @@ def profile_free_kv_bytes(engine: LLMEngine, utilization: float) -> int:
         model_config.num_hidden_layers,
         blocks,
         config.block_size,
-        engine.model.model.layers[0].self_attn.num_kv_heads,
+        engine.num_kv_heads,
         model_config.head_dim,
         model_config.torch_dtype,
         device,

@@ -17,11 +17,14 @@ from workers.layers.quantization import Int4WeightOnly
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
+    """Copy (and convert the dtype of) a checkpoint tensor or lazy slice after checking shapes."""
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(
             f"weight {name or '?'}: checkpoint shape {tuple(loaded.shape)} does not match the "
             f"model's {tuple(param.shape)}"
         )
+    if hasattr(loaded, "materialize"):  # a slice of a file not read yet: read just it
+        loaded = loaded.materialize()
     param.data.copy_(loaded)
 
 

@@ -93,7 +93,7 @@ class CausalLM(nn.Module):
             param.checkpoint_name = checkpoint_name
             loader = getattr(param, "weight_loader", default_weight_loader)
             with torch.no_grad():
-                loader(param, tensor.to(param.dtype), shard)
+                loader(param, tensor, shard)
             loaded.add((name, shard))
         missing = sorted(n if s is None else f"{n}[{s}]" for n, s in expected - loaded)
         if missing:

@@ -14,7 +14,7 @@ from torch import nn
 
 from workers.config import ModelConfig
 from workers.layers.mlp import GatedMLP
-from workers.layers.norm import RMSNorm
+from workers.layers.norm import RMSNorm, ShardedRMSNorm
 from workers.models.base import CausalLM
 from workers.models.llama import LlamaAttention
 
@@ -22,8 +22,17 @@ from workers.models.llama import LlamaAttention
 class Olmo2Attention(LlamaAttention):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__(config, layer_index)
-        self.q_norm = RMSNorm(config.num_attention_heads * config.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(config.num_key_value_heads * config.head_dim, config.rms_norm_eps)
+        qkv, eps = self.qkv_proj, config.rms_norm_eps
+        self.q_norm = ShardedRMSNorm(
+            config.num_attention_heads * config.head_dim, self.q_size, qkv.tp_rank, 1, eps
+        )
+        self.k_norm = ShardedRMSNorm(
+            config.num_key_value_heads * config.head_dim,
+            self.kv_size,
+            qkv.tp_rank // qkv.kv_replicas,
+            qkv.kv_replicas,
+            eps,
+        )
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H * D], k: [T, KVH * D], normalised over the whole width

@@ -47,8 +47,40 @@ def safetensors_files(path: str | Path) -> list[Path]:
     return files
 
 
-def iter_safetensors_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for every tensor of the checkpoint, one file open at a time."""
+class LazySlice:
+    """A checkpoint tensor not read yet: `narrow` picks a part, `materialize` reads only that.
+
+    Tensor-parallel weight loaders narrow to their rank's rows or columns, so each rank reads its
+    own slice of the file and never the whole tensor.
+    """
+
+    def __init__(self, file: Path, name: str, source, bounds: list[tuple[int, int]] | None = None):
+        self.file, self.name, self.source = file, name, source
+        self.bounds = bounds or [(0, n) for n in source.get_shape()]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(stop - start for start, stop in self.bounds)
+
+    def narrow(self, dim: int, start: int, length: int) -> LazySlice:
+        bounds = list(self.bounds)
+        base, stop = bounds[dim]
+        if start < 0 or base + start + length > stop:
+            raise ValueError(f"{self.name}: slice [{start}, {start + length}) out of {stop - base}")
+        bounds[dim] = (base + start, base + start + length)
+        return LazySlice(self.file, self.name, self.source, bounds)
+
+    def materialize(self) -> torch.Tensor:
+        try:
+            return self.source[tuple(slice(start, stop) for start, stop in self.bounds)]
+        except Exception as error:
+            raise ValueError(
+                f"{self.file}: tensor {self.name!r} cannot be read ({error})"
+            ) from None
+
+
+def iter_safetensors_weights(path: str | Path) -> Iterator[tuple[str, LazySlice]]:
+    """Yield (HF name, lazy tensor) for every tensor of the checkpoint, one file open at a time."""
     for file in safetensors_files(path):
         try:
             handle = safe_open(str(file), framework="pt")
@@ -57,7 +89,7 @@ def iter_safetensors_weights(path: str | Path) -> Iterator[tuple[str, torch.Tens
             raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
         for name in names:
             try:
-                tensor = handle.get_tensor(name)
+                source = handle.get_slice(name)
             except Exception as error:
                 raise ValueError(f"{file}: tensor {name!r} cannot be read ({error})") from None
-            yield name, tensor
+            yield name, LazySlice(file, name, source)

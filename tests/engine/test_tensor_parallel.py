@@ -1,0 +1,58 @@
+"""Tensor parallelism over gloo on CPU: tp = 2 and 4 give what tp = 1 gives."""
+
+from __future__ import annotations
+
+import pytest
+from checkpoints import make_checkpoint
+
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+
+pytest.importorskip("transformers")
+
+CASES = {
+    "olmo2-mha": ("Olmo2", dict(num_attention_heads=4, num_key_value_heads=4)),
+    # 2 KV heads over 4 ranks: each KV head and its slice of k_norm lives on two ranks
+    "olmo2-gqa": ("Olmo2", dict(num_attention_heads=8, num_key_value_heads=2, vocab_size=322)),
+    "llama-tied-gqa": (
+        "Llama",
+        dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+}
+PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40)]
+
+
+def run(path, tp: int):
+    engine = LLMEngine(model=str(path), device="cpu", tp=tp, num_kv_blocks=64)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+        tokens = [r.completions[0].token_ids for r in engine.generate(PROMPTS, greedy)]
+        scored = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
+        prompt_logprobs = [r.prompt_logprobs[1:] for r in engine.generate(PROMPTS, scored)]
+        return tokens, prompt_logprobs
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tp_2_and_4_match_tp_1(tmp_path, case):
+    family, overrides = CASES[case]
+    make_checkpoint(tmp_path, family, overrides)
+    tokens, logprobs = run(tmp_path, 1)
+    for tp in (2, 4):
+        tp_tokens, tp_logprobs = run(tmp_path, tp)
+        assert tp_tokens == tokens, f"tp={tp}"
+        for want, got in zip(
+            (e for seq in logprobs for e in seq),
+            (e for seq in tp_logprobs for e in seq),
+            strict=True,
+        ):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+            assert [t for t, _ in got.top] == [t for t, _ in want.top]
+            assert [v for _, v in got.top] == pytest.approx([v for _, v in want.top], abs=1e-4)
+
+
+def test_a_tp_that_does_not_divide_the_heads_is_refused(tmp_path):
+    make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=4, num_key_value_heads=4))
+    with pytest.raises(ValueError, match="num_attention_heads: 4 is not divisible by .* 3"):
+        LLMEngine(model=str(tmp_path), device="cpu", tp=3)
