@@ -57,7 +57,6 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model over gRPC from a Ray cluster")
     serve.add_argument("--model", default=DEFAULT_MODEL, help="model name or path")
     serve.add_argument("--replicas", type=int, default=1)
-    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     serve.add_argument("--address", default="local", help="local, auto, or HOST:PORT of Ray")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
@@ -87,6 +86,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     parser.add_argument("--quantization", default="none", help="none, or int4 (weight-only, CPU)")
 
 
@@ -103,6 +103,7 @@ def engine_config_from_args(args: argparse.Namespace, detokenize: bool = True) -
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
         quantization=args.quantization,
+        tp=args.tp,
     )
 
 
@@ -113,7 +114,6 @@ def _serve(args: argparse.Namespace) -> int:
     config = ClusterConfig(
         engine=engine_config_from_args(args, detokenize=False),
         replicas=args.replicas,
-        tp=args.tp,
         address=args.address,
         host=args.host,
         port=args.port,

@@ -12,9 +12,7 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     """What each replica's engine is built from (the model among it)."""
     replicas: int = 1
-    """Model instances; each is a placement group of `tp` worker actors on one node."""
-    tp: int = 1
-    """Tensor-parallel ranks per replica."""
+    """Model instances; each is a placement group of `engine.tp` worker actors on one node."""
     address: str = "local"
     """Ray cluster: local (start one here), auto (the one this node is in), or HOST:PORT."""
     host: str = "127.0.0.1"
@@ -35,10 +33,6 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas: must be >= 1, got {self.replicas}")
-        if self.tp != 1:
-            raise ValueError(
-                f"tp: tensor parallelism across actors is not available yet, got {self.tp}"
-            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
         if not 0 <= self.metrics_port < 65536:

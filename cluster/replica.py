@@ -18,11 +18,13 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.actor import NewWork, WorkerActor
+from workers.actor import FollowerActor, NewWork, WorkerActor, rendezvous_here
 from workers.config import EngineConfig
 
 log = logging.getLogger(__name__)
 _RemoteWorker = ray.remote(WorkerActor)
+_RemoteFollower = ray.remote(FollowerActor)
+_rendezvous = ray.remote(rendezvous_here)
 
 
 class Replica:
@@ -48,8 +50,9 @@ class Replica:
         self.restarts = 0
         self.served = 0
         self.actor = None
+        self.followers: list = []
         self._group = None
-        self._poller: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def load(self) -> int:
@@ -61,35 +64,58 @@ class Replica:
 
     async def start(self) -> None:
         self.state = "starting"
+        tp = self.engine.tp
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
         self._group = placement_group(
-            [bundle], strategy="STRICT_PACK", _soft_target_node_id=self.target_node
+            [bundle] * tp, strategy="STRICT_PACK", _soft_target_node_id=self.target_node
         )
         await self._group.ready()
+
+        def placed(index: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(self._group, index)
+            return {"num_cpus": self.cpus, "num_gpus": self.gpus, "scheduling_strategy": strategy}
+
+        rendezvous = await _rendezvous.options(**placed(0)).remote() if tp > 1 else None
+        incarnation = f"{self.replica_id}-{self.restarts}"
+        self.followers = [
+            _RemoteFollower.options(
+                name=f"afs-rank{rank}-{incarnation}", namespace="afs", **placed(rank)
+            ).remote(self.engine, rank, rendezvous)
+            for rank in range(1, tp)
+        ]
         self.actor = _RemoteWorker.options(
-            name=f"afs-worker-{self.replica_id}-{self.restarts}",
-            namespace="afs",
-            num_cpus=self.cpus,
-            num_gpus=self.gpus,
-            max_concurrency=4,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, 0),
-        ).remote(self.engine, self.replica_id)
+            name=f"afs-worker-{incarnation}", namespace="afs", max_concurrency=4, **placed(0)
+        ).remote(self.engine, self.replica_id, rendezvous)
+        runs = [follower.run.remote() for follower in self.followers]
         try:
             self.info = await self.actor.info.remote()
         except RayActorError as error:
             self.state = "dead"
             raise RuntimeError(f"replica {self.replica_id} failed to start: {error}") from None
         self.state = "ready"
-        self._poller = asyncio.create_task(self._poll(), name=f"poll-{self.replica_id}")
+        self._tasks = [asyncio.create_task(self._poll(), name=f"poll-{self.replica_id}")]
+        self._tasks += [asyncio.create_task(self._watch(run)) for run in runs]
+
+    async def _die(self, error: Exception) -> None:
+        if self.state == "dead":
+            return  # another rank's end was noticed first
+        log.warning("replica %s died: %s", self.replica_id, error)
+        self.state = "dead"
+        await self.on_death(self)
+
+    async def _watch(self, run) -> None:
+        """A follower's `run` returns only when the replica stops; raising means it died."""
+        try:
+            await run
+        except RayActorError as error:
+            await self._die(error)
 
     async def _poll(self) -> None:
         while True:
             try:
                 batch = await self.actor.poll.remote(0.5)
             except RayActorError as error:
-                log.warning("replica %s died: %s", self.replica_id, error)
-                self.state = "dead"
-                await self.on_death(self)
+                await self._die(error)
                 return
             self.stats = batch["stats"]
             if batch["outputs"]:
@@ -108,13 +134,15 @@ class Replica:
         await self.start()
 
     async def stop(self) -> None:
-        if self._poller is not None and self._poller is not asyncio.current_task():
-            self._poller.cancel()
-        self._poller = None
-        if self.actor is not None:
-            with contextlib.suppress(Exception):
-                ray.kill(self.actor, no_restart=True)
-            self.actor = None
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._tasks = []
+        for actor in [self.actor, *self.followers]:
+            if actor is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+        self.actor, self.followers = None, []
         if self._group is not None:
             with contextlib.suppress(Exception):
                 remove_placement_group(self._group)

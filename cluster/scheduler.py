@@ -291,7 +291,7 @@ class GlobalScheduler:
                     "replica_id": r.replica_id,
                     "node_id": r.info.get("node_id") or "",
                     "state": r.state,
-                    "tp": self.config.tp,
+                    "tp": self.config.engine.tp,
                     "total_kv_blocks": stats.get("num_kv_blocks", r.info.get("num_kv_blocks", 0)),
                     "free_kv_blocks": stats.get("free_kv_blocks", r.info.get("num_kv_blocks", 0)),
                     "running": stats.get("running", 0),

@@ -19,6 +19,7 @@ from workers.config import EngineConfig
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.outputs import RequestOutput, Usage
 from workers.engine.sampling_params import SamplingParams
+from workers.worker import follow
 
 
 @dataclass
@@ -30,9 +31,11 @@ class NewWork:
 
 
 class WorkerActor:
-    def __init__(self, config: EngineConfig, replica_id: str) -> None:
+    """Rank 0 of a replica: the engine and its step loop."""
+
+    def __init__(self, config: EngineConfig, replica_id: str, rendezvous: str | None = None):
         self.replica_id = replica_id
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, rendezvous=rendezvous)
         self._cond = threading.Condition()
         self._new: list[NewWork] = []
         self._aborts: list[str] = []
@@ -90,7 +93,12 @@ class WorkerActor:
             start = time.perf_counter()
             try:
                 outputs = engine.step() if engine.has_unfinished_requests() else []
-            except Exception as error:  # a bug or an out-of-memory: fail the batch, keep serving
+            except Exception as error:
+                if engine.config.tp > 1:
+                    # a broken group (a rank died) cannot step again: end this rank, so that the
+                    # head restarts the replica and resumes its requests elsewhere
+                    os._exit(1)
+                # a bug or an out-of-memory in one process: fail the batch, keep serving
                 outputs = engine.fail_all(f"step failed: {type(error).__name__}: {error}")
             self._step_seconds = time.perf_counter() - start
             self._batch_size = len(engine.scheduler.running)
@@ -118,3 +126,25 @@ class WorkerActor:
                 error=str(error),
             )
         return None
+
+
+class FollowerActor:
+    """Rank 1..tp-1 of a replica: `run` follows rank 0's steps until the replica stops."""
+
+    def __init__(self, config: EngineConfig, rank: int, rendezvous: str) -> None:
+        self.config, self.rank, self.rendezvous = config, rank, rendezvous
+
+    def run(self) -> None:
+        follow(self.config, self.rank, self.rendezvous)
+
+
+def rendezvous_here() -> str:
+    """A free port on this node, for a replica's ranks to meet at (they share the node)."""
+    import socket
+
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return f"tcp://{host}:{sock.getsockname()[1]}"
