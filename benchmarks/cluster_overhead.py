@@ -5,8 +5,9 @@ scheduler, Ray worker actor) and through the in-process engine, at several concu
 
 Prompts are random token ids drawn as `afs loadtest` draws them (same seed, same ids on both
 paths), each generating exactly --output-len tokens. Both paths get the machine's cores in turn:
-the engine in this process first, then the server with one worker actor (every CPU by default). Figures
-use the load test's rules (cluster/loadtest.py). Prints a table last; writes JSON under --out.
+the engine in this process first, then the server with one worker actor (every CPU by default).
+Figures use the load test's rules (cluster/loadtest.py). Prints a table last; writes JSON under
+--out.
 """
 
 from __future__ import annotations
