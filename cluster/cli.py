@@ -162,9 +162,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     client = AfsClient(args.server, api_key=args.api_key)
     sampling = {k: v for k, v in _sampling_from_args(args).items() if v is not None}
     if args.chat:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": args.prompt})
-        stream = client.chat_stream(messages, **sampling)
+        stream = client.chat_stream(_chat_messages(args), **sampling)
     else:
         stream = client.generate_stream(args.prompt, **sampling)
     start, first, last = time.perf_counter(), None, None
@@ -195,13 +193,23 @@ def _generate(args: argparse.Namespace) -> int:
     from workers.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(config)
+    try:
+        return _stream_in_process(engine, args, params)
+    finally:
+        engine.shutdown()
+
+
+def _chat_messages(args: argparse.Namespace) -> list[dict]:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return [*messages, {"role": "user", "content": args.prompt}]
+
+
+def _stream_in_process(engine, args: argparse.Namespace, params: SamplingParams) -> int:
     prompt = args.prompt
     if args.chat:
         if engine.tokenizer is None:
             raise ValueError("--chat: this model has no tokenizer or chat template")
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": args.prompt})
-        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = engine.tokenizer.apply_chat_template(_chat_messages(args))
     start = time.perf_counter()
     engine.add_request(prompt, params)
     first_token_at = None

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 from netutil import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from servers import afs_serve, ray_cluster, wait_ready
 
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
 ray = pytest.importorskip("ray")
 
-RAY = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-AFS = str(Path(sys.executable).parent / "afs")
 SEQS_PER_REPLICA = 8
 MAX_QUEUE = 16
 KEY = "test-key"
@@ -36,95 +30,34 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory):
+def running(tmp_path_factory, user_stubs):
     """`afs serve` in its own process on a Ray head started here, as an operator would run it.
 
     The test process never imports the server's generated modules: the client is the user's.
     """
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    os.environ.update(RAY_AUTH_MODE="disabled")
-    ray_port, port, metrics_port = free_port(), free_port(), free_port()
+    pb, rpc = user_stubs
+    port, metrics_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    server = None
-    try:
-        subprocess.run(
-            [
-                RAY,
-                "start",
-                "--head",
-                f"--port={ray_port}",
-                "--num-cpus=2",
-                "--include-dashboard=false",
-                "--disable-usage-stats",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        with open(log_path, "w") as log:
-            server = subprocess.Popen(
-                [
-                    AFS,
-                    "serve",
-                    "--address",
-                    f"127.0.0.1:{ray_port}",
-                    "--replicas",
-                    "2",
-                    "--cpus-per-worker",
-                    "0.5",
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(metrics_port),
-                    "--device",
-                    "cpu",
-                    "--kv-cache-gib",
-                    "0.05",
-                    "--max-num-seqs",
-                    str(SEQS_PER_REPLICA),
-                    "--max-queue",
-                    str(MAX_QUEUE),
-                    "--api-key",
-                    KEY,
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        address = f"127.0.0.1:{port}"
-        wait_until_ready(address, server, log_path)
-        ray.init(address=f"127.0.0.1:{ray_port}", log_to_driver=False)
-        yield Running(address, metrics_port)
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(60)
-        ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    flags = [
+        "--replicas", "2", "--cpus-per-worker", "0.5", "--metrics-port", str(metrics_port),
+        "--kv-cache-gib", "0.05", "--max-num-seqs", str(SEQS_PER_REPLICA),
+        "--max-queue", str(MAX_QUEUE), "--api-key", KEY,
+    ]  # fmt: skip
+    with ray_cluster(free_port(), head_cpus=2) as ray_address:
+        with afs_serve(ray_address, port, log_path, *flags) as server:
+            address = f"127.0.0.1:{port}"
+            with grpc.insecure_channel(address) as channel:
+                wait_ready(pb, rpc.InferenceStub(channel), server, log_path, AUTH)
+            ray.init(address=ray_address, log_to_driver=False)
+            try:
+                yield Running(address, metrics_port)
+            finally:
+                ray.shutdown()
 
 
 class Running:
     def __init__(self, address, metrics_port):
         self.address, self.metrics_port = address, metrics_port
-
-
-def wait_until_ready(address, server, log_path, seconds=300):
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.time() + seconds
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert server.poll() is None, log_path.read_text()
-            assert time.time() < deadline, "afs serve did not come up"
-            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
