@@ -56,3 +56,17 @@ def test_a_tp_that_does_not_divide_the_heads_is_refused(tmp_path):
     make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=4, num_key_value_heads=4))
     with pytest.raises(ValueError, match="num_attention_heads: 4 is not divisible by .* 3"):
         LLMEngine(model=str(tmp_path), device="cpu", tp=3)
+
+
+def test_embedded_gguf_split_three_ways_matches_one_rank():
+    # 9 query and 3 KV heads: three ranks each read their heads' rows of the quantized file
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    results = []
+    for tp in (1, 3):
+        engine = LLMEngine(device="cpu", tp=tp, kv_cache_gib=0.02)
+        try:
+            [result] = engine.generate("The capital of France is", params)
+            results.append(result.completions[0].token_ids)
+        finally:
+            engine.shutdown()
+    assert results[0] == results[1]

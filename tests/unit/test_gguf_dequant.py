@@ -140,12 +140,20 @@ def test_llama_file_gives_hf_names_shapes_and_unpermuted_qk(tmp_path: Path) -> N
     assert (config.bos_token_id, config.eos_token_ids, config.dtype) == (1, (2,), "bfloat16")
     assert config.extra == {"format": "gguf", "tensor_types": {"F32": 10, "F16": 1}}
 
-    loaded = dict(iter_gguf_weights(path, config.with_dtype("float32")))
+    lazy = dict(iter_gguf_weights(path, config))
+    loaded = {name: tensor.materialize() for name, tensor in lazy.items()}
     assert loaded.keys() == hf.keys()
     for name, expected in hf.items():
         torch.testing.assert_close(loaded[name], torch.from_numpy(expected), rtol=0, atol=0)
-    as_bf16 = dict(iter_gguf_weights(path, config))
-    assert all(tensor.dtype == torch.bfloat16 for tensor in as_bf16.values())
+    # a tensor-parallel rank reads whole heads of q (still unpermuted) and some input columns
+    q = lazy["model.layers.0.self_attn.q_proj.weight"]
+    part = q.narrow(0, HEAD_DIM, HEAD_DIM).narrow(1, 2, 5).materialize()
+    torch.testing.assert_close(
+        part,
+        loaded["model.layers.0.self_attn.q_proj.weight"][HEAD_DIM : 2 * HEAD_DIM, 2:7],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_olmo2_names_and_no_permutation(tmp_path: Path) -> None:
@@ -162,7 +170,7 @@ def test_olmo2_names_and_no_permutation(tmp_path: Path) -> None:
     path = _write_gguf(tmp_path / "olmo2.gguf", "olmo2", tensors)
     config = load_gguf_config(path)
     assert config.architecture == "Olmo2ForCausalLM" and not config.tie_word_embeddings
-    loaded = dict(iter_gguf_weights(path, config))
+    loaded = {name: tensor.materialize() for name, tensor in iter_gguf_weights(path, config)}
     assert sorted(loaded) == [
         "lm_head.weight",
         "model.layers.0.post_attention_layernorm.weight",

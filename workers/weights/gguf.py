@@ -233,8 +233,8 @@ def _undo_rope_permutation(weight: torch.Tensor, num_heads: int) -> torch.Tensor
 
 def iter_gguf_weights(
     path: str | os.PathLike[str], config: ModelConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for every tensor of a GGUF file, in HF's shape and config's dtype.
+) -> Iterator[tuple[str, GGUFSlice]]:
+    """Yield (HF name, lazy tensor) for every tensor of a GGUF file, in HF's shape.
 
     Names and types are all checked before the first tensor is yielded, so a bad file fails
     before any weight is loaded.
@@ -256,9 +256,46 @@ def iter_gguf_weights(
     for tensor in reader.tensors:
         name = names[tensor.name]
         shape = tuple(reversed([int(dim) for dim in tensor.shape]))
-        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(shape))
+        heads = None
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             is_query = name.endswith("q_proj.weight")
-            num_heads = config.num_attention_heads if is_query else config.num_key_value_heads
-            weight = _undo_rope_permutation(weight, num_heads)
-        yield name, weight.to(config.torch_dtype)
+            heads = config.num_attention_heads if is_query else config.num_key_value_heads
+        yield name, GGUFSlice(tensor, shape, heads)
+
+
+class GGUFSlice:
+    """A GGUF tensor not dequantized yet: `narrow` picks rows or columns, `materialize` reads and
+    dequantizes only the rows asked for (blocks run along a row, so rows are whole blocks).
+
+    Tensor-parallel ranks narrow query/key rows by whole heads, so undoing llama.cpp's rotary
+    permutation, which stays inside each head, works on the slice alone.
+    """
+
+    def __init__(self, tensor, shape: tuple[int, ...], permuted_heads: int | None, bounds=None):
+        self.tensor, self.full_shape, self.permuted_heads = tensor, shape, permuted_heads
+        self.bounds = bounds or [(0, n) for n in shape]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(stop - start for start, stop in self.bounds)
+
+    def narrow(self, dim: int, start: int, length: int) -> GGUFSlice:
+        bounds = list(self.bounds)
+        base, stop = bounds[dim]
+        if start < 0 or base + start + length > stop:
+            raise ValueError(f"{self.tensor.name}: slice out of range on dim {dim}")
+        bounds[dim] = (base + start, base + start + length)
+        return GGUFSlice(self.tensor, self.full_shape, self.permuted_heads, bounds)
+
+    def materialize(self) -> torch.Tensor:
+        data, kind = self.tensor.data, self.tensor.tensor_type
+        if len(self.full_shape) == 1:  # norms: small, read whole
+            ((start, stop),) = self.bounds
+            return torch.from_numpy(dequantize(data, kind).reshape(-1)[start:stop])
+        (row_start, row_stop), (col_start, col_stop) = self.bounds
+        rows = torch.from_numpy(dequantize(data[row_start:row_stop], kind))
+        rows = rows.reshape(row_stop - row_start, self.full_shape[1])  # [rows, in]
+        if self.permuted_heads is not None:
+            head_dim = self.full_shape[0] // self.permuted_heads
+            rows = _undo_rope_permutation(rows, (row_stop - row_start) // head_dim)
+        return rows[:, col_start:col_stop]

@@ -1,0 +1,1 @@
+"""`afs bench`: ceilings, latency, throughput, kernels and the report, each run written as JSON."""
