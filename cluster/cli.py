@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -12,6 +13,13 @@ from workers.config import EngineConfig
 from workers.engine.sampling_params import SamplingParams
 from workers.model_info import describe_model
 from workers.weights.loader import DEFAULT_MODEL, load_model
+
+# `afs bench NAME` -> the module that serves it: `add_arguments(parser)` and `run(args) -> Path`
+BENCH_COMMANDS = {
+    "ceilings": "workers.bench.ceilings",
+    "latency": "workers.bench.latency",
+    "throughput": "workers.bench.throughput",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +81,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     load = commands.add_parser("loadtest", help="load-test a running server over gRPC")
     loadtest.add_arguments(load)
+
+    bench = commands.add_parser("bench", help="benchmarks: a JSON result and a report row each")
+    benches = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    for name, module_name in BENCH_COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(benches.add_parser(name, help=module.__doc__.splitlines()[0]))
     return parser
 
 
@@ -238,6 +252,12 @@ def _stream_in_process(engine, args: argparse.Namespace, params: SamplingParams)
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    path = importlib.import_module(BENCH_COMMANDS[args.bench_command]).run(args)
+    print(f"result: {path}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     facts = describe_model(args.model, dtype=args.dtype, device=args.device)
     if args.load:
@@ -256,7 +276,13 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        commands = {"info": _info, "generate": _generate, "serve": _serve, "loadtest": _loadtest}
+        commands = {
+            "info": _info,
+            "generate": _generate,
+            "serve": _serve,
+            "loadtest": _loadtest,
+            "bench": _bench,
+        }
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:
         print(f"afs {args.command}: error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ of `--repeats` runs after a warm-up, timed with CUDA events on a GPU. The other 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -87,6 +88,25 @@ def median_seconds(
     return statistics.median(times)
 
 
+def free_memory(device: torch.device) -> None:
+    """Give back what deleted engines and models held (they may sit in reference cycles)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """ours / peer for every number (nested dicts alike) that both sides report."""
+    out: dict[str, Any] = {}
+    for key, value in ours.items():
+        other = peer.get(key)
+        if isinstance(value, dict) and isinstance(other, dict):
+            out[key] = ratios(value, other)
+        elif isinstance(value, int | float) and isinstance(other, int | float) and other:
+            out[key] = value / other
+    return out
+
+
 def default_matmul_size(device: torch.device, size: int | None) -> int:
     return size or (8192 if device.type == "cuda" else 2048)
 
@@ -102,22 +122,22 @@ def measure_ceilings(
     repeats: int = 50,
     matmul_size: int | None = None,
 ) -> dict[str, float]:
-    """`copy_gb_s` and `matmul_<dtype>_tflops` for each dtype, measured now on `device`."""
+    """`copy_gbps` and `matmul_tflops_<dtype>` for each dtype, measured now on `device`."""
     if size_gib <= 0 or repeats < 1:
         raise ValueError(f"size_gib must be > 0 and repeats >= 1, got {size_gib}, {repeats}")
     dtypes = tuple(dtype_name(parse_dtype(d)) for d in dtypes or default_dtypes(device))
     n = default_matmul_size(device, matmul_size)
     ceilings: dict[str, float] = {}
     with tqdm(total=repeats * (1 + len(dtypes)), desc="ceilings", unit="run") as bar:
-        ceilings["copy_gb_s"] = _copy_gb_s(device, size_gib, repeats, bar)
+        ceilings["copy_gbps"] = _copy_gbps(device, size_gib, repeats, bar)
         for dtype in dtypes:
-            ceilings[f"matmul_{dtype}_tflops"] = _matmul_tflops(device, dtype, n, repeats, bar)
+            ceilings[f"matmul_tflops_{dtype}"] = _matmul_tflops(device, dtype, n, repeats, bar)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the engine built next profiles free memory
     return ceilings
 
 
-def _copy_gb_s(device: torch.device, size_gib: float, repeats: int, bar: tqdm) -> float:
+def _copy_gbps(device: torch.device, size_gib: float, repeats: int, bar: tqdm) -> float:
     numel = max(1, int(size_gib * _GIB) // 4)
     source = torch.randn(numel, device=device)  # [numel] fp32, random: never time zeros
     target = torch.zeros_like(source)
@@ -132,7 +152,7 @@ def _matmul_tflops(device: torch.device, dtype: str, n: int, repeats: int, bar: 
     torch_dtype = parse_dtype(dtype)
     a = torch.randn(n, n, device=device, dtype=torch_dtype)  # [n, n]
     b = torch.randn(n, n, device=device, dtype=torch_dtype)  # [n, n]
-    out = torch.empty(n, n, device=device, dtype=torch_dtype)  # [n, n]
+    out = torch.full((n, n), float("nan"), device=device, dtype=torch_dtype)  # [n, n], poisoned
     torch.matmul(a, b, out=out)
     _check_matmul(a, b, out, torch_dtype)
     seconds = median_seconds(lambda: torch.matmul(a, b, out=out), device, repeats, bar)
@@ -169,17 +189,15 @@ class Roofline:
     """The matmul rate in the model's dtype, when measured."""
 
     @classmethod
-    def for_model(
-        cls, model: nn.Module, config: ModelConfig, ceilings: dict[str, Any]
-    ) -> Roofline:
-        tflops = ceilings.get(f"matmul_{dtype_name(config.torch_dtype)}_tflops")
+    def for_model(cls, model: nn.Module, config: ModelConfig, ceilings: dict[str, Any]) -> Roofline:
+        tflops = ceilings.get(f"matmul_tflops_{dtype_name(config.torch_dtype)}")
         return cls(
             weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
             linear_params=sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2),
             lm_head_params=model.lm_head.weight.numel(),
             attention_width=config.num_hidden_layers * config.q_size,
             kv_bytes_per_token=config.kv_bytes_per_token(),
-            bytes_per_second=ceilings["copy_gb_s"] * 1e9,
+            bytes_per_second=ceilings["copy_gbps"] * 1e9,
             flops_per_second=tflops * 1e12 if tflops else None,
         )
 
@@ -189,6 +207,8 @@ class Roofline:
         Memory: the weights plus every sequence's K/V context. Compute: the matmuls, plus causal
         attention, where a new token at position p meets p + 1 keys (2 FLOPs each for QKᵀ, PV).
         """
+        if not rows:
+            return 0.0  # nothing scheduled: no forward runs
         context = sum(cached + new for cached, new in rows)
         memory = (self.weight_bytes + context * self.kv_bytes_per_token) / self.bytes_per_second
         if self.flops_per_second is None:
@@ -208,17 +228,18 @@ def run(args: argparse.Namespace) -> Path:
     ceilings = measure_ceilings(
         device, size_gib=args.size_gib, repeats=args.repeats, matmul_size=args.matmul_size
     )
+    n = default_matmul_size(device, args.matmul_size)
     config = {
         "device": str(device),
         "copy_bytes_each_way": int(args.size_gib * _GIB) // 4 * 4,
-        "matmul_size": default_matmul_size(device, args.matmul_size),
+        "matmul_size": n,
         "repeats": args.repeats,
         "statistic": "median",
     }
-    summary = "; ".join(
-        f"{key.removesuffix('_gb_s').removesuffix('_tflops')} {value:,.1f} "
-        + ("GB/s" if key.endswith("gb_s") else "TFLOP/s")
+    summary = f"copy {ceilings['copy_gbps']:,.1f} GB/s" + "".join(
+        f"; {key.removeprefix('matmul_tflops_')} {n}³ matmul {value:,.1f} TFLOP/s"
         for key, value in ceilings.items()
+        if key.startswith("matmul_")
     )
     print(summary)
     return write_result(

@@ -7,16 +7,14 @@ For each prompt length, one request of random token ids generates `--new-tokens`
 with `ignore_eos`, after a warm-up request of the same length. Prefill is the time to the first
 token; decode is (N − 1) tokens over the time after it. Floors come from the ceilings measured at
 the start of the run: a decode token reads every weight and the K/V of its whole context. With
-`--peer hf`, transformers' `generate()` runs the same prompts on the same weights: our loaded
-parameters copied into transformers' own class, whatever format the model came from (so both
-sides compute with identical weights and no GGUF reader is needed); its decode rate is
-(N − 1) / (t(N) − t(1)) with `min_new_tokens` forcing N tokens.
+`--peer hf`, transformers' `generate()` runs the same prompts on our loaded weights copied into
+its own class, whatever the model's format (identical weights, no GGUF reader needed); its decode
+rate is (N − 1) / (t(N) − t(1)) with `min_new_tokens` forcing N tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,10 @@ from tqdm import tqdm
 from workers.bench.ceilings import (
     Roofline,
     add_common_arguments,
+    free_memory,
     measure_ceilings,
     now,
+    ratios,
     resolve_device,
 )
 from workers.bench.results import write_result
@@ -40,6 +40,12 @@ from workers.model_info import describe_model
 from workers.models.base import FUSED_PROJECTIONS
 
 DEFAULT_MODEL = "dummy:olmo2-1b"
+# ModelConfig fields that transformers' Llama and Olmo2 configs take under the same name
+_HF_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "attention_bias", "bos_token_id", "pad_token_id",
+)  # fmt: skip
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,19 +62,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--prompt-lens", default="128,512,2048", help="comma-separated lengths")
+    parser.add_argument(
+        "--prompt-lens", type=parse_lengths, default=(128, 512, 2048), help="comma-separated"
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated, >= 2")
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """A flag's comma-separated token counts, each >= 1."""
+    try:
+        lengths = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers") from None
+    if min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be >= 1")
+    return lengths
 
 
 def prepare(args: argparse.Namespace, longest: int) -> tuple[torch.device, dict[str, Any]]:
     """The device and its ceilings in the model's dtype, after checking the model's context."""
     device = resolve_device(args.device)
     facts = describe_model(args.model, args.dtype, device.type)
-    if longest > facts["context_length"]:
-        raise ValueError(
-            f"{longest} prompt + output tokens exceed {args.model}'s context of "
-            f"{facts['context_length']}"
-        )
+    if longest > (context := facts["context_length"]):
+        raise ValueError(f"{longest} prompt + output tokens exceed {args.model}'s {context}")
     ceilings = measure_ceilings(
         device, (facts["dtype"],), args.size_gib, args.repeats, args.matmul_size
     )
@@ -93,25 +109,6 @@ def random_tokens(rng: random.Random, length: int, vocab_size: int) -> list[int]
     return [rng.randrange(min(vocab_size, 10000)) for _ in range(length)]
 
 
-def free_memory(device: torch.device) -> None:
-    """Give back what deleted engines and models held (they may sit in reference cycles)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
-    """ours / peer for every number (nested dicts alike) that both sides report."""
-    out: dict[str, Any] = {}
-    for key, value in ours.items():
-        other = peer.get(key)
-        if isinstance(value, dict) and isinstance(other, dict):
-            out[key] = ratios(value, other)
-        elif isinstance(value, int | float) and isinstance(other, int | float) and other:
-            out[key] = value / other
-    return out
-
-
 def hf_peer_model(model: nn.Module, config: ModelConfig) -> nn.Module:
     """transformers' class for the architecture on our device, holding a copy of our weights."""
     import transformers
@@ -119,21 +116,9 @@ def hf_peer_model(model: nn.Module, config: ModelConfig) -> nn.Module:
     family = config.architecture.removesuffix("ForCausalLM")
     rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     hf_config = getattr(transformers, f"{family}Config")(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
+        **{name: getattr(config, name) for name in _HF_CONFIG_FIELDS},
         rope_parameters=rope,
-        tie_word_embeddings=config.tie_word_embeddings,
-        attention_bias=config.attention_bias,
-        bos_token_id=config.bos_token_id,
         eos_token_id=list(config.eos_token_ids) or None,
-        pad_token_id=config.pad_token_id,
     )
     with torch.device(next(model.parameters()).device):
         hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=config.torch_dtype)
@@ -216,18 +201,17 @@ def _afs_times(
     engine: LLMEngine, prompt: list[int], new_tokens: int, bar: tqdm | None
 ) -> tuple[float, float]:
     """(time to the first token, time of the rest) of one greedy request."""
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    engine.add_request(
+        prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    )
     start, first, generated = now(engine.device), None, 0
     while engine.has_unfinished_requests():
-        for output in engine.step():
-            generated += len(output.new_token_ids)
-            if output.error:
-                raise RuntimeError(output.error)
-        if first is None and generated:
+        new = sum(len(output.new_token_ids) for output in engine.step())
+        if first is None and new:
             first = now(engine.device)
+        generated += new
         if bar is not None:
-            bar.n = generated
-            bar.refresh()
+            bar.update(new)  # cheap: tqdm redraws at most every 0.1 s
     end = now(engine.device)
     if generated != new_tokens:
         raise RuntimeError(f"the engine generated {generated} tokens, not {new_tokens}")
@@ -235,9 +219,11 @@ def _afs_times(
 
 
 def run(args: argparse.Namespace) -> Path:
-    prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
-    if min(prompt_lens) < 1 or args.new_tokens < 2:
-        raise ValueError("--prompt-lens must be >= 1 and --new-tokens >= 2")
+    prompt_lens = list(args.prompt_lens)
+    if args.new_tokens < 2:
+        raise ValueError(
+            f"--new-tokens must be >= 2 (decode follows the first), got {args.new_tokens}"
+        )
     device, ceilings = prepare(args, max(prompt_lens) + args.new_tokens)
     engine = build_engine(
         args,
@@ -282,7 +268,8 @@ def run(args: argparse.Namespace) -> Path:
             hf_generate(hf, [warmups[n]], 2)
             first = hf_generate(hf, [prompt], 1)
             total = hf_generate(hf, [prompt], args.new_tokens)
-            peer[f"prompt_len_{n}"] = _latency(n, args.new_tokens, first, total - first, roofline)[0]
+            peer_row, _ = _latency(n, args.new_tokens, first, total - first, roofline)
+            peer[f"prompt_len_{n}"] = peer_row
         peers["hf"] = {
             "figures": peer,
             "afs_over_peer": ratios(figures, peer),
