@@ -19,6 +19,8 @@ BENCH_COMMANDS = {
     "ceilings": "workers.bench.ceilings",
     "latency": "workers.bench.latency",
     "throughput": "workers.bench.throughput",
+    "kernels": "workers.bench.kernels",
+    "report": "workers.bench.report",
 }
 
 

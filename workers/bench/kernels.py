@@ -1,6 +1,11 @@
-"""`afs bench kernels`: our paged attention backends against PyTorch's SDPA backends.
+"""Attention kernels: our paged backends against PyTorch's SDPA backends, per shape.
 
-Counting rules, so that each figure comes with its floor:
+    afs bench kernels [--device auto] [--dtype bfloat16] [--shapes default|small]
+                      [--backends auto] [--block-size 16] [--rep-ms 100] [--out-dir] [--report]
+                      [--size-gib 1] [--repeats 50] [--matmul-size N]  (the ceilings' flags)
+
+Counting rules, so that each figure comes with its floor (the ceilings are measured at the start
+of the run by `measure_ceilings`):
 - prefill (causal, S queries over S keys): 4·B·H·S²·D / 2 FLOPs, the two matmuls (Q·Kᵀ and P·V,
   2·S²·D each per head) halved because the causal mask skips the upper triangle.
   Figure: TFLOP/s; fraction of the measured matmul rate.
@@ -32,12 +37,17 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from workers.attention import build_attention_metadata, get_backend
-from workers.bench.results import REPORT, RESULTS_DIR, load_result, write_result
+from workers.bench.ceilings import add_common_arguments, measure_ceilings, resolve_device
+from workers.bench.results import write_result
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
 OUR_BACKENDS = {"cuda": "triton", "cpu": "torch_ref"}  # what `--backends auto` runs
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-UNITS = {"prefill": ("TFLOP/s", 1e12, "matmul_tflops"), "decode": ("GB/s", 1e9, "copy_gbps")}
+# unit, its scale, and the ceiling (a key of `measure_ceilings`) each phase is a fraction of
+UNITS = {
+    "prefill": ("TFLOP/s", 1e12, "matmul_tflops_{dtype}"),
+    "decode": ("GB/s", 1e9, "copy_gbps"),
+}
 RULES = {"prefill": "TFLOP/s of 4*B*H*S^2*D/2", "decode": "GB/s of 2*B*KVH*L*D*bytes read"}
 MAX_INPUT_SETS = 8
 
@@ -114,8 +124,10 @@ def median_time_ms(run: Run, device: torch.device, rep_ms: float) -> float:
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
-    # queue the calls behind a spin (~2 GHz clock) so that launch gaps don't count as GPU time
-    torch.cuda._sleep(int(min(reps * 50e-6, 0.05) * 2e9))
+    # hold the GPU in a spin (cycles at ~2 GHz) until every call is queued, so that the time
+    # the host takes to launch a short kernel is not counted as the kernel's; long calls
+    # (fewer than rep_ms would allow) keep the GPU busy by themselves
+    torch.cuda._sleep(int(1.5 * min(reps * estimate, rep_ms / 1e3) * 2e9))
     for i, (begin, end) in enumerate(events):
         begin.record()
         run(i)
@@ -127,19 +139,13 @@ def median_time_ms(run: Run, device: torch.device, rep_ms: float) -> float:
 def input_sets(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[Inputs]:
     """Enough independent sets to cycle through that each call starts with its inputs out of L2."""
     b, kvh, s, d = shape.batch, shape.num_kv_heads, shape.seq_len, shape.head_dim
-    q_shape = (b, shape.num_heads, shape.query_len, d)
-    set_bytes = (math.prod(q_shape) + 2 * b * kvh * s * d) * dtype.itemsize
+    sizes = [(b, shape.num_heads, shape.query_len, d), (b, kvh, s, d), (b, kvh, s, d)]
     count = 1
     if device.type == "cuda":
         l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        set_bytes = sum(map(math.prod, sizes)) * dtype.itemsize
         count = min(MAX_INPUT_SETS, math.ceil(2 * l2_bytes / set_bytes))
-    return [
-        tuple(
-            torch.randn(size, dtype=dtype, device=device)
-            for size in (q_shape, *[(b, kvh, s, d)] * 2)
-        )
-        for _ in range(count)
-    ]
+    return [tuple(torch.randn(n, dtype=dtype, device=device) for n in sizes) for _ in range(count)]
 
 
 def reference_slices(shape: Shape, inputs: Inputs) -> Refs:
@@ -155,16 +161,6 @@ def reference_slices(shape: Shape, inputs: Inputs) -> Refs:
             scores = scores.masked_fill(future, float("-inf"))
         slices.append((b, kv_head, scores.softmax(-1) @ v))
     return slices
-
-
-def max_error(shape: Shape, out: torch.Tensor, refs: Refs) -> float:
-    """Largest |out - reference| over the checked slices; NaN when any output is not finite."""
-    if not bool(out.isfinite().all()):
-        return math.nan
-    group = shape.num_heads // shape.num_kv_heads
-    return max(
-        float((out[b, h * group : (h + 1) * group].float() - ref).abs().max()) for b, h, ref in refs
-    )
 
 
 def paged_runner(backend_name: str, shape: Shape, sets: list[Inputs], block_size: int) -> Run:
@@ -201,14 +197,12 @@ def paged_runner(backend_name: str, shape: Shape, sets: list[Inputs], block_size
 
 
 def measure(
-    shape: Shape,
-    impl: str,
-    make_run: Callable[[], Run],
-    refs: Refs,
-    args: argparse.Namespace,
-    ceilings: dict[str, Any],
+    shape: Shape, impl: str, make_run: Callable[[], Run], refs: Refs, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """One row: check the implementation's output, then time it; a refusal gives its reason."""
+    """One row: check the implementation's output, then time it; a refusal gives its reason.
+
+    `args.ceilings` holds the rates that give each figure its floor and fraction.
+    """
     dtype = getattr(torch, args.dtype)
     unit, scale, ceiling_key = UNITS[shape.phase]
     row: dict[str, Any] = {"phase": shape.phase, "shape": shape.name, "impl": impl}
@@ -222,12 +216,15 @@ def measure(
             reason = " | ".join([str(w.message) for w in caught] + [str(error)])[:600]
             status = "not implemented" if isinstance(error, NotImplementedError) else "unavailable"
             return row | {"status": status, "reason": reason}
-    row["max_abs_err"] = error = max_error(shape, out, refs)
+    group = shape.num_heads // shape.num_kv_heads
+    errors = [(out[b, h * group : (h + 1) * group].float() - ref).abs().max() for b, h, ref in refs]
+    error = float(max(errors)) if bool(out.isfinite().all()) else math.nan
+    row["max_abs_err"] = error if math.isfinite(error) else None
     if not error <= TOLERANCE[dtype]:
         return row | {"status": "wrong", "reason": f"max |error| {error:.3g} vs fp32 reference"}
     milliseconds = median_time_ms(run, out.device, args.rep_ms)
     rate = shape.work(dtype.itemsize) / (milliseconds / 1e3) / scale
-    ceiling = ceilings.get(ceiling_key)
+    ceiling = args.ceilings.get(ceiling_key.format(dtype=args.dtype))
     floor_ms = shape.work(dtype.itemsize) / (ceiling * scale) * 1e3 if ceiling else None
     return row | {
         "status": "ok",
@@ -235,97 +232,75 @@ def measure(
         "rate": rate,
         "unit": unit,
         "floor_ms": floor_ms,
-        "fraction_of_ceiling": rate / ceiling if ceiling else None,
+        "roofline_fraction": rate / ceiling if ceiling else None,
     }
 
 
-def bench_shape(
-    shape: Shape, args: argparse.Namespace, device: torch.device, ceilings: dict[str, Any]
-) -> list[dict[str, Any]]:
+def bench_shape(shape: Shape, args: argparse.Namespace, device: torch.device) -> list[dict]:
     sets = input_sets(shape, getattr(torch, args.dtype), device)
     refs = reference_slices(shape, sets[0])
-    gqa = shape.num_heads != shape.num_kv_heads
+    causal, gqa = shape.phase == "prefill", shape.num_heads != shape.num_kv_heads
 
     def sdpa_run(i: int) -> torch.Tensor:
         q, k, v = sets[i % len(sets)]
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=shape.phase == "prefill", enable_gqa=gqa
-        )  # [B, H, Sq, D]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
     rows = []
     for name in [*SDPA_BACKENDS, *(["MATH"] if device.type == "cpu" else [])]:
         with sdpa_kernel([getattr(SDPBackend, name)]):
             impl = "sdpa_" + name.split("_")[0].lower()
-            rows.append(measure(shape, impl, lambda: sdpa_run, refs, args, ceilings))
+            rows.append(measure(shape, impl, lambda: sdpa_run, refs, args))
     best = max((r["rate"] for r in rows if r["status"] == "ok"), default=None)
     backends = args.backends.split(",") if args.backends != "auto" else [OUR_BACKENDS[device.type]]
     for name in backends:
         make_run = partial(paged_runner, name, shape, sets, args.block_size)
-        row = measure(shape, name, make_run, refs, args, ceilings)
+        row = measure(shape, name, make_run, refs, args)
         rows.append(row | {"vs_best_sdpa": row["rate"] / best if "rate" in row and best else None})
     return rows
 
 
-def load_ceilings(path: Path | None) -> dict[str, Any]:
-    """The matmul and copy rates of a ceilings result; without one, fractions are left out."""
-    figures = load_result(path)["figures"] if path else {}
-    return {"source": str(path) if path else None} | {
-        key: figures.get(key) for key in ("matmul_tflops", "copy_gbps")
-    }
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
     add = parser.add_argument
-    add("--device", default="auto", help="auto (cuda when present), cuda or cpu")
     add("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     add("--shapes", default="default", choices=list(SHAPES))
-    add(
-        "--backends",
-        default="auto",
-        help="ours, comma-separated; auto: triton, or torch_ref on cpu",
-    )
+    add("--backends", default="auto", help="ours, comma-separated (auto: triton; cpu: torch_ref)")
     add("--block-size", type=int, default=16, help="tokens per block of the paged slab")
     add("--rep-ms", type=float, default=100.0, help="about how long each row is timed")
-    add("--ceilings-json", type=Path, help="a ceilings result: figures' fractions of its rates")
     add("--seed", type=int, default=0)
-    add("--out-dir", type=Path, default=RESULTS_DIR)
-    add("--report", type=Path, default=REPORT, help="markdown file that gets a row for the run")
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
     """The first shape of each phase: each implementation's rate, or its status."""
-    first_shapes = {row["phase"]: row["shape"] for row in reversed(rows)}
-    return "; ".join(
-        f"{phase} {shape} ({UNITS[phase][0]}): "
-        + ", ".join(
-            f"{r['impl']} {r['rate']:.4g}" if "rate" in r else f"{r['impl']} {r['status']}"
-            for r in rows
-            if r["shape"] == shape
-        )
-        for phase, shape in reversed(first_shapes.items())
-    )
+    first_shapes = {r["phase"]: r["shape"] for r in reversed(rows)}
+    shown: dict[str, list[str]] = {}
+    for r in rows:
+        if first_shapes[r["phase"]] == r["shape"]:
+            cell = f"{r['rate']:.4g} {r['unit']}" if "rate" in r else r["status"]
+            shown.setdefault(f"{r['phase']} {r['shape']}", []).append(f"{r['impl']} {cell}")
+    return "; ".join(f"{key}: {', '.join(cells)}" for key, cells in shown.items())
 
 
 def run(args: argparse.Namespace) -> Path:
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
+    ceilings = measure_ceilings(device, [args.dtype], args.size_gib, args.repeats, args.matmul_size)
+    args = argparse.Namespace(**vars(args), ceilings=ceilings)
     torch.manual_seed(args.seed)
-    ceilings = load_ceilings(args.ceilings_json)
     rows = []
     for shape in SHAPES[args.shapes]:
-        for row in bench_shape(shape, args, device, ceilings):
+        for row in bench_shape(shape, args, device):
             shown = f"{row['rate']:9.4g} {row['unit']}" if "rate" in row else row["reason"][:90]
             print(f"{shape.phase:8} {shape.name:26} {row['impl']:15} {row['status']:15} {shown}")
             rows.append(row)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the next shape's inputs may need this shape's memory
     keys = ("dtype", "shapes", "backends", "block_size", "rep_ms", "seed")
     config = {"device": str(device), "rules": RULES} | {key: getattr(args, key) for key in keys}
     return write_result(
         "kernels",
         config,
         figures={"rows": [r for r in rows if not r["impl"].startswith("sdpa_")]},
-        floors=ceilings,
+        floors={"ceilings": ceilings},
         peers={"rows": [r for r in rows if r["impl"].startswith("sdpa_")]},
         summary=summary(rows),
         out_dir=args.out_dir,

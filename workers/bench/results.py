@@ -72,7 +72,12 @@ def git_commit() -> str | None:
     commit = os.environ.get("AFS_GIT_COMMIT")
     if commit:
         return commit
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):  # no git where the run happens
+        return None
     return out.stdout.strip() or None
 
 
@@ -104,7 +109,7 @@ def write_result(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{kind}-{now.strftime('%Y%m%dT%H%M%S')}.json"
+    path = out / f"{kind}-{now.strftime('%Y%m%dT%H%M%S-%f')}.json"  # runs a second apart too
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if report is not None:
         append_run(Path(report), result, path, summary)
