@@ -146,10 +146,10 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(config, sample=args.sample, demo=args.demo)
 
 
-def _loadtest(args: argparse.Namespace) -> int:
+def _loadtest(argv: Sequence[str]) -> int:
     from cluster import loadtest
 
-    return loadtest.main(args.loadtest_args)
+    return loadtest.main(argv)
 
 
 def _sampling_from_args(args: argparse.Namespace) -> dict:
@@ -273,13 +273,15 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["loadtest"]:
+        return _loadtest(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         commands = {
             "info": _info,
             "generate": _generate,
             "serve": _serve,
-            "loadtest": _loadtest,
             "bench": _bench,
         }
         return commands[args.command](args)
