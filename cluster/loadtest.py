@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--slo-tpot-ms", type=float, default=None)
     add("--timeout", type=float, default=600.0, help="per-request deadline in seconds")
     add("--out", default=None, help="also write the JSON report to this path")
+    add("--out-dir", default=None, help="also write a benchmark result (kind serving) here")
+    add("--report", default="benchmarks/BENCHMARKS.md", help="with --out-dir: the runs table")
 
 
 def _require(ok: bool, flag: str, rule: str, value: object) -> None:
@@ -327,6 +329,19 @@ def run(args: argparse.Namespace) -> dict:
     report = asyncio.run(_measure(args))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.out_dir:
+        from workers.bench.results import write_result
+
+        config = {k: v for k, v in vars(args).items() if k not in ("api_key", "out", "report")}
+        summary = f"{report['completed']}/{report['num_requests']} ok"
+        if report["completed"]:
+            summary += (
+                f", {report['output_token_throughput']:.1f} output tok/s, TTFT p50 "
+                f"{report['ttft_ms']['p50']:.1f} ms, ITL p50 {report['itl_ms']['p50']:.1f} ms"
+            )
+        write_result(
+            "serving", config, report, summary=summary, out_dir=args.out_dir, report=args.report
+        )
     print(format_report(report))
     return report
 

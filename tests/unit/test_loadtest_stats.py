@@ -263,3 +263,29 @@ def test_main_reports_an_unknown_model_and_an_unreachable_server(fake_server, ca
     assert "'other'" in capsys.readouterr().err
     assert loadtest.main(["--server", "127.0.0.1:1", "--concurrency", "1"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_a_run_is_a_serving_result_in_the_report(fake_server, tmp_path):
+    from workers.bench import report as bench_report
+    from workers.bench.results import load_result
+
+    address, _ = fake_server
+    runs = tmp_path / "BENCHMARKS.md"
+    args = _args(
+        *("--server", address, "--api-key", "secret", "--concurrency", "2", "--num-requests", "4"),
+        *("--input-len", "8", "--output-len", "4", "--out-dir", str(tmp_path / "results")),
+        *("--report", str(runs)),
+    )
+    report = loadtest.run(args)
+    [path] = (tmp_path / "results").glob("serving-*.json")
+    result = load_result(path)
+    assert result["kind"] == "serving" and result["figures"] == report
+    assert "api_key" not in result["config"] and "| serving |" in runs.read_text()
+    parser = argparse.ArgumentParser()
+    bench_report.add_arguments(parser)
+    bench_report.run(parser.parse_args([
+        "--results-dir", str(tmp_path / "results"), "--out", str(runs),
+        "--plots-dir", str(tmp_path / "plots"),
+    ]))  # fmt: skip
+    assert "### serving" in runs.read_text()
+    assert any(p.stat().st_size > 1000 for p in (tmp_path / "plots").glob("*.png"))
