@@ -6,6 +6,7 @@ reduce to plain dense layers and the collectives to no-ops.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,9 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
         set_tp_group(TensorParallelGroup(rank=0, size=1, group=None))
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on shared hosts
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
     group = dist.group.WORLD
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else group

@@ -8,7 +8,7 @@ import pytest
 import torch
 from paged import PagedSequences
 
-from workers.weights.dummy import dummy_config, initialize_dummy_weights
+from workers.weights.dummy import dummy_config, dummy_weight_shapes, iter_dummy_weights
 from workers.weights.loader import build_model
 
 # Olmo 2's published parameter counts
@@ -17,8 +17,11 @@ PUBLISHED = {"olmo2-1b": 1.48e9, "olmo2-7b": 7.30e9, "olmo2-13b": 13.7e9, "olmo2
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_dummy_configs_have_the_published_size(name):
-    model = build_model(dummy_config(f"dummy:{name}"), "meta")
+    config = dummy_config(f"dummy:{name}")
+    model = build_model(config, "meta")
     parameters = sum(p.numel() for p in model.parameters())
+    # the dummy weights name exactly the checkpoint tensors the model loads
+    assert sum(torch.Size(s).numel() for s in dummy_weight_shapes(config).values()) == parameters
     assert abs(parameters / PUBLISHED[name] - 1) < 0.01
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
@@ -35,9 +38,9 @@ def test_dummy_weights_are_seeded():
         vocab_size=100,
     )
     first, second, other = (build_model(config, "cpu") for _ in range(3))
-    initialize_dummy_weights(first, seed=3)
-    initialize_dummy_weights(second, seed=3)
-    initialize_dummy_weights(other, seed=4)
+    first.load_weights(iter_dummy_weights(config, seed=3))
+    second.load_weights(iter_dummy_weights(config, seed=3))
+    other.load_weights(iter_dummy_weights(config, seed=4))
     for a, b, c in zip(first.parameters(), second.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
         assert a.dim() == 1 or not torch.equal(a, c)
@@ -55,7 +58,7 @@ def test_activations_stay_finite_through_64_bf16_layers():
     )
     assert config.num_hidden_layers == 64 and config.torch_dtype == torch.bfloat16
     model = build_model(config, "cpu")
-    initialize_dummy_weights(model, seed=0)
+    model.load_weights(iter_dummy_weights(config, seed=0))
     rms = []
     for layer in model.model.layers:
         layer.register_forward_hook(

@@ -1,13 +1,15 @@
 """Random weights at a real model's shapes, for benchmarks where the real checkpoint is absent.
 
 Linear weights are N(0, 1/fan_in) so each projection keeps unit scale, norms are 1 and embeddings
-N(0, 1): activations stay O(1) through every layer in bf16, and logits are O(1) too.
+N(0, 1): activations stay O(1) through every layer in bf16, and logits are O(1) too. Tensors are
+drawn whole, by HF name, and go through the model's own weight loaders like a checkpoint's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
-from torch import nn
 
 from workers.config import ModelConfig
 
@@ -51,16 +53,44 @@ def dummy_config(name: str, dtype: str = "bfloat16") -> ModelConfig:
     )
 
 
-@torch.no_grad()
-def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Fill every parameter in place, each from its own seeded generator."""
-    for index, (name, param) in enumerate(model.named_parameters()):
-        generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + index)
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        elif param.dim() == 1:
-            param.zero_()
-        elif "embed_tokens" in name:
-            param.normal_(0.0, 1.0, generator=generator)
+def dummy_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF-named weight of the architecture at the config's full (unsharded) shape."""
+    hidden, q, kv = config.hidden_size, config.q_size, config.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+    olmo2 = config.architecture == "Olmo2ForCausalLM"
+    norms = (
+        ("post_attention_layernorm", "post_feedforward_layernorm")
+        if olmo2
+        else ("input_layernorm", "post_attention_layernorm")
+    )
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        attn = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden)}
+        attn["o_proj"] = (hidden, q)
+        if olmo2:
+            attn.update(q_norm=(q,), k_norm=(kv,))
+        shapes.update({f"{prefix}self_attn.{n}.weight": shape for n, shape in attn.items()})
+        mlp = {"gate_proj": (config.intermediate_size, hidden)}
+        mlp.update(up_proj=mlp["gate_proj"], down_proj=(hidden, config.intermediate_size))
+        shapes.update({f"{prefix}mlp.{n}.weight": shape for n, shape in mlp.items()})
+        shapes.update({f"{prefix}{n}.weight": (hidden,) for n in norms})
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes
+
+
+def iter_dummy_weights(
+    config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded full tensors by HF name: every tensor-parallel rank draws the same model and the
+    model's weight loaders keep each rank's slice."""
+    dtype = config.torch_dtype
+    for index, (name, shape) in enumerate(dummy_weight_shapes(config).items()):
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+        if len(shape) == 1:
+            yield name, torch.ones(shape, dtype=dtype, device=device)
         else:
-            param.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
+            std = 1.0 if "embed_tokens" in name else shape[1] ** -0.5
+            weight = torch.empty(shape, dtype=dtype, device=device)
+            yield name, weight.normal_(0.0, std, generator=generator)

@@ -20,7 +20,7 @@ from torch import nn
 from workers.config import ModelConfig, parse_dtype
 from workers.layers.quantization import quantize_linears_
 from workers.models.registry import model_class
-from workers.weights.dummy import DUMMY_MODELS, dummy_config, initialize_dummy_weights
+from workers.weights.dummy import DUMMY_MODELS, dummy_config, iter_dummy_weights
 from workers.weights.gguf import embedded_gguf_path, iter_gguf_weights, load_gguf_config
 from workers.weights.hf import iter_safetensors_weights, load_hf_config
 from workers.weights.tokenizer import Tokenizer
@@ -109,7 +109,7 @@ def load_model(
     config = config.with_dtype(parse_dtype(dtype) if dtype else default_dtype_for(config, device))
     model = build_model(config, device)
     if source.kind == "dummy":
-        initialize_dummy_weights(model, seed)
+        model.load_weights(iter_dummy_weights(config, seed, device))
     elif source.kind == "gguf":
         model.load_weights(iter_gguf_weights(source.path, config))
     else:

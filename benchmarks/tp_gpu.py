@@ -1,0 +1,122 @@
+"""Tensor parallelism over NCCL on two GPUs: correctness against one GPU, and decode scaling.
+
+    python3 benchmarks/tp_gpu.py [--out DIR]
+
+1. A tiny random Llama (fp32, made here with transformers): greedy tokens over 64 steps, tp = 2
+   against tp = 1.
+2. dummy:olmo2-7b (bf16): teacher-forced log-probabilities at 127 positions (prompt logprobs of a
+   128-token sequence), tp = 2 against tp = 1: largest difference and top-1 agreement.
+3. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt).
+Prints a table last; writes tp_gpu.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+
+PROMPT = list(range(1000, 1128))
+
+
+def engine(model: str, tp: int, **kwargs) -> LLMEngine:
+    return LLMEngine(model=model, device="cuda", tp=tp, gpu_memory_utilization=0.45, **kwargs)
+
+
+def close(eng: LLMEngine) -> None:
+    eng.shutdown()
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def tiny_tokens(path: str, tp: int) -> list[int]:
+    eng = engine(path, tp, dtype="float32")
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+        return eng.generate([PROMPT[:40]], params)[0].completions[0].token_ids
+    finally:
+        close(eng)
+
+
+def teacher_forced(model: str, tp: int) -> list:
+    eng = engine(model, tp)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
+        return eng.generate([PROMPT], params)[0].prompt_logprobs[1:]
+    finally:
+        close(eng)
+
+
+def decode_rate(model: str, tp: int, new_tokens: int = 128) -> float:
+    eng = engine(model, tp)
+    try:
+        eng.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+        eng.add_request(
+            PROMPT, SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        )
+        first = None
+        while eng.has_unfinished_requests():
+            eng.step()
+            if first is None:
+                torch.cuda.synchronize()
+                first = time.perf_counter()
+        torch.cuda.synchronize()
+        return (new_tokens - 1) / (time.perf_counter() - first)
+    finally:
+        close(eng)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    import transformers
+
+    result: dict = {
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    }
+    with tempfile.TemporaryDirectory() as tiny:
+        config = transformers.LlamaConfig(
+            vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).save_pretrained(tiny)
+        one, two = tiny_tokens(tiny, 1), tiny_tokens(tiny, 2)
+    result["tiny_fp32_greedy_64_equal"] = one == two
+
+    ref, split = teacher_forced("dummy:olmo2-7b", 1), teacher_forced("dummy:olmo2-7b", 2)
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref, split, strict=True)]
+    tops = [a.top[0][0] == b.top[0][0] for a, b in zip(ref, split, strict=True)]
+    result["olmo2_7b_bf16_teacher_forced"] = {
+        "positions": len(diffs),
+        "max_abs_logprob_diff": max(diffs),
+        "mean_abs_logprob_diff": sum(diffs) / len(diffs),
+        "top1_agreement": sum(tops) / len(tops),
+    }
+    rates = {}
+    for model in ("dummy:olmo2-7b", "dummy:olmo2-13b"):
+        rates[model] = {tp: decode_rate(model, tp) for tp in (1, 2)}
+    result["batch1_decode_tok_s"] = rates
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tp_gpu.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["olmo2_7b_bf16_teacher_forced"]))
+    print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: {result['tiny_fp32_greedy_64_equal']}")
+    for model, by_tp in rates.items():
+        print(f"{model}: tp=1 {by_tp[1]:.1f} tok/s, tp=2 {by_tp[2]:.1f} tok/s, "
+              f"x{by_tp[2] / by_tp[1]:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
