@@ -35,8 +35,9 @@ class RunnerOutput:
     """Request id -> the token sampled for it this step."""
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     """Request id -> logprobs of its sampled token, for requests that asked."""
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
-    """Request id -> logprobs of the prompt tokens whose predecessors were computed this step."""
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    """Request id -> (first position, logprobs of the prompt tokens after the positions computed
+    this step): position p scores prompt token p + 1."""
 
 
 class ModelRunner:
@@ -71,7 +72,7 @@ class ModelRunner:
         positions: list[int] = []
         sample_rows: list[int] = []
         sampled_states: list[tuple[str, RequestState]] = []
-        prompt_rows: dict[str, tuple[list[int], list[int]]] = {}  # id -> (rows, next tokens)
+        prompt_rows: dict[str, tuple[int, list[int], list[int]]] = {}  # id -> start, rows, next
         for scheduled in schedule.requests:
             if scheduled.new_request is not None:
                 new = scheduled.new_request
@@ -88,6 +89,7 @@ class ModelRunner:
                 last = min(start + len(scheduled.token_ids), len(prompt) - 1)
                 if last > start:
                     prompt_rows[scheduled.request_id] = (
+                        start,
                         list(range(first_row, first_row + last - start)),
                         prompt[start + 1 : last + 1],
                     )
@@ -107,13 +109,12 @@ class ModelRunner:
 
         # every rank computes the logits (the LM head gathers them), only rank 0 samples
         output = RunnerOutput()
-        for request_id, (rows, next_tokens) in prompt_rows.items():
+        for request_id, (start, rows, next_tokens) in prompt_rows.items():
             logits = self.model.compute_logits(hidden[self._to_device(rows)])  # [P, V]
             if self.sampler is not None:
                 top_n = self.states[request_id].params.prompt_logprobs
-                output.prompt_logprobs[request_id] = prompt_logprobs(
-                    logits, self._to_device(next_tokens), top_n
-                )
+                scored = prompt_logprobs(logits, self._to_device(next_tokens), top_n)
+                output.prompt_logprobs[request_id] = (start, scored)
         if not sample_rows:
             return output
         logits = self.model.compute_logits(hidden[self._to_device(sample_rows)])  # [R, V]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
@@ -115,3 +117,22 @@ def test_a_resumed_request_continues_where_it_stopped(tiny_llama_dir):
         for output in engine.step():
             rest += output.new_token_ids
     assert tokens[:8] + rest == tokens
+
+
+def test_prompt_logprobs_survive_preemption_once(tiny_llama_dir):
+    # the request asking for prompt logprobs is the newer one: it is the one preempted
+    prompts = [list(range(200, 330)), list(range(1, 150))]
+    params = [
+        greedy(40),
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1),
+    ]
+    roomy = tiny_engine(tiny_llama_dir, num_kv_blocks=64)
+    [_, expected] = roomy.generate(prompts, params)
+    tight = tiny_engine(tiny_llama_dir, num_kv_blocks=20, max_num_batched_tokens=64)
+    [_, got] = tight.generate(prompts, params)
+    assert tight.stats()["preemptions"] > 0
+    assert len(got.prompt_logprobs) == len(prompts[1])
+    assert [e.token_id for e in got.prompt_logprobs[1:]] == prompts[1][1:]
+    assert [e.logprob for e in got.prompt_logprobs[1:]] == pytest.approx(
+        [e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-4
+    )

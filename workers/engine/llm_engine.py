@@ -200,8 +200,11 @@ class LLMEngine:
             outputs.append(self._output(request, [], None))
         self.scheduler.errored.clear()
         result = self.runner.execute(schedule)
-        for request_id, logprobs in result.prompt_logprobs.items():
-            self._prompt_logprobs.setdefault(request_id, [None]).extend(logprobs)
+        for request_id, (start, logprobs) in result.prompt_logprobs.items():
+            # entry p + 1 scores prompt token p + 1; a preempted request recomputes its prompt,
+            # and the positions already held are not added twice
+            entries = self._prompt_logprobs.setdefault(request_id, [None])
+            entries.extend(logprobs[len(entries) - 1 - start :])
         for request in self.scheduler.update(schedule, result.sampled):
             token = request.output_token_ids[-1]
             stream = self._streams[request.request_id]
@@ -233,9 +236,13 @@ class LLMEngine:
         if finished:
             stream.finish()
             self._streams.pop(request.request_id)
+        # prompt logprobs go out once: with the first token, or at the end if none came
         prompt_logprobs = None
-        if request.params.prompt_logprobs is not None and (new_tokens or finished):
-            prompt_logprobs = self._prompt_logprobs.pop(request.request_id, None)
+        first_output = len(request.output_token_ids) == len(new_tokens)
+        if request.params.prompt_logprobs is not None and first_output:
+            prompt_logprobs = self._prompt_logprobs.get(request.request_id)
+        if finished:
+            self._prompt_logprobs.pop(request.request_id, None)
         output = RequestOutput(
             request_id=request.parent_id or request.request_id,
             index=request.index,
