@@ -7,6 +7,10 @@ import torch
 
 # Tests never reach the hub: a hub id must fail fast with the offline message.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels run in its interpreter; Triton reads this when a kernel module
+# is imported, so it is set before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -13,7 +13,14 @@ from workers.forward_context import ForwardContext, forward_context
 
 
 class PagedSequences:
-    def __init__(self, model, num_blocks: int = 256, block_size: int = 16, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        num_blocks: int = 256,
+        block_size: int = 16,
+        seed: int = 0,
+        backend: str = "torch_ref",
+    ):
         config = model.config
         device = next(model.parameters()).device
         self.model = model
@@ -29,7 +36,7 @@ class PagedSequences:
         )
         generator = torch.Generator().manual_seed(seed)
         self.free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
-        self.backend = get_backend("torch_ref")
+        self.backend = get_backend(backend, device.type)
         self.device = device
 
     @torch.no_grad()

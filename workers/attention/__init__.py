@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from workers.attention.base import AttentionBackend, AttentionMetadata, build_attention_metadata
 
+BACKENDS = ("auto", "torch_ref", "triton")
+
 
 def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
-    """`torch_ref`, or `auto` (the fastest backend available on the device)."""
-    from workers.attention.torch_ref import TorchRefBackend
+    """`torch_ref`, `triton` (our kernels; CUDA, or the Triton interpreter on CPU), or `auto`:
+    triton on CUDA, torch_ref elsewhere."""
+    if name == "auto":
+        name = "triton" if device == "cuda" else "torch_ref"
+    if name == "torch_ref":
+        from workers.attention.torch_ref import TorchRefBackend
 
-    if name in ("auto", "torch_ref"):
         return TorchRefBackend()
-    raise ValueError(f"attention backend: {name!r} is not known; choose auto or torch_ref")
+    if name == "triton":
+        from workers.attention.triton_backend import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"attention backend: {name!r} is not known; choose one of {BACKENDS}")
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "build_attention_metadata", "get_backend"]

@@ -1,0 +1,254 @@
+"""Split-K (flash-decoding) paged attention for one query token per sequence.
+
+    out[b, h] = softmax(scale * q[b, h] . K[b, h // G]^T) V[b, h // G],   G = H // KVH
+
+where K and V of sequence b are its first seq_lens[b] tokens, scattered over the slab blocks listed
+in block_tables[b] (PagedAttention: Kwon et al. 2023, "Efficient Memory Management for Large
+Language Model Serving with PagedAttention"). The slab is `[2, num_blocks, KVH, BS, D]`, so one
+(block, KV head) is a contiguous [BS, D] tile.
+
+Decode has one query row per sequence, so parallelising over (batch, heads) alone leaves most of
+a GPU idle when the batch is small and the context long. Flash-Decoding (Dao, Haziza, Massa, Sizov
+2023, "Flash-Decoding for long-context inference") also splits the context:
+
+Pass 1, grid (B, KVH, num_splits): each program owns one KV head and a contiguous run of that
+sequence's blocks (the blocks are divided evenly among the splits per sequence, so a short
+sequence leaves some of its splits empty). It loads the G query heads that share the KV head once,
+then streams its blocks, reading each [BS, D] K and V tile exactly once for all G heads, with the
+online softmax of FlashAttention (Dao et al. 2022) in fp32, rescaling only the accumulator and
+normalising once at the end (FlashAttention-2, Dao 2023). It writes its normalised partial output
+[B, H, splits, D] and its log-sum-exp [B, H, splits] (base 2; -inf for an empty split).
+
+Pass 2, grid (B, H): the partial outputs are combined with weights exp2(lse_s - max_s lse_s),
+divided by their sum: the exact softmax over the whole context. A sequence of length 0 (a padding
+row) gets zeros.
+
+The G query heads of a KV head are the rows of a tile padded to a power of two of at least 16, so
+both products (q K^T: [G, D] x [D, BS]; P V: [G, BS] x [BS, D]) are `tl.dot`s on the tensor
+cores. With G = 1 (no GQA) 15 of 16 rows are padding: they are masked on load and store, so they
+move no bytes, and decode is bound by reading K/V from memory, not by these small products. The
+alternative (elementwise broadcast-and-sum for small G) would hold a [G, BS, D] product in
+registers and is a second code path; one path serves every GQA ratio.
+
+num_splits heuristic: when B * KVH programs already fill the GPU (132 SMs on the H200) one split
+is enough; otherwise split until B * KVH * splits reaches the SM count, keeping at least
+`_MIN_BLOCKS_PER_SPLIT` blocks (64 tokens) per split of the longest sequence so that the extra
+partial-output traffic stays small next to the K/V read, and at most `_MAX_SPLITS`. The longest
+sequence is bounded by the width of block_tables, which the host knows without a device sync.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
+_MIN_BLOCKS_PER_SPLIT = 4
+_MAX_SPLITS = 64
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kernel(
+    q_ptr, stride_q_batch, stride_q_head,
+    cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
+    block_tables_ptr, stride_table_batch,
+    seq_lens_ptr,
+    partial_out_ptr, lse_ptr,
+    qk_scale, num_splits,
+    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Pass 1: one (sequence, KV head, split) over its run of blocks."""
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP_SIZE
+
+    # -- this split's blocks --
+    seq_len = tl.load(seq_lens_ptr + batch)
+    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    blocks_per_split = tl.cdiv(num_blocks, num_splits)
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, num_blocks)
+
+    # -- load q --
+    group = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    slots = tl.arange(0, BLOCK_SIZE)
+    heads = kv_head * GROUP_SIZE + group  # [GROUP_PAD] query heads of this KV head
+    in_group = group < GROUP_SIZE
+    q = tl.load(
+        q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
+        mask=in_group[:, None],
+        other=0.0,
+    )  # [GROUP_PAD, D]
+
+    # -- online softmax --
+    # running max m (base 2), running sum l and unnormalised output acc of each query head
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    head_base = cache_ptr + kv_head * stride_cache_head
+    tile = slots[:, None] * stride_cache_slot + dims[None, :]  # [BS, D] offsets in a block
+    for logical_block in range(first_block, last_block):
+        block = tl.load(block_tables_ptr + batch * stride_table_batch + logical_block).to(tl.int64)
+        k = tl.load(head_base + block * stride_cache_block + tile)  # [BS, D]
+        v = tl.load(head_base + stride_cache_kv + block * stride_cache_block + tile)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BS]
+        # the last block of a sequence may end mid-block; every block here has one valid token,
+        # so m is finite after the first iteration
+        valid = logical_block * BLOCK_SIZE + slots < seq_len
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)  # rescales what was summed under the old max
+        p = tl.exp2(scores - m_new[:, None])  # [G, BS]
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    # -- epilogue --
+    nonempty = l > 0.0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+    row = (batch * num_heads + heads) * num_splits + split  # [G] rows of [B, H, splits]
+    tl.store(lse_ptr + row, lse, mask=in_group)
+    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    partial_out_ptr, lse_ptr,
+    out_ptr, stride_out_batch, stride_out_head,
+    num_splits,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Pass 2: one (sequence, query head), its splits merged by their log-sum-exps."""
+    batch = tl.program_id(0)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+
+    # -- load the splits --
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    row = (batch * num_heads + head) * num_splits + splits  # [SPLITS_PAD]
+    in_range = splits < num_splits
+    lse = tl.load(lse_ptr + row, mask=in_range, other=float("-inf"))
+    partial = tl.load(
+        partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+        mask=in_range[:, None],
+        other=0.0,
+    )  # [SPLITS_PAD, D]
+
+    # -- rescale and sum --
+    # empty splits have lse -inf and weight 0; if all are empty (length 0) the output is 0
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - lse_max)  # [SPLITS_PAD]
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0.0, total, 1.0)
+
+    # -- epilogue --
+    tl.store(
+        out_ptr + batch * stride_out_batch + head * stride_out_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+    )
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int) -> int:
+    """Splits per sequence so that pass 1 fills the GPU without splits of a few blocks."""
+    programs = batch * num_kv_heads
+    to_fill = triton.cdiv(num_sms, max(programs, 1))
+    worth_splitting = triton.cdiv(max_blocks, _MIN_BLOCKS_PER_SPLIT)
+    return max(1, min(to_fill, worth_splitting, _MAX_SPLITS))
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of q ([B, H, D], one token per sequence) over the paged slab; writes `out`.
+
+    kv_cache [2, NB, KVH, BS, D] in q's dtype, block_tables [B, max_blocks] int32, seq_lens [B]
+    int32. `num_splits` defaults to the heuristic in the module docstring.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [B, H, D], got {tuple(q.shape)}")
+    batch, num_heads, head_dim = q.shape
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
+        raise ValueError(
+            f"kv_cache: expected [2, NB, KVH, BS, {head_dim}], got {tuple(kv_cache.shape)}"
+        )
+    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"q: {num_heads} heads is not a multiple of {num_kv_heads} KV heads")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or kv_cache.dtype != q.dtype:
+        raise ValueError(f"q and kv_cache: one of fp16/bf16/fp32, got {q.dtype}, {kv_cache.dtype}")
+    if (
+        head_dim < 16
+        or head_dim & (head_dim - 1)
+        or block_size < 16
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(
+            f"head_dim ({head_dim}) and block_size ({block_size}): powers of two, at least 16"
+        )
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables: expected [{batch}, max_blocks], got {block_tables.shape}")
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens: expected [{batch}], got {tuple(seq_lens.shape)}")
+    if out.shape != q.shape:
+        raise ValueError(f"out: expected {tuple(q.shape)}, got {tuple(out.shape)}")
+    if q.stride(2) != 1 or out.stride(2) != 1 or not kv_cache.is_contiguous():
+        raise ValueError("q, out: head_dim must be contiguous; kv_cache: must be contiguous")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables: rows must be contiguous")
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            batch, num_kv_heads, block_tables.shape[1], _num_sms(q.device)
+        )
+    if num_splits < 1:
+        raise ValueError(f"num_splits: must be at least 1, got {num_splits}")
+    if batch == 0:
+        return out
+
+    group_size = num_heads // num_kv_heads
+    partial_out = torch.empty(
+        (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+    )
+    lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    _kernel[(batch, num_kv_heads, num_splits)](
+        q, q.stride(0), q.stride(1),
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables, block_tables.stride(0),
+        seq_lens,
+        partial_out, lse,
+        scale * _LOG2E, num_splits,
+        GROUP_SIZE=group_size, GROUP_PAD=max(16, triton.next_power_of_2(group_size)),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    _combine_kernel[(batch, num_heads)](
+        partial_out, lse,
+        out, out.stride(0), out.stride(1),
+        num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,146 @@
+"""`kernels.decode_attention` against plain fp32 PyTorch over the same paged slab.
+
+Tolerances (max abs error, outputs are O(1)): fp32 1e-4, fp16 2e-3, bf16 2e-2 (GPU only: the
+interpreter's bf16 `tl.dot` is wrong). Outputs are NaN-poisoned before each run, so a row the
+kernel never writes fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels.decode_attention import choose_num_splits, decode_attention
+from kernels.kv_store import store_kv
+from workers.attention import build_attention_metadata, get_backend
+from workers.attention.torch_ref import gather_kv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK_SIZE = 16
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu),
+]
+# one token, mid-block, one full block, one past a block edge, long and ending mid-block
+RAGGED_LENGTHS = [1, 15, 16, 17, 133]
+
+
+def _paged_inputs(seq_lens, num_heads, num_kv_heads, head_dim, dtype, spare_blocks=3):
+    """q, a random slab whose blocks are handed out in a random order, block tables, lengths."""
+    blocks_per_seq = [math.ceil(n / BLOCK_SIZE) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    order = torch.randperm(num_blocks).tolist()
+    width = max(blocks_per_seq)
+    tables = torch.zeros((len(seq_lens), width), dtype=torch.int32)  # unused entries 0
+    for i, count in enumerate(blocks_per_seq):
+        tables[i, :count] = torch.tensor([order.pop() for _ in range(count)])
+    slab = torch.randn((2, num_blocks, num_kv_heads, BLOCK_SIZE, head_dim), dtype=dtype)
+    q = torch.randn((len(seq_lens), num_heads, head_dim), dtype=dtype)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32)
+    return q.to(DEVICE), slab.to(DEVICE), tables.to(DEVICE), lengths.to(DEVICE)
+
+
+def _reference(q, slab, tables, seq_lens, scale):
+    """softmax(scale q K^T) V per sequence, fp32, each query head on its KV head."""
+    num_heads, num_kv_heads = q.shape[1], slab.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        keys, values = gather_kv(slab, tables[i], seq_len).float()  # [KVH, S, D] each
+        keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=0)  # [H, S, D]
+        values = values.repeat_interleave(num_heads // num_kv_heads, dim=0)
+        scores = torch.einsum("hd,hsd->hs", q[i].float(), keys) * scale  # [H, S]
+        out[i] = torch.einsum("hs,hsd->hd", scores.softmax(dim=-1), values)
+    return out
+
+
+def _run(q, slab, tables, lengths, num_splits=None):
+    out = torch.full_like(q, float("nan"))
+    scale = q.shape[-1] ** -0.5
+    result = decode_attention(q, slab, tables, lengths, scale, out, num_splits=num_splits)
+    assert result is out
+    return out, _reference(q, slab, tables, lengths, scale)
+
+
+def _assert_close(got, want, dtype):
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim",
+    [(2, 2, 64), (8, 2, 128), (8, 1, 64)],
+    ids=["mha-d64", "gqa4-d128", "gqa8-d64"],
+)
+def test_ragged_batch_matches_reference(dtype, num_heads, num_kv_heads, head_dim):
+    q, slab, tables, lengths = _paged_inputs(
+        RAGGED_LENGTHS, num_heads, num_kv_heads, head_dim, dtype
+    )
+    out, want = _run(q, slab, tables, lengths)
+    _assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3, 16], ids=lambda n: f"splits{n}")
+def test_num_splits_matches_reference(dtype, num_splits):
+    # 9 blocks for the long sequence: 3 splits end mid-sequence, 16 leaves splits empty
+    q, slab, tables, lengths = _paged_inputs([140, 1, 33], 4, 1, 128, dtype)
+    out, want = _run(q, slab, tables, lengths, num_splits=num_splits)
+    _assert_close(out, want, dtype)
+
+
+def test_empty_sequence_gives_zeros():
+    # a padding row of length 0 (CUDA-graph batch padding) must not produce NaN
+    q, slab, tables, lengths = _paged_inputs([20, 1], 2, 1, 64, torch.float32)
+    lengths[1] = 0
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, slab, tables, lengths, 0.125, out, num_splits=2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_then_decode_matches_torch_ref_backend(dtype):
+    # one decode step through both kernels against the reference backend's own forward
+    num_heads, num_kv_heads, head_dim = 4, 2, 64
+    computed = [0, 16, 40]
+    num_blocks = 10
+    order = torch.randperm(num_blocks).tolist()
+    tables = [[order.pop() for _ in range(math.ceil((n + 1) / BLOCK_SIZE))] for n in computed]
+    meta = build_attention_metadata(tables, computed, [1, 1, 1], BLOCK_SIZE, DEVICE)
+    slab = torch.randn((2, num_blocks, num_kv_heads, BLOCK_SIZE, head_dim), dtype=dtype)
+    slab = slab.to(DEVICE)
+    q = torch.randn((3, num_heads, head_dim), dtype=dtype, device=DEVICE)
+    k = torch.randn((3, num_kv_heads, head_dim), dtype=dtype, device=DEVICE)
+    v = torch.randn((3, num_kv_heads, head_dim), dtype=dtype, device=DEVICE)
+    reference_slab = slab.clone()
+    want = get_backend("torch_ref").forward(q, k, v, reference_slab, meta, 0.125)
+
+    store_kv(k, v, slab, meta.slot_mapping)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, slab, meta.block_tables, meta.seq_lens, 0.125, out)
+
+    assert torch.equal(slab, reference_slab)
+    _assert_close(out, want.float(), dtype)
+
+
+def test_num_splits_heuristic():
+    # small batch, long context: split until the 132 SMs have a program each
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_blocks=256, num_sms=132) == 17
+    # short context: never fewer than 4 blocks (64 tokens) a split
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_blocks=8, num_sms=132) == 2
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_blocks=1, num_sms=132) == 1
+    # the batch alone fills the GPU
+    assert choose_num_splits(batch=64, num_kv_heads=8, max_blocks=256, num_sms=132) == 1
+    # a single sequence with a single head is capped
+    assert choose_num_splits(batch=1, num_kv_heads=1, max_blocks=4096, num_sms=132) == 64
+
+
+def test_rejects_cache_of_another_dtype():
+    q, slab, tables, lengths = _paged_inputs([5], 2, 1, 64, torch.float32)
+    with pytest.raises(ValueError, match="kv_cache"):
+        decode_attention(q, slab.half(), tables, lengths, 0.125, torch.empty_like(q))

@@ -1,0 +1,52 @@
+"""A tiny model end to end through the `triton` backend against `torch_ref`, teacher-forced.
+
+Tolerance: logits within 2e-3 (fp32) or 5e-2 (bf16, GPU) of the reference; greedy tokens must
+agree wherever the reference's top-2 margin exceeds twice that tolerance (random weights make
+near-ties, which are allowed to go either way, and only those).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import make_checkpoint
+from paged import PagedSequences
+
+from workers.weights.loader import load_model
+
+pytest.importorskip("transformers")
+
+CASES = [
+    pytest.param("cpu", "float32", 4, id="interpreter-fp32"),
+    pytest.param("cuda", "float32", 64, id="gpu-fp32", marks=pytest.mark.gpu),
+    pytest.param("cuda", "bfloat16", 64, id="gpu-bf16", marks=pytest.mark.gpu),
+]
+TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2}
+
+
+@pytest.mark.parametrize("device,dtype,steps", CASES)
+def test_teacher_forced_logits_match_torch_ref(tmp_path, device, dtype, steps):
+    # head_dim 64, GQA 4:2, prompts ending inside, on and past block boundaries
+    make_checkpoint(
+        tmp_path, "Llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    )
+    model = load_model(str(tmp_path), dtype=dtype, device=device).model
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 320, (n,), generator=generator).tolist() for n in (5, 16, 37)]
+    reference = PagedSequences(model, backend="torch_ref")
+    ours = PagedSequences(model, backend="triton")
+    tables_ref, tables_ours = [[] for _ in prompts], [[] for _ in prompts]
+    computed = [0] * len(prompts)
+    new_tokens = prompts
+    tolerance = TOLERANCE[dtype]
+    for _ in range(steps):
+        want = reference.forward(tables_ref, computed, new_tokens)
+        got = ours.forward(tables_ours, computed, new_tokens)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=0)
+        ends = torch.tensor([len(t) for t in new_tokens]).cumsum(0) - 1
+        top2 = want[ends].topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
+        assert torch.equal(got[ends].argmax(-1)[clear], want[ends].argmax(-1)[clear])
+        computed = [c + len(t) for c, t in zip(computed, new_tokens, strict=True)]
+        new_tokens = [[t] for t in want[ends].argmax(-1).tolist()]  # the reference's tokens
