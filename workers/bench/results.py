@@ -81,6 +81,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def command_line() -> str:
+    """The command as a user would type it: `afs ...` also when run as `python -m cluster.cli`."""
+    program = Path(sys.argv[0]).name
+    program = "afs" if program in ("afs", "cli.py") else program
+    return " ".join([program, *sys.argv[1:]])
+
+
 def write_result(
     kind: str,
     config: dict[str, Any],
@@ -96,9 +103,7 @@ def write_result(
     result = {
         "kind": kind,
         "timestamp": now.isoformat(timespec="seconds"),
-        "command": " ".join(["afs", *sys.argv[1:]])
-        if Path(sys.argv[0]).name == "afs"
-        else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "machine": machine_info(),
         "software": software_info(),
         "git_commit": git_commit(),
