@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from workers.bench.latency import hf_generate
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
@@ -67,31 +68,11 @@ def engine_figures(engine: LLMEngine, prompts: list[list[int]], new_tokens: int)
     }
 
 
-@torch.inference_mode()
-def hf_figures(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict:
-    device = next(model.parameters()).device
-
-    def run(batch: list[list[int]], tokens: int) -> float:
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        start = time.perf_counter()
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-        )
-        elapsed = time.perf_counter() - start
-        assert out.shape[1] == width + tokens
-        return elapsed
-
-    run(prompts[:1], 4)  # warm-up
-    one = run(prompts[:1], 1)
-    full = run(prompts[:1], new_tokens)
-    wall = run(prompts, new_tokens)
+def hf_figures(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    hf_generate(model, prompts[:1], 4)  # warm-up
+    one = hf_generate(model, prompts[:1], 1)
+    full = hf_generate(model, prompts[:1], new_tokens)
+    wall = hf_generate(model, prompts, new_tokens)
     return {
         "batch1_decode_tok_s": (new_tokens - 1) / (full - one),
         "batch_throughput_tok_s": len(prompts) * new_tokens / wall,
@@ -142,8 +123,7 @@ def main() -> None:
     else:
         hf = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     hf = hf.to(engine.device).eval()
-    pad_id = tokenizer.eos_token_ids[0]
-    peer = hf_figures(hf, prompts, args.new_tokens, pad_id)
+    peer = hf_figures(hf, prompts, args.new_tokens)
 
     command = "python benchmarks/engine_vs_hf.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"

