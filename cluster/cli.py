@@ -108,6 +108,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     parser.add_argument("--quantization", default="none", help="none, or int4 (weight-only, CPU)")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: no graphs for decode steps"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, detokenize: bool = True) -> EngineConfig:
@@ -124,6 +127,7 @@ def engine_config_from_args(args: argparse.Namespace, detokenize: bool = True) -
         attention_backend=args.attention_backend,
         quantization=args.quantization,
         tp=args.tp,
+        enforce_eager=args.enforce_eager,
     )
 
 

@@ -12,9 +12,11 @@ a GPU idle when the batch is small and the context long. Flash-Decoding (Dao, Ha
 2023, "Flash-Decoding for long-context inference") also splits the context:
 
 Pass 1, grid (B, KVH, num_splits): each program owns one KV head and a contiguous run of that
-sequence's blocks (the blocks are divided evenly among the splits per sequence, so a short
-sequence leaves some of its splits empty). It loads the G query heads that share the KV head once,
-then streams its blocks, reading each [BS, D] K and V tile exactly once for all G heads, with the
+sequence's key tiles (BLOCK_N tokens, several whole blocks; the tiles are divided evenly among the
+splits per sequence, so a short sequence leaves some of its splits empty). It loads the G query
+heads that share the KV head once, then streams its tiles, gathering each tile's blocks through
+the block table (several [BS, D] loads in flight per iteration: one block at a time leaves HBM
+waiting on latency) and reading each K and V element exactly once for all G heads, with the
 online softmax of FlashAttention (Dao et al. 2022) in fp32, rescaling only the accumulator and
 normalising once at the end (FlashAttention-2, Dao 2023). It writes its normalised partial output
 [B, H, splits, D] and its log-sum-exp [B, H, splits] (base 2; -inf for an empty split).
@@ -24,17 +26,19 @@ divided by their sum: the exact softmax over the whole context. A sequence of le
 row) gets zeros.
 
 The G query heads of a KV head are the rows of a tile padded to a power of two of at least 16, so
-both products (q K^T: [G, D] x [D, BS]; P V: [G, BS] x [BS, D]) are `tl.dot`s on the tensor
+both products (q K^T: [G, D] x [D, BLOCK_N]; P V: [G, BLOCK_N] x [BLOCK_N, D]) are `tl.dot`s on the
+tensor
 cores. With G = 1 (no GQA) 15 of 16 rows are padding: they are masked on load and store, so they
 move no bytes, and decode is bound by reading K/V from memory, not by these small products. The
-alternative (elementwise broadcast-and-sum for small G) would hold a [G, BS, D] product in
+alternative (elementwise broadcast-and-sum for small G) would hold a [G, BLOCK_N, D] product in
 registers and is a second code path; one path serves every GQA ratio.
 
-num_splits heuristic: when B * KVH programs already fill the GPU (132 SMs on the H200) one split
-is enough; otherwise split until B * KVH * splits reaches the SM count, keeping at least
-`_MIN_BLOCKS_PER_SPLIT` blocks (64 tokens) per split of the longest sequence so that the extra
-partial-output traffic stays small next to the K/V read, and at most `_MAX_SPLITS`. The longest
-sequence is bounded by the width of block_tables, which the host knows without a device sync.
+num_splits heuristic: when B * KVH programs already give every SM (132 on the H200)
+`PROGRAMS_PER_SM` of them one split is enough (several resident programs per SM keep more loads
+in flight); otherwise split until they do, keeping at least one tile per split of the longest
+sequence so that the extra partial-output traffic stays small next to the K/V read, and at most
+`_MAX_SPLITS`. The longest sequence is bounded by the width of block_tables, which the host knows
+without a device sync (and which a captured CUDA graph keeps fixed).
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ import triton
 import triton.language as tl
 
 _DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
-_MIN_BLOCKS_PER_SPLIT = 4
 _MAX_SPLITS = 64
+# Pass 1's launch: key tile (tokens, whole blocks), warps, pipeline stages, and how many programs
+# per SM the split heuristic aims for. Module-level so that a benchmark can sweep them.
+TILE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+PROGRAMS_PER_SM = 4
 _LOG2E = 1.4426950408889634
 
 
@@ -60,26 +67,25 @@ def _kernel(
     partial_out_ptr, lse_ptr,
     qk_scale, num_splits,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1: one (sequence, KV head, split) over its run of blocks."""
+    """Pass 1: one (sequence, KV head, split) over its run of key tiles."""
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP_SIZE
 
-    # -- this split's blocks --
+    # -- this split's tiles of BLOCK_N tokens --
     seq_len = tl.load(seq_lens_ptr + batch)
-    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    blocks_per_split = tl.cdiv(num_blocks, num_splits)
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, num_blocks)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    first_tile = split * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
 
     # -- load q --
     group = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
-    slots = tl.arange(0, BLOCK_SIZE)
     heads = kv_head * GROUP_SIZE + group  # [GROUP_PAD] query heads of this KV head
     in_group = group < GROUP_SIZE
     q = tl.load(
@@ -94,19 +100,22 @@ def _kernel(
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     head_base = cache_ptr + kv_head * stride_cache_head
-    tile = slots[:, None] * stride_cache_slot + dims[None, :]  # [BS, D] offsets in a block
-    for logical_block in range(first_block, last_block):
-        block = tl.load(block_tables_ptr + batch * stride_table_batch + logical_block).to(tl.int64)
-        k = tl.load(head_base + block * stride_cache_block + tile)  # [BS, D]
-        v = tl.load(head_base + stride_cache_kv + block * stride_cache_block + tile)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BS]
-        # the last block of a sequence may end mid-block; every block here has one valid token,
-        # so m is finite after the first iteration
-        valid = logical_block * BLOCK_SIZE + slots < seq_len
+    table = block_tables_ptr + batch * stride_table_batch
+    for tile in range(first_tile, last_tile):
+        # -- gather the tile's pages: BLOCK_N / BLOCK_SIZE blocks, each a contiguous [BS, D] --
+        tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        valid = tokens < seq_len  # the last tile may end mid-block
+        block = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offsets = block * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
+        tile_ptrs = head_base + offsets[:, None] + dims[None, :]  # [BLOCK_N, D]
+        k = tl.load(tile_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(tile_ptrs + stride_cache_kv, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BLOCK_N]
+        # every tile here holds a valid token, so m is finite after the first iteration
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp2(m - m_new)  # rescales what was summed under the old max
-        p = tl.exp2(scores - m_new[:, None])  # [G, BS]
+        p = tl.exp2(scores - m_new[:, None])  # [G, BLOCK_N]
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
@@ -159,11 +168,13 @@ def _combine_kernel(
     )
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int) -> int:
-    """Splits per sequence so that pass 1 fills the GPU without splits of a few blocks."""
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_tokens: int, num_sms: int, tile_tokens: int
+) -> int:
+    """Splits per sequence so that pass 1 keeps every SM busy without splits under one tile."""
     programs = batch * num_kv_heads
-    to_fill = triton.cdiv(num_sms, max(programs, 1))
-    worth_splitting = triton.cdiv(max_blocks, _MIN_BLOCKS_PER_SPLIT)
+    to_fill = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(programs, 1))
+    worth_splitting = triton.cdiv(max_tokens, tile_tokens)
     return max(1, min(to_fill, worth_splitting, _MAX_SPLITS))
 
 
@@ -219,9 +230,16 @@ def decode_attention(
         raise ValueError("q, out: head_dim must be contiguous; kv_cache: must be contiguous")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables: rows must be contiguous")
+    config = {**TILE_CONFIG}
+    tile_tokens = max(config["BLOCK_N"], block_size)
+    config["BLOCK_N"] = tile_tokens
     if num_splits is None:
         num_splits = choose_num_splits(
-            batch, num_kv_heads, block_tables.shape[1], _num_sms(q.device)
+            batch,
+            num_kv_heads,
+            block_tables.shape[1] * block_size,
+            _num_sms(q.device),
+            tile_tokens,
         )
     if num_splits < 1:
         raise ValueError(f"num_splits: must be at least 1, got {num_splits}")
@@ -242,6 +260,7 @@ def decode_attention(
         scale * _LOG2E, num_splits,
         GROUP_SIZE=group_size, GROUP_PAD=max(16, triton.next_power_of_2(group_size)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        **config,
         # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip

@@ -1,33 +1,38 @@
-"""Causal prefill attention over flattened variable-length sequences and the paged KV slab.
+"""Causal prefill attention over flattened variable-length sequences, a paged prefix and new K/V.
 
 One step's new tokens are flattened: sequence i owns rows query_start_loc[i]:query_start_loc[i+1]
-of q. Its keys and values, the cached prefix and this step's tokens alike (a store kernel has
-already written the new ones), live in the paged slab and are read through block_tables[i]:
+of q, k and v. Its keys and values are its cached prefix, in the paged slab behind
+block_tables[i], followed by this step's own k and v rows:
 
-    key position   0 ............. seq_len - query_len ............. seq_len - 1
-                   |<-- cached prefix -->|<-- new tokens (the query rows) -->|
+    key position   0 ............. prefix_len ............. seq_len - 1
+                   |<-- slab (paged) -->|<-- k, v rows (contiguous) -->|
 
-Query row j of sequence i sits at position seq_len - query_len + j and attends to every key at or
-before it: causal with an offset.
+Query row j of sequence i sits at position prefix_len + j and attends to every key at or before
+it: the whole prefix, and new keys 0..j (causal within the step).
 
 Algorithm (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023): one program owns a tile
 of BLOCK_M query rows of one sequence and one query head, keeps them in registers and streams the
-sequence's keys and values in tiles of BLOCK_N tokens. Each key tile's page ids are gathered from
-the block table (PagedAttention, Kwon et al. 2023), so a tile spans BLOCK_N / block_size pages
-scattered anywhere in the slab. An online softmax in fp32 carries the running row maximum and row
-sum and rescales the unnormalised output accumulator; the division by the row sum happens once, in
-the epilogue (the FlashAttention-2 ordering). log2(e) is folded into the softmax scale so that
-every exponential is an exp2.
+keys and values in tiles of BLOCK_N tokens through an online softmax in fp32 that carries the
+running row maximum and row sum and rescales the unnormalised accumulator; the division by the row
+sum happens once, in the epilogue. log2(e) is folded into the softmax scale so every exponential
+is an exp2.
 
-Key tiles come in two ranges: [0, first row's position], which every row of the query tile sees
-whole (no mask), then the diagonal and the sequence tail, masked causally. The loop stops at the
-last key the tile's last row can see: nothing past the causal limit is read.
+The two key ranges are read differently. Prefix tiles are gathered page by page through the block
+table (PagedAttention, Kwon et al. 2023): a tile spans BLOCK_N / block_size pages scattered in the
+slab. The step's own keys are rows of contiguous k and v, read as rectangles through tensor
+descriptors (on Hopper the TMA engine copies them into shared memory asynchronously, so the loop's
+loads overlap its products); q is read the same way. Prefill of a fresh prompt, the costly case,
+touches the slab not at all (the store of the new K/V happens beside it).
 
-Grid: (cdiv(max_query_len, BLOCK_M), num_seqs, num_heads); programs past a sequence's own query
-length return at once. One query head per program, rather than a GQA group, keeps each tile a plain
-[BLOCK_M, D] @ [D, BLOCK_N] product at full BLOCK_M for every GQA ratio and gives num_heads-fold
-parallelism to a single long prompt. Prefill tiles are compute-bound, so the group's shared K/V
-tiles, read once per query head, come from L2 rather than costing HBM bandwidth.
+Each range is split where masking starts: whole prefix tiles need no mask and the prefix's last
+partial tile a length mask; new-key tiles before the query tile's first row need no mask, the
+diagonal tiles a causal one. Nothing past the tile's last row is read.
+
+Grid: (num_heads, num_seqs, cdiv(max_query_len, BLOCK_M)) with the query tiles in reverse order,
+so the heaviest tiles (the last rows of the longest prompts see the most keys) start first and the
+short ones fill the tail. Programs past a sequence's own query length return at once. One query
+head per program keeps each tile a full [BLOCK_M, D] @ [D, BLOCK_N] product for every GQA ratio;
+prefill is compute-bound, so the group's shared K/V tiles come from L2 rather than HBM.
 """
 
 from __future__ import annotations
@@ -35,18 +40,34 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
-# Configs tried on CUDA; BLOCK_N spans whole 16-token pages.
+
+def _set_tile_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: the descriptors' boxes follow the config's tile sizes."""
+    nargs["q_desc"].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
+    nargs["k_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+    nargs["v_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+# Configs tried on CUDA; BLOCK_N spans whole 16-token pages and divides BLOCK_M.
 _CUDA_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n},
+        num_warps=warps,
+        num_stages=stages,
+        pre_hook=_set_tile_shapes,
+    )
     for block_m, block_n, warps, stages in [
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
         (128, 64, 8, 3),
-        (128, 32, 4, 3),
+        (128, 64, 4, 3),
+        (128, 64, 8, 4),
         (64, 64, 4, 3),
         (64, 32, 4, 4),
-        (128, 128, 8, 2),
     ]
 ]
 # One small config for the Triton interpreter (CPU tests): a key tile spans two 16-token pages.
@@ -54,153 +75,174 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages
 
 
 @triton.jit
-def _attend_key_range(
-    acc,
-    row_sum,
-    row_max,
+def _online_softmax_step(acc, row_sum, row_max, qk, v, qk_scale):
+    """Fold one tile of raw scores qk [BLOCK_M, BLOCK_N] (masked keys -inf) and its values."""
+    tile_max = tl.maximum(row_max, tl.max(qk, 1) * qk_scale)  # finite: see the callers
+    p = tl.math.exp2(qk * qk_scale - tile_max[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.math.exp2(row_max - tile_max)  # rescales what earlier tiles summed
+    row_sum = row_sum * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    return acc, row_sum, tile_max
+
+
+@triton.jit
+def _attend_cached(
+    acc, row_sum, row_max,
     q,
-    query_pos,
-    kv_cache_ptr,
-    block_table_ptr,
-    kv_head,
-    stride_kv,
-    stride_block,
-    stride_head,
-    stride_slot,
-    seq_len,
-    key_start,
-    key_end,
-    qk_scale,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    kv_cache_ptr, block_table_ptr, kv_head,
+    stride_kv, stride_block, stride_head, stride_slot,
+    key_start, key_end, prefix_len, qk_scale,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
-):
-    """Fold key tiles [key_start, key_end) into the running softmax state of one query tile."""
+):  # fmt: skip
+    """Prefix keys [key_start, key_end) from the slab; MASKED drops keys at or past prefix_len."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(key_start, key_end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_seq = offs_n < seq_len
+        in_prefix = offs_n < prefix_len
         # -- gather the tile's pages --
-        page = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=in_seq, other=0)
+        page = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=in_prefix, other=0)
         token_offs = (
             page.to(tl.int64) * stride_block
             + kv_head * stride_head
             + (offs_n % BLOCK_SIZE) * stride_slot
         )  # [BLOCK_N]
-        # -- scores --
         k = tl.load(
-            kv_cache_ptr + token_offs[None, :] + offs_d[:, None], mask=in_seq[None, :], other=0.0
+            kv_cache_ptr + token_offs[None, :] + offs_d[:, None], mask=in_prefix[None, :], other=0.0
         )  # [HEAD_DIM, BLOCK_N]
-        qk = tl.dot(q, k, input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, k, input_precision="ieee")  # [BLOCK_M, BLOCK_N]
         if MASKED:
-            # rows past the query are never stored; keys past seq_len lie past every stored row
-            qk = tl.where(offs_n[None, :] <= query_pos[:, None], qk, float("-inf"))
-        # -- online softmax --
-        tile_max = tl.maximum(row_max, tl.max(qk, 1))  # finite: key 0 is in the first tile
-        p = tl.math.exp2(qk - tile_max[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.math.exp2(row_max - tile_max)  # rescales what earlier tiles summed
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        row_max = tile_max
+            qk = tl.where(in_prefix[None, :], qk, float("-inf"))
         v = tl.load(
             kv_cache_ptr + stride_kv + token_offs[:, None] + offs_d[None, :],
-            mask=in_seq[:, None],
+            mask=in_prefix[:, None],
             other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        acc, row_sum, row_max = _online_softmax_step(acc, row_sum, row_max, qk, v, qk_scale)
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _attend_new(
+    acc, row_sum, row_max,
+    q, query_index,
+    k_desc, v_desc, query_start, kv_col,
+    key_start, key_end, qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """This step's keys [key_start, key_end) (indices among the new tokens) from k and v rows;
+    MASKED applies the causal mask key <= query."""
+    for start_n in tl.range(key_start, key_end, BLOCK_N):
+        k = k_desc.load([query_start + start_n, kv_col])  # [BLOCK_N, HEAD_DIM]
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            # keys past the sequence's rows lie past every row that is stored
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            qk = tl.where(offs_n[None, :] <= query_index[:, None], qk, float("-inf"))
+        v = v_desc.load([query_start + start_n, kv_col])  # [BLOCK_N, HEAD_DIM]
+        acc, row_sum, row_max = _online_softmax_step(acc, row_sum, row_max, qk, v, qk_scale)
     return acc, row_sum, row_max
 
 
 @triton.jit
 def _kernel(
-    out_ptr,
-    q_ptr,
-    kv_cache_ptr,
-    block_tables_ptr,
-    query_start_loc_ptr,
-    seq_lens_ptr,
-    stride_q_token,
-    stride_q_head,
-    stride_out_token,
-    stride_out_head,
-    stride_kv,
-    stride_block,
-    stride_head,
-    stride_slot,
-    stride_table,
-    qk_scale,
+    out_ptr, stride_out_token, stride_out_head,
+    q_desc, k_desc, v_desc,
+    kv_cache_ptr, stride_kv, stride_block, stride_head, stride_slot,
+    block_tables_ptr, stride_table,
+    query_start_loc_ptr, seq_lens_ptr,
+    qk_scale, query_len_bucket,
     NUM_QUERIES_PER_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-):
-    m_block = tl.program_id(0)
+):  # fmt: skip
+    head = tl.program_id(0)
     seq = tl.program_id(1)
-    head = tl.program_id(2)
+    m_block = tl.num_programs(2) - 1 - tl.program_id(2)  # the longest-running tiles first
     query_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
-    if m_block * BLOCK_M >= query_len:
+    first_row = m_block * BLOCK_M
+    if first_row >= query_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = tl.load(seq_lens_ptr + seq) - query_len
     kv_head = head // NUM_QUERIES_PER_KV
-    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
+    kv_col = kv_head * HEAD_DIM
 
     # -- load q --
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_in_query = offs_m < query_len
-    rows = (query_start + offs_m).to(tl.int64)  # [BLOCK_M]
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_q_token + head * stride_q_head + offs_d[None, :],
-        mask=row_in_query[:, None],
-        other=0.0,
-    )  # [BLOCK_M, HEAD_DIM]
-    query_pos = seq_len - query_len + offs_m  # [BLOCK_M]
+    q = q_desc.load([query_start + first_row, head * HEAD_DIM])  # [BLOCK_M, HEAD_DIM]
+    query_index = first_row + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows among the new tokens
 
-    # -- online softmax --
+    # -- online softmax over the cached prefix: every row sees all of it --
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    first_pos = seq_len - query_len + m_block * BLOCK_M
-    # whole tiles at or before the first row's position are visible to every row: no mask
-    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    # the last row sees up to its own position: later keys are never read
-    key_end = tl.minimum(first_pos + BLOCK_M, seq_len)
-    acc, row_sum, row_max = _attend_key_range(
-        acc, row_sum, row_max,
-        q, query_pos,
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
+    whole_tiles_end = prefix_len // BLOCK_N * BLOCK_N
+    acc, row_sum, row_max = _attend_cached(
+        acc, row_sum, row_max, q,
         kv_cache_ptr, block_table_ptr, kv_head,
         stride_kv, stride_block, stride_head, stride_slot,
-        seq_len, 0, unmasked_end, qk_scale,
+        0, whole_tiles_end, prefix_len, qk_scale,
         BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASKED=False,
     )  # fmt: skip
-    acc, row_sum, row_max = _attend_key_range(
-        acc, row_sum, row_max,
-        q, query_pos,
+    acc, row_sum, row_max = _attend_cached(
+        acc, row_sum, row_max, q,
         kv_cache_ptr, block_table_ptr, kv_head,
         stride_kv, stride_block, stride_head, stride_slot,
-        seq_len, unmasked_end, key_end, qk_scale,
+        whole_tiles_end, prefix_len, prefix_len, qk_scale,
         BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASKED=True,
+    )  # fmt: skip
+
+    # -- then the step's own keys: unmasked below the diagonal, causal on it --
+    diagonal_start = first_row // BLOCK_N * BLOCK_N
+    acc, row_sum, row_max = _attend_new(
+        acc, row_sum, row_max, q, query_index,
+        k_desc, v_desc, query_start, kv_col,
+        0, diagonal_start, qk_scale,
+        BLOCK_N, MASKED=False,
+    )  # fmt: skip
+    acc, row_sum, row_max = _attend_new(
+        acc, row_sum, row_max, q, query_index,
+        k_desc, v_desc, query_start, kv_col,
+        diagonal_start, tl.minimum(first_row + BLOCK_M, query_len), qk_scale,
+        BLOCK_N, MASKED=True,
     )  # fmt: skip
 
     # -- epilogue --
     acc = acc / row_sum[:, None]
+    rows = (query_start + query_index).to(tl.int64)  # [BLOCK_M]
+    offs_d = tl.arange(0, HEAD_DIM)
     tl.store(
         out_ptr + rows[:, None] * stride_out_token + head * stride_out_head + offs_d[None, :],
         acc.to(out_ptr.dtype.element_ty),
-        mask=row_in_query[:, None],
+        mask=(query_index < query_len)[:, None],
     )
 
 
-_tuned_kernel = triton.autotune(configs=_CUDA_CONFIGS, key=["HEAD_DIM", "NUM_QUERIES_PER_KV"])(
-    _kernel
-)
+_tuned_kernel = triton.autotune(
+    configs=_CUDA_CONFIGS, key=["HEAD_DIM", "NUM_QUERIES_PER_KV", "query_len_bucket"]
+)(_kernel)
+
+
+def _rows(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """x [T, heads, D] as a descriptor over its [T, heads * D] rows (copied if not so laid out)."""
+    num_tokens, heads, head_dim = x.shape
+    aligned = (x.data_ptr() % 16 == 0) and (x.stride(0) * x.element_size() % 16 == 0)
+    if x.stride(2) != 1 or x.stride(1) != head_dim or not aligned:
+        x = x.contiguous()
+    return TensorDescriptor(
+        x, shape=[num_tokens, heads * head_dim], strides=[x.stride(0), 1],
+        block_shape=[block_rows, head_dim],
+    )  # fmt: skip
 
 
 def prefill_attention(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -209,11 +251,12 @@ def prefill_attention(
     out: torch.Tensor,
     max_query_len: int,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new rows over its paged K/V; writes and returns out.
+    """Causal attention of each sequence's new rows over its paged prefix and its own K/V.
 
-    q [T, H, D]; kv_cache [2, num_blocks, KVH, block_size, D] already holding the new tokens' K/V;
-    block_tables [B, max_blocks] int32; query_start_loc [B + 1] int32; seq_lens [B] int32 (tokens
-    after this step); out [T, H, D]; max_query_len the longest run of new tokens (sizes the grid).
+    q [T, H, D]; k, v [T, KVH, D] this step's keys and values; kv_cache [2, num_blocks, KVH,
+    block_size, D] holding every sequence's cached prefix; block_tables [B, max_blocks] int32;
+    query_start_loc [B + 1] int32; seq_lens [B] int32 (tokens after this step); out [T, H, D];
+    max_query_len the longest run of new tokens (sizes the grid). Writes and returns out.
     """
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, H, D], got shape {tuple(q.shape)}")
@@ -226,16 +269,22 @@ def prefill_attention(
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     if num_heads % num_kv_heads:
         raise ValueError(f"q: {num_heads} heads is not a multiple of {num_kv_heads} KV heads")
+    for name, tensor in (("k", k), ("v", v)):
+        if tuple(tensor.shape) != (num_tokens, num_kv_heads, head_dim):
+            raise ValueError(
+                f"{name}: expected shape {(num_tokens, num_kv_heads, head_dim)}, "
+                f"got {tuple(tensor.shape)}"
+            )
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"q: head_dim must be a power of two of at least 16, got {head_dim}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q: dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if kv_cache.dtype != q.dtype or out.dtype != q.dtype:
-        raise ValueError(f"kv_cache, out: dtype must match q ({q.dtype})")
+    if any(t.dtype != q.dtype for t in (k, v, kv_cache, out)):
+        raise ValueError(f"k, v, kv_cache, out: dtype must match q ({q.dtype})")
     if out.shape != q.shape:
         raise ValueError(f"out: expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if q.stride(-1) != 1 or out.stride(-1) != 1 or not kv_cache.is_contiguous():
-        raise ValueError("q, out: head_dim must be contiguous; kv_cache must be contiguous")
+    if out.stride(-1) != 1 or not kv_cache.is_contiguous():
+        raise ValueError("out: head_dim must be contiguous; kv_cache must be contiguous")
     num_seqs = seq_lens.shape[0]
     for name, tensor, shape in (
         ("block_tables", block_tables, (num_seqs, block_tables.shape[-1])),
@@ -246,7 +295,8 @@ def prefill_attention(
             raise ValueError(
                 f"{name}: expected int32 {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
-    if any(t.device != q.device for t in (kv_cache, block_tables, query_start_loc, seq_lens, out)):
+    tensors = (k, v, kv_cache, block_tables, query_start_loc, seq_lens, out)
+    if any(t.device != q.device for t in tensors):
         raise ValueError(f"all tensors must be on q's device ({q.device})")
     if max_query_len < 0 or max_query_len > num_tokens:
         raise ValueError(f"max_query_len: must be in [0, {num_tokens}], got {max_query_len}")
@@ -254,17 +304,17 @@ def prefill_attention(
         return out
 
     def grid(meta):
-        return (triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs, num_heads)
+        return (num_heads, num_seqs, triton.cdiv(max_query_len, meta["BLOCK_M"]))
 
     kernel, config = (_tuned_kernel, {}) if q.is_cuda else (_kernel, _INTERPRETER_CONFIG)
+    block_m, block_n = config.get("BLOCK_M", 16), config.get("BLOCK_N", 16)  # CUDA: pre-hook
     kernel[grid](
-        out, q, kv_cache,
-        block_tables, query_start_loc, seq_lens,
-        q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0),
-        scale * LOG2E,
+        out, out.stride(0), out.stride(1),
+        _rows(q, block_m), _rows(k, block_n), _rows(v, block_n),
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables, block_tables.stride(0),
+        query_start_loc, seq_lens,
+        scale * LOG2E, max(max_query_len, 1).bit_length(),  # tiles retuned per power of two
         NUM_QUERIES_PER_KV=num_heads // num_kv_heads,
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,

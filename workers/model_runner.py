@@ -2,17 +2,21 @@
 
 Rows of one forward are the scheduled requests' new tokens, flattened in schedule order. Only the
 last row of a request that reaches its last known token is sampled; requests that asked for prompt
-logprobs also get logits for their prompt rows.
+logprobs also get logits for their prompt rows. A step where every request has one new token (a
+decode step) runs through `DecodeGraphs` when the runner has them: static buffers, padded batch
+sizes, and a CUDA graph replay unless graphs are off.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from workers.attention import AttentionBackend, build_attention_metadata
+from workers.decode_graphs import DecodeGraphs
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import SchedulerOutput
 from workers.forward_context import ForwardContext, forward_context
@@ -49,6 +53,7 @@ class ModelRunner:
         sampler: Sampler | None,
         block_size: int,
         device: torch.device,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -56,6 +61,7 @@ class ModelRunner:
         self.sampler = sampler
         self.block_size = block_size
         self.device = device
+        self.graphs = graphs
         self.states: dict[str, RequestState] = {}
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
@@ -97,27 +103,19 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sampled_states.append((scheduled.request_id, state))
 
-        meta = build_attention_metadata(
-            [s.block_table for s in schedule.requests],
-            [s.num_computed_tokens for s in schedule.requests],
-            [len(s.token_ids) for s in schedule.requests],
-            self.block_size,
-            self.device,
-        )
-        with forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
-            hidden = self.model(self._to_device(input_ids), self._to_device(positions))  # [T, H]
+        logits_of = self._forward(schedule, input_ids, positions)
 
         # every rank computes the logits (the LM head gathers them), only rank 0 samples
         output = RunnerOutput()
         for request_id, (start, rows, next_tokens) in prompt_rows.items():
-            logits = self.model.compute_logits(hidden[self._to_device(rows)])  # [P, V]
+            logits = logits_of(rows)  # [P, V]
             if self.sampler is not None:
                 top_n = self.states[request_id].params.prompt_logprobs
                 scored = prompt_logprobs(logits, self._to_device(next_tokens), top_n)
                 output.prompt_logprobs[request_id] = (start, scored)
         if not sample_rows:
             return output
-        logits = self.model.compute_logits(hidden[self._to_device(sample_rows)])  # [R, V]
+        logits = logits_of(sample_rows)  # [R, V]
         if self.sampler is None:
             return output
         batch = SamplingBatch(
@@ -137,3 +135,44 @@ class ModelRunner:
             if logprobs is not None:
                 output.logprobs[request_id] = logprobs
         return output
+
+    def _forward(
+        self, schedule: SchedulerOutput, input_ids: list[int], positions: list[int]
+    ) -> Callable[[list[int]], torch.Tensor]:
+        """Runs the model over the step's rows; returns a function giving chosen rows' logits."""
+        requests = schedule.requests
+        if (
+            self.graphs is not None
+            and len(input_ids) == len(requests)
+            and self.graphs.padded_size(len(requests)) is not None
+        ):  # a decode step: one row per request, in order
+            block_size = self.block_size
+            slots = [
+                s.block_table[p // block_size] * block_size + p % block_size
+                for s, p in zip(requests, positions, strict=True)
+            ]
+            tables = [s.block_table for s in requests]
+            _, logits = self.graphs.run(input_ids, positions, slots, tables)
+            batch = len(requests)
+
+            def decode_logits(rows: list[int]) -> torch.Tensor:
+                if rows == list(range(batch)):
+                    return logits[:batch]
+                return logits[self._to_device(rows)]
+
+            return decode_logits
+
+        meta = build_attention_metadata(
+            [s.block_table for s in requests],
+            [s.num_computed_tokens for s in requests],
+            [len(s.token_ids) for s in requests],
+            self.block_size,
+            self.device,
+        )
+        with forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
+            hidden = self.model(self._to_device(input_ids), self._to_device(positions))  # [T, H]
+
+        def eager_logits(rows: list[int]) -> torch.Tensor:
+            return self.model.compute_logits(hidden[self._to_device(rows)])
+
+        return eager_logits

@@ -15,6 +15,7 @@ import torch
 
 from workers.attention import get_backend
 from workers.config import EngineConfig
+from workers.decode_graphs import DecodeGraphs
 from workers.distributed import (
     destroy_tensor_parallel,
     divide,
@@ -89,8 +90,20 @@ class ShardWorker:
             device,
         )
         backend = get_backend(config.attention_backend, device.type)
+        graphs = None
+        if device.type == "cuda" and getattr(backend, "supports_padded_decode", False):
+            graphs = DecodeGraphs(
+                self.model,
+                kv_caches,
+                backend,
+                config.block_size,
+                config.max_num_seqs,
+                self.max_model_len,
+                device,
+                config.enforce_eager,
+            )
         self.runner = ModelRunner(
-            self.model, kv_caches, backend, self.sampler, config.block_size, device
+            self.model, kv_caches, backend, self.sampler, config.block_size, device, graphs
         )
 
     def _kv_blocks(self) -> int:

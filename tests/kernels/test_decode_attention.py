@@ -129,15 +129,20 @@ def test_store_then_decode_matches_torch_ref_backend(dtype):
 
 
 def test_num_splits_heuristic():
-    # small batch, long context: split until the 132 SMs have a program each
-    assert choose_num_splits(batch=1, num_kv_heads=8, max_blocks=256, num_sms=132) == 17
-    # short context: never fewer than 4 blocks (64 tokens) a split
-    assert choose_num_splits(batch=1, num_kv_heads=8, max_blocks=8, num_sms=132) == 2
-    assert choose_num_splits(batch=1, num_kv_heads=8, max_blocks=1, num_sms=132) == 1
+    def splits(batch, num_kv_heads, max_tokens):
+        return choose_num_splits(batch, num_kv_heads, max_tokens, num_sms=132, tile_tokens=64)
+
+    # small batch, long context: split until the 132 SMs have 4 programs each
+    assert splits(batch=1, num_kv_heads=8, max_tokens=4096) == 64
+    assert splits(batch=1, num_kv_heads=32, max_tokens=4096) == 17
+    # short context: never less than a 64-token tile a split
+    assert splits(batch=1, num_kv_heads=8, max_tokens=128) == 2
+    assert splits(batch=1, num_kv_heads=8, max_tokens=16) == 1
     # the batch alone fills the GPU
-    assert choose_num_splits(batch=64, num_kv_heads=8, max_blocks=256, num_sms=132) == 1
+    assert splits(batch=64, num_kv_heads=8, max_tokens=4096) == 2
+    assert splits(batch=64, num_kv_heads=32, max_tokens=4096) == 1
     # a single sequence with a single head is capped
-    assert choose_num_splits(batch=1, num_kv_heads=1, max_blocks=4096, num_sms=132) == 64
+    assert splits(batch=1, num_kv_heads=1, max_tokens=65536) == 64
 
 
 def test_rejects_cache_of_another_dtype():

@@ -47,10 +47,13 @@ def _run_case(
     meta = build_attention_metadata(tables, computed, new, BLOCK_SIZE, DEVICE)
     num_tokens = sum(new)
 
-    # the whole slab is noise, prefix and new tokens alike: the store kernel has already run
+    # the whole slab is noise; the new tokens' slots hold other noise than their k and v rows,
+    # so a kernel reading the new keys from the slab instead of k and v fails
     kv_cache = torch.randn(
         2, num_blocks, num_kv_heads, BLOCK_SIZE, head_dim, device=DEVICE, dtype=dtype
     )
+    new_kv = torch.randn(2, num_tokens, num_kv_heads + 1, head_dim, device=DEVICE, dtype=dtype)
+    new_k, new_v = new_kv[0, :, 1:], new_kv[1, :, 1:]  # [T, KVH, D] strided views
     # q is a strided view, as it is when split from a fused qkv projection
     qkv = torch.randn(num_tokens, num_heads + 2, head_dim, device=DEVICE, dtype=dtype)
     q = qkv[:, :num_heads]  # [T, H, D]
@@ -59,6 +62,8 @@ def _run_case(
 
     result = prefill_attention(
         q,
+        new_k,
+        new_v,
         kv_cache,
         meta.block_tables,
         meta.query_start_loc,
@@ -68,10 +73,9 @@ def _run_case(
         meta.max_query_len,
     )
 
+    # the reference stores k and v into its copy of the slab first
     slab = kv_cache.float()
-    blocks, offsets = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
-    new_k, new_v = slab[0, blocks, :, offsets], slab[1, blocks, :, offsets]  # [T, KVH, D]
-    expected = TorchRefBackend().forward(q.float(), new_k, new_v, slab, meta, scale)
+    expected = TorchRefBackend().forward(q.float(), new_k.float(), new_v.float(), slab, meta, scale)
     assert result is out
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
@@ -103,13 +107,22 @@ def test_other_tile_shapes_match_reference(monkeypatch, block_m, block_n):
 
 def test_rejects_bad_inputs():
     q = torch.zeros(4, 4, 64)
+    k = v = torch.zeros(4, 2, 64)
     kv_cache = torch.zeros(2, 2, 2, BLOCK_SIZE, 64)
     tables = torch.zeros(1, 2, dtype=torch.int32)
     starts = torch.tensor([0, 4], dtype=torch.int32)
     seq_lens = torch.tensor([4], dtype=torch.int32)
+
+    def call(q=q, k=k, v=v, kv_cache=kv_cache, seq_lens=seq_lens):
+        prefill_attention(q, k, v, kv_cache, tables, starts, seq_lens, 1.0, q.clone(), 4)
+
     with pytest.raises(ValueError, match="seq_lens"):
-        prefill_attention(q, kv_cache, tables, starts, seq_lens.long(), 1.0, q.clone(), 4)
+        call(seq_lens=seq_lens.long())
     with pytest.raises(ValueError, match="KV heads"):
-        prefill_attention(q[:, :3], kv_cache, tables, starts, seq_lens, 1.0, q[:, :3].clone(), 4)
+        call(q=q[:, :3])
     with pytest.raises(ValueError, match="kv_cache"):
-        prefill_attention(q, kv_cache.half(), tables, starts, seq_lens, 1.0, q.clone(), 4)
+        call(kv_cache=kv_cache.half())
+    with pytest.raises(ValueError, match="k: expected shape"):
+        call(k=k[:3])
+    with pytest.raises(ValueError, match="dtype must match"):
+        call(v=v.half())

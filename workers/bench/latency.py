@@ -58,6 +58,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     add("--kv-cache-gib", type=float, default=1.0, help="CPU: KV slab size")
     add("--seed", type=int, default=0, help="seeds the random prompts and the dummy weights")
     add("--peer", choices=("none", "hf"), default="none", help="hf: transformers' generate()")
+    add("--attention-backend", default="auto", help="auto, triton or torch_ref")
+    add("--enforce-eager", action="store_true", help="CUDA: no graphs for decode steps")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,8 +102,16 @@ def build_engine(args: argparse.Namespace, device: torch.device, **overrides) ->
         kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
         detokenize=False,  # token ids only: the benchmark measures the model and the scheduler
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         **overrides,
     )
+
+
+def engine_uses_graphs(engine: LLMEngine) -> bool:
+    """Whether decode steps replay CUDA graphs (rank 0's runner)."""
+    graphs = engine.runner.graphs
+    return graphs is not None and bool(graphs.graphs)
 
 
 def random_tokens(rng: random.Random, length: int, vocab_size: int) -> list[int]:
@@ -254,6 +264,7 @@ def run(args: argparse.Namespace) -> Path:
         "weight_bytes": roofline.weight_bytes,
         "kv_bytes_per_token": roofline.kv_bytes_per_token,
         "attention_backend": type(engine.runner.backend).__name__,
+        "cuda_graphs": engine_uses_graphs(engine),
     }
 
     peers = {}

@@ -35,6 +35,7 @@ from workers.bench.ceilings import Roofline, free_memory, now, ratios
 from workers.bench.latency import (
     add_engine_arguments,
     build_engine,
+    engine_uses_graphs,
     hf_generate,
     hf_peer_model,
     parse_lengths,
@@ -253,6 +254,7 @@ def run(args: argparse.Namespace) -> Path:
         "weight_bytes": roofline.weight_bytes,
         "kv_bytes_per_token": roofline.kv_bytes_per_token,
         "attention_backend": type(engine.runner.backend).__name__,
+        "cuda_graphs": engine_uses_graphs(engine),
     }
 
     peers = {}

@@ -1,0 +1,170 @@
+"""Decode steps over static buffers, replayed as CUDA graphs.
+
+A decode step (one new token per sequence) launches a few hundred small kernels; at batch 1 on a
+GPU their launch cost, not the weight read, sets the step time. A CUDA graph records the whole
+forward once per batch size and replays it with one launch. A graph reads and writes fixed
+addresses, so every input lives in a static buffer sized for the largest batch:
+
+    input_ids [N]  positions [N]  slot_mapping [N]  seq_lens [N]  block_tables [N, max_blocks]
+
+and each step copies its values into the first `size` rows, where `size` is the step's batch
+rounded up to a captured size (1, 2, 4, 8, then steps of 8 up to max_num_seqs). Padding rows
+have slot -1 (the KV store skips them) and length 0 (decode attention gives them zeros); their
+logits are never read.
+
+Graphs on or off, a decode step runs this same padded computation (`enforce_eager` just calls
+the forward instead of replaying it), so both give bitwise-equal logits: the GEMMs see the same
+row counts and the split-K decode kernel the same batch and block-table width.
+
+The graphs share one memory pool and are captured largest first, so the smaller ones reuse the
+largest one's activations. The forward's output and the logits of every row (LM head included)
+are captured too. Prompts and mixed steps run eagerly through the model runner's general path.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from workers.attention import AttentionBackend, AttentionMetadata
+from workers.forward_context import ForwardContext, forward_context
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, then every multiple of 8, up to max_num_seqs."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    """Static decode buffers for up to max_num_seqs sequences, and a graph per captured size."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        backend: AttentionBackend,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        device: torch.device,
+        enforce_eager: bool,
+    ) -> None:
+        if not getattr(backend, "supports_padded_decode", False):
+            raise ValueError(f"attention backend {backend.name!r} cannot run padded decode rows")
+        self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.block_size, self.device = block_size, device
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_blocks = -(-max_model_len // block_size)
+        size = self.sizes[-1]
+        # -- static inputs --
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)  # [N]
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)  # [N]
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)  # [N]
+        self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)  # [N]
+        self.block_tables = torch.zeros(
+            size, self.max_blocks, dtype=torch.int32, device=device
+        )  # [N, max_blocks]
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)  # [N + 1]
+        # one host staging area for all of them, copied over in one transfer per buffer
+        self._host_ids = torch.zeros(3, size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._host_lens = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._host_tables = torch.zeros(
+            size, self.max_blocks, dtype=torch.int32, pin_memory=device.type == "cuda"
+        )
+        self._host_ids_np = self._host_ids.numpy()  # numpy fills rows from lists quickly
+        self._host_lens_np = self._host_lens.numpy()
+        self._host_tables_np = self._host_tables.numpy()
+        self._copied: torch.cuda.Event | None = None
+        # -- outputs, per size --
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if not enforce_eager:
+            self._capture_all()
+
+    def padded_size(self, batch: int) -> int | None:
+        """The captured size a batch runs at, or None if it is larger than any."""
+        index = bisect.bisect_left(self.sizes, batch)
+        return self.sizes[index] if index < len(self.sizes) else None
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            max_query_len=1,
+            max_seq_len=self.max_blocks * self.block_size,
+            query_start_loc_host=list(range(size + 1)),
+            seq_lens_host=[0] * size,  # padded backends read the device tensors only
+        )
+
+    def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with forward_context(ForwardContext(self._metadata(size), self.kv_caches, self.backend)):
+            hidden = self.model(self.input_ids[:size], self.positions[:size])  # [size, hidden]
+        return hidden, self.model.compute_logits(hidden)  # [size, vocab]
+
+    def _capture_all(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):
+            # the first run compiles the Triton kernels and settles cuBLAS outside the capture
+            torch.cuda.synchronize(self.device)
+            self._forward(size)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.hidden[size], self.logits[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+
+    def run(
+        self,
+        input_ids: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of len(input_ids) sequences; returns hidden and logits of the padded
+        batch ([size, hidden], [size, vocab]); row i is sequence i, rows past the batch padding."""
+        batch = len(input_ids)
+        size = self.padded_size(batch)
+        if size is None:
+            raise ValueError(f"decode batch of {batch} exceeds the largest size {self.sizes[-1]}")
+        # -- fill the host staging rows; padding: token 0 at position 0, no slot, length 0 --
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have left the staging rows
+        ids, lens, tables = self._host_ids_np, self._host_lens_np, self._host_tables_np
+        ids[:, :size] = 0
+        ids[2, :size] = -1
+        ids[0, :batch] = input_ids
+        ids[1, :batch] = positions
+        ids[2, :batch] = slots
+        lens[:size] = 0
+        lens[:batch] = ids[1, :batch] + 1
+        tables[:size] = 0
+        for row, table in enumerate(block_tables):
+            if len(table) > self.max_blocks:
+                raise ValueError(f"block table of {len(table)} blocks exceeds {self.max_blocks}")
+            tables[row, : len(table)] = table
+        # -- copy to the static buffers --
+        self.input_ids[:size].copy_(self._host_ids[0, :size], non_blocking=True)
+        self.positions[:size].copy_(self._host_ids[1, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(self._host_ids[2, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(self._host_lens[:size], non_blocking=True)
+        self.block_tables[:size].copy_(self._host_tables[:size], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        # -- run --
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.hidden[size], self.logits[size]
+        return self._forward(size)
