@@ -53,7 +53,7 @@ _DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
 _MAX_SPLITS = 64
 # Pass 1's launch: key tile (tokens, whole blocks), warps, pipeline stages, and how many programs
 # per SM the split heuristic aims for. Module-level so that a benchmark can sweep them.
-TILE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+TILE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 PROGRAMS_PER_SM = 4
 _LOG2E = 1.4426950408889634
 

@@ -61,13 +61,13 @@ _CUDA_CONFIGS = [
         pre_hook=_set_tile_shapes,
     )
     for block_m, block_n, warps, stages in [
-        (128, 128, 8, 2),
         (128, 128, 8, 3),
+        (128, 128, 4, 3),
         (128, 64, 8, 3),
-        (128, 64, 4, 3),
         (128, 64, 8, 4),
+        (128, 64, 8, 5),
+        (64, 128, 4, 3),
         (64, 64, 4, 3),
-        (64, 32, 4, 4),
     ]
 ]
 # One small config for the Triton interpreter (CPU tests): a key tile spans two 16-token pages.
