@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite, in parts that each fit one call on the device. Installs nothing.
-#   bash benchmarks/gpu_suite.sh latency      ceilings; batch-1 latency of dummy:olmo2-1b and -7b
-#                                             with transformers beside; attention kernels vs SDPA
-#   bash benchmarks/gpu_suite.sh throughput   the default offline workload on dummy:olmo2-1b,
-#                                             transformers beside
+#   bash benchmarks/gpu_suite.sh kernels      ceilings; attention kernels vs SDPA; the kernels'
+#                                             launch sweep and compiler report
+#   bash benchmarks/gpu_suite.sh decode       batch-1 decode of dummy:olmo2-1b and -7b (128-token
+#                                             prompt, 256 new) and 7B at batch 64, transformers
+#                                             beside
+#   bash benchmarks/gpu_suite.sh throughput   the default offline workload on dummy:olmo2-1b
+#                                             (transformers beside) and -7b
 # Results (JSON) and their rows go to $OUT when set (a device call), else benchmarks/results.
 set -euo pipefail
 part=${1:?latency or throughput}
@@ -15,14 +18,20 @@ export PYTHONUNBUFFERED=1
 bench() { python3 -m cluster.cli bench "$@" --out-dir "$out" --report "$runs"; }
 
 case "$part" in
-  latency)
+  kernels)
     bench ceilings
-    bench latency --model dummy:olmo2-1b --prompt-lens 128,2048 --new-tokens 128 --peer hf
-    bench latency --model dummy:olmo2-7b --prompt-lens 128,2048 --new-tokens 128 --peer hf
     bench kernels
+    python3 benchmarks/kernel_profile.py "$out/kernel_profile" | tail -n 40
+    ;;
+  decode)
+    bench latency --model dummy:olmo2-1b --prompt-lens 128 --new-tokens 256 --peer hf
+    bench latency --model dummy:olmo2-7b --prompt-lens 128 --new-tokens 256 --peer hf
+    bench throughput --model dummy:olmo2-7b --workload fixed --num-requests 64 \
+      --input-len-range 128 --output-len-range 256 --max-num-seqs 64 --peer hf
     ;;
   throughput)
     bench throughput --model dummy:olmo2-1b --workload default --num-requests 256 --peer hf
+    bench throughput --model dummy:olmo2-7b --workload default --num-requests 256
     ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
