@@ -1,0 +1,150 @@
+"""Where a decode step's time goes: graph replay, kernels by kind, and the host around them.
+
+    python3 benchmarks/decode_profile.py [--model dummy:olmo2-7b] [--batch 1] [--context 256]
+                                         [--out DIR]
+
+Builds the engine (CUDA graphs on), fills `--batch` sequences to `--context` tokens, then measures
+on the same static inputs:
+- engine step: one whole `engine.step()` of decode (scheduler, input staging, replay, sampling,
+  outputs), median wall time over 50 steps;
+- graph replay: the captured forward + LM head alone, CUDA events, median of 50;
+- kernels: one eager run of the same padded forward under the PyTorch profiler, GPU time summed by
+  kernel kind (GEMM, attention, norm, RoPE, activation, other);
+and the weight + KV read floor of the step at the measured copy bandwidth. The difference between
+the engine step and the replay is the host's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from workers.bench.ceilings import Roofline, measure_ceilings
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+
+KINDS = [
+    ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|splitk"),
+    ("attention", r"decode_attention|_combine_kernel|prefill"),
+    ("kv store / rope", r"rope|kv_store|rotary"),
+    ("norm", r"rms|norm"),
+    ("activation", r"silu|swiglu|activation|act_and_mul"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="dummy:olmo2-7b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--out", default="decode_profile")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    device = torch.device("cuda")
+    engine = LLMEngine(
+        model=args.model, device="cuda", detokenize=False, max_num_seqs=max(8, args.batch)
+    )
+    ceilings = measure_ceilings(device, (engine.model_config.dtype,), 1.0, 10, 4096)
+    roofline = Roofline.for_model(engine.model, engine.model_config, ceilings)
+    prompts = [[(7 * i + j) % 1000 + 10 for j in range(args.context)] for i in range(args.batch)]
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    engine.step()  # the prompts
+    for _ in range(5):
+        engine.step()
+
+    # -- whole engine steps --
+    step_seconds = []
+    for _ in range(50):
+        start = time.perf_counter()
+        engine.step()  # returns after the sampled ids reached the host
+        step_seconds.append(time.perf_counter() - start)
+    step_ms = statistics.median(step_seconds) * 1e3
+
+    # -- the graph alone, on the last step's inputs --
+    graphs = engine.runner.graphs
+    size = graphs.padded_size(args.batch)
+    replay_times = []
+    for _ in range(50):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graphs.graphs[size].replay()
+        end.record()
+        replay_times.append((begin, end))
+    torch.cuda.synchronize()
+    replay_ms = statistics.median(b.elapsed_time(e) for b, e in replay_times)
+
+    # -- kernels of one eager forward of the same padded batch --
+    with torch.inference_mode():
+        graphs._forward(size)  # warm
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            graphs._forward(size)
+            torch.cuda.synchronize()
+    by_kind: dict[str, float] = {}
+    launches = 0
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if event.device_type != torch.autograd.DeviceType.CUDA or not gpu_us:
+            continue
+        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + gpu_us / 1e3
+        launches += event.count
+    top = sorted(
+        (
+            (e.key, (getattr(e, "device_time_total", 0) or 0) / 1e3, e.count)
+            for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        ),
+        key=lambda row: -row[1],
+    )[:12]
+
+    context = args.context + 60
+    floor_ms = roofline.step_seconds([(context, 1)] * args.batch, args.batch) * 1e3
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "padded_batch": size,
+        "context": context,
+        "engine_step_ms": step_ms,
+        "graph_replay_ms": replay_ms,
+        "host_ms": step_ms - replay_ms,
+        "floor_ms": floor_ms,
+        "eager_kernels_ms_by_kind": by_kind,
+        "eager_kernel_launches": launches,
+        "top_kernels": top,
+        "ceilings": ceilings,
+    }
+    (out / f"decode_profile_{args.model.split(':')[-1]}_b{args.batch}.json").write_text(
+        json.dumps(result, indent=1)
+    )
+    print(
+        f"{args.model} batch {args.batch} (padded {size}), context ~{context}: engine step "
+        f"{step_ms:.3f} ms = graph replay {replay_ms:.3f} ms + host {step_ms - replay_ms:.3f} ms; "
+        f"floor {floor_ms:.3f} ms ({floor_ms / replay_ms:.2f} of the replay)"
+    )
+    total = sum(by_kind.values())
+    print(f"eager forward kernels: {launches} launches, {total:.3f} ms of GPU time")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<16} {ms:8.3f} ms  {ms / total:6.1%}")
+    for name, ms, count in top:
+        print(f"  {ms:8.3f} ms  x{count:<4} {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()
