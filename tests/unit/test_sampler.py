@@ -12,8 +12,11 @@ from workers.layers.sampler import (
     Sampler,
     SamplingBatch,
     apply_penalties_and_bias,
+    draw_seed,
     mask_tokens_,
     prompt_logprobs,
+    top_k_top_p_cutoff,
+    uniforms,
 )
 
 VOCAB = 64
@@ -52,6 +55,71 @@ def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     counts = torch.bincount(tokens, minlength=probs.numel()).double()
     expected = probs.double() * tokens.numel()
     return float(((counts - expected) ** 2 / expected).sum())
+
+
+def splitmix64_output(seed: int, n: int) -> int:
+    """Output n (from 0) of Vigna's splitmix64.c seeded with seed: the state has advanced n + 1
+    times by the golden gamma, then goes through the finaliser."""
+    mask = (1 << 64) - 1
+    z = (seed + (n + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def test_reference_splitmix64_is_the_published_one() -> None:
+    # The first outputs of splitmix64.c seeded with 0.
+    expected = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC]
+    assert [splitmix64_output(0, n) for n in range(4)] == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uniforms_are_the_top_24_bits_of_splitmix64(device: str) -> None:
+    vocab = 100_352
+    # Keys with the top bit set are negative as int64: the shifts must still be logical.
+    keys = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0xDEADBEEFCAFEF00D, draw_seed(7, 3)]
+    u = uniforms(torch.tensor([as_int64(k) for k in keys], device=device), vocab).cpu()
+    assert u.shape == (len(keys), vocab) and u.dtype == torch.float32
+    for row, key in enumerate(keys):
+        for n in (0, 1, 2, 3, 1000, 65_535, vocab - 1):
+            assert float(u[row, n]) == (splitmix64_output(key, n) >> 40) / 2**24, (key, n)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+
+
+def test_uniforms_are_uniform_and_independent_of_their_neighbours() -> None:
+    keys = torch.tensor([as_int64(draw_seed(seed, 0)) for seed in range(64)])
+    u = uniforms(keys, 16_384)  # [64, 16384]: 1M values
+    bins = (u * 16).long().flatten()
+    flat = torch.full((16,), 1 / 16)
+    assert chi_square(bins, flat) < 37.7  # 15 degrees of freedom: P = 0.001
+    # Pairs of neighbouring tokens fill a 4 x 4 grid evenly: no correlation along the vocabulary.
+    quarters = (u * 4).long()  # [64, 16384]
+    pairs = (quarters[:, :-1] * 4 + quarters[:, 1:]).flatten()
+    assert chi_square(pairs, flat) < 37.7  # 15 degrees of freedom: P = 0.001
+    # And so do the same token of neighbouring positions of one request.
+    by_position = torch.tensor([as_int64(draw_seed(5, position)) for position in range(4096)])
+    column = (uniforms(by_position, 256) * 4).long()  # [4096, 256]
+    pairs = (column[:-1] * 4 + column[1:]).flatten()
+    assert chi_square(pairs, flat) < 37.7
+
+
+def test_the_draw_is_gumbel_max_over_the_counter_uniforms() -> None:
+    """The exact contract: token = argmax(x - log(-log U)) with U keyed by (seed, position)."""
+    rows, vocab = 16, 300
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(4)) * 2
+    seeds = [2**63 - 1 - i for i in range(rows)]
+    positions = [3 * i for i in range(rows)]
+    batch = make_batch([SamplingParams()] * rows, seeds, positions)
+    tokens = Sampler(vocab, None, (EOS,))(logits, batch).token_ids.tolist()
+    for row in range(rows):
+        key = draw_seed(seeds[row], positions[row])
+        u = torch.tensor([(splitmix64_output(key, n) >> 40) / 2**24 for n in range(vocab)])
+        x = logits[row] - logits[row].max()
+        assert tokens[row] == int((x - (-u.log()).log()).argmax()), row
 
 
 def test_temperature_zero_is_argmax() -> None:
@@ -125,6 +193,54 @@ def test_different_positions_and_seeds_draw_differently() -> None:
     assert tokens(1) == first
 
 
+def test_draws_over_many_seeds_and_positions_follow_the_distribution() -> None:
+    probs = torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05])
+    seeds, positions = 100, 200  # 20k draws, each with its own (seed, position) key
+    rows = seeds * positions
+    batch = make_batch(
+        [SamplingParams()] * rows,
+        seeds=[seed for seed in range(seeds) for _ in range(positions)],
+        positions=list(range(positions)) * seeds,
+    )
+    tokens = Sampler(5, None, (EOS,))(probs.log().expand(rows, -1), batch).token_ids
+    assert chi_square(tokens, probs) < 18.5  # 4 degrees of freedom: P = 0.001
+    # Each frequency within 4 standard deviations of its probability.
+    frequency = torch.bincount(tokens, minlength=5).double() / rows
+    assert ((frequency - probs).abs() < 4 * (probs * (1 - probs) / rows).sqrt()).all()
+
+
+def test_a_row_draws_the_same_token_in_any_batch_composition() -> None:
+    vocab = 500
+    generator = torch.Generator().manual_seed(21)
+    logits = torch.randn(40, vocab, generator=generator) * 2
+    params = varied_params(40)
+    # Others change the batch's widest top-k, greedy share and filter groups around the rows.
+    others = [
+        SamplingParams(top_k=400, top_p=0.95),
+        SamplingParams(top_p=0.5),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=2),
+    ]
+    seeds = [int(s) for s in torch.randint(0, 2**63 - 1, (40,), generator=generator)]
+    positions = [int(p) for p in torch.randint(0, 1000, (40,), generator=generator)]
+    sampler = Sampler(vocab, None, (EOS,))
+
+    def draw(rows: list[int], extra: list[SamplingParams]) -> list[int]:
+        batch = make_batch(
+            [params[i] for i in rows] + extra,
+            [seeds[i] for i in rows] + [1] * len(extra),
+            [positions[i] for i in rows] + [0] * len(extra),
+        )
+        index = torch.tensor(rows + [0] * len(extra))
+        return sampler(logits[index], batch).token_ids.tolist()[: len(rows)]
+
+    alone = [draw([i], [])[0] for i in range(40)]
+    for trial in range(5):
+        rows = torch.randperm(40, generator=generator)[: 8 + 8 * trial].tolist()
+        extra = [others[(trial + j) % len(others)] for j in range(trial)]
+        assert draw(rows, extra) == [alone[i] for i in rows], trial
+
+
 def test_plain_sampling_matches_softmax_with_temperature() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2]])
     temperature = 0.7
@@ -160,6 +276,50 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert chi_square(tokens, renormalised) < 13.8  # 2 degrees of freedom: P = 0.001
 
 
+def top_k_top_p_kept_reference(x: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """Tokens kept by top-k then top-p, by the definition: sort, keep the k most likely, then the
+    smallest prefix of those whose renormalised probability reaches p (all of them when p = 1)."""
+    order = x.argsort(descending=True)[:top_k].tolist()
+    probs = x[order].softmax(-1).tolist()
+    kept, mass = [], 0.0
+    for token, prob in zip(order, probs, strict=True):
+        if top_p < 1.0 and mass >= top_p:
+            break
+        kept.append(token)
+        mass += prob
+    return set(kept)
+
+
+def test_top_k_cutoff_from_topk_equals_the_full_sort_and_the_definition() -> None:
+    rows, vocab = 24, 1000
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(rows, vocab, generator=generator) * 3
+    x = x - x.amax(dim=-1, keepdim=True)  # [F, V], row max 0 as the sampler hands it over
+    top_k = torch.randint(1, 300, (rows,), generator=generator)
+    top_p = torch.rand(rows, generator=generator) * 0.9 + 0.05
+    top_p[::4] = 1.0
+    from_topk = top_k_top_p_cutoff(x.topk(int(top_k.max())).values, top_k, top_p)
+    from_sort = top_k_top_p_cutoff(x.sort(dim=-1, descending=True).values, top_k, top_p)
+    assert torch.equal(from_topk, from_sort)
+    # p = 1 keeps all top_k, even tokens too unlikely to move the float sum of the mass.
+    tail = torch.tensor([[0.0, -20.0, -30.0, -40.0]])
+    assert top_k_top_p_cutoff(tail, torch.tensor([4]), torch.tensor([1.0])).tolist() == [-40.0]
+    for row in range(rows):
+        kept = set((x[row] >= from_topk[row]).nonzero().flatten().tolist())
+        assert kept == top_k_top_p_kept_reference(x[row], int(top_k[row]), float(top_p[row])), row
+
+
+def test_tokens_tied_with_the_cutoff_are_all_kept() -> None:
+    logits = torch.tensor([[3.0, 2.0, 0.0, 2.0, 2.0, 1.0]])
+    # The 2nd largest logit, 2.0, is shared by tokens 1, 3 and 4: top-k = 2 keeps all three.
+    tokens = set(draw_many(logits, SamplingParams(top_k=2), 1000).tolist())
+    assert tokens == {0, 1, 3, 4}
+    # Likewise top-p: token 0 alone has 0.44 < 0.5 of the mass and any one 2.0 reaches 0.5, so the
+    # cut-off is 2.0, and the other two 2.0s stay too.
+    tokens = set(draw_many(logits, SamplingParams(top_p=0.5), 1000).tolist())
+    assert tokens == {0, 1, 3, 4}
+
+
 def test_min_p_drops_tokens_below_the_fraction_of_the_top() -> None:
     probs = torch.tensor([0.4, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03])
     logits = probs.log().unsqueeze(0)
@@ -169,6 +329,9 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_top() -> None:
     assert set(tokens.tolist()) == {0, 1, 2, 3}
     tokens = draw_many(logits, SamplingParams(min_p=0.45), 2000)
     assert set(tokens.tolist()) == {0, 1}
+    # With top-k or top-p keeping more, the stricter min-p still decides: 0.3 * 0.4 = 0.12.
+    for params in (SamplingParams(min_p=0.3, top_k=5), SamplingParams(min_p=0.3, top_p=0.95)):
+        assert set(draw_many(logits, params, 2000).tolist()) == {0, 1, 2}
 
 
 def test_filters_compose_with_temperature() -> None:
@@ -182,6 +345,39 @@ def test_filters_compose_with_temperature() -> None:
     kept = probs[:nucleus]
     allowed = {int(order[i]) for i in range(nucleus) if kept[i] >= 0.05 * kept[0]}
     assert tokens <= allowed and len(tokens) >= 2
+
+
+def test_plain_greedy_batch_takes_the_same_tokens_as_the_full_path() -> None:
+    vocab, sampleable = 300, 290
+    # bf16 logits have many ties: both paths must take the first of the tied maxima.
+    logits = (torch.randn(16, vocab, generator=torch.Generator().manual_seed(8)) * 3).bfloat16()
+    logits[:, ::7] = logits.amax(dim=-1, keepdim=True)
+    logits[:3, sampleable:] = 100.0  # padding ids are never taken
+    sampler = Sampler(vocab, sampleable, (EOS,))
+    plain = sampler(logits, make_batch([SamplingParams(temperature=0.0)] * 16)).token_ids
+    # A presence penalty without output tokens changes nothing, yet sends the batch the long way.
+    penalised = make_batch([SamplingParams(temperature=0.0, presence_penalty=1.0)] * 16)
+    assert torch.equal(plain, sampler(logits, penalised).token_ids)
+    assert torch.equal(plain, logits[:, :sampleable].float().argmax(dim=-1))
+
+
+@pytest.mark.gpu
+def test_a_step_never_waits_for_the_gpu() -> None:
+    rows, vocab = 32, 1001
+    logits = torch.randn(rows, vocab, device="cuda")
+    params = [p for p in varied_params(rows) if p.logprobs is None]  # logprobs may sync
+    outputs = [[(i * 3 + j) % vocab for j in range(i % 5)] for i in range(len(params))]
+    batch = make_batch(params, prompts=[[1, 2, 3]] * len(params), outputs=outputs)
+    sampler = Sampler(vocab, vocab - 10, (EOS,))
+    sampler(logits[: len(params)], batch)  # warm up: first-time allocations may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        token_ids = sampler(logits[: len(params)], batch).token_ids
+        greedy = sampler(logits, make_batch([SamplingParams(temperature=0.0)] * rows)).token_ids
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert token_ids.shape == (len(params),) and greedy.shape == (rows,)
 
 
 def test_bias_and_penalties_exactly() -> None:

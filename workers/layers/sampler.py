@@ -7,13 +7,23 @@ Processing order, each step applied to the rows whose parameters ask for it:
     → greedy rows: argmax
     → other rows: temperature → top-k → top-p → min-p → the draw
 
+Top-k, top-p and min-p each come down to a cut-off logit per row, and the row keeps the tokens at
+or above the highest of them; tokens tied with the cut-off are all kept, so the kept set depends on
+the logits alone, never on how a sort orders ties. Rows with top-k find the cut-off among their
+`topk(max_k)`; only rows with top-p and no top-k sort the whole vocabulary.
+
 The draw is an exponential race: token = argmax(probs / E) with E = -log U ~ Exp(1) i.i.d. per
 token picks token i with probability probs[i]; it is computed in log space (Gumbel-max). U comes
-from a `torch.Generator` seeded from a hash of (request seed, output position), one row at a time,
-so a token is a pure function of the request's logits, parameters, seed and position: the same
-alone or in any batch, and after preemption or failover. CPU and CUDA generators give different
-numbers, so a replay must stay on one device type. The per-row generator costs one kernel launch
-a row (about 13 us on an H200); a counter-based RNG in a Triton kernel would remove it.
+from a counter-based generator: U[row, token] is the token-th output of SplitMix64 seeded with a
+hash of (request seed, output position), computed for the whole [S, V] block in a few integer
+tensor ops, with no per-row launch and no host-device sync. So a token is a pure function of the
+request's logits, parameters, seed and position: the same alone or in any batch, and after
+preemption or failover. The uniforms are the same bits on CPU and CUDA, so a replay may even move
+to another device type (the tokens then match as far as the logits and `log` do).
+
+Nothing in a step waits for the device: host lists reach it through pinned non-blocking copies and
+no op has a data-dependent shape. The caller's read of the token ids is the step's one sync;
+logprobs, when a request asks for them, add another.
 
 Logprobs are `log_softmax` of the RAW logits given to the sampler (before penalties, bias,
 temperature and filtering) over the sampleable vocabulary: the model's own belief, as OpenAI and
@@ -34,6 +44,11 @@ if TYPE_CHECKING:
     from workers.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MIX_ROUNDS = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB))
+"""SplitMix64's xor-shift-multiply rounds, (shift, multiplier); its last xor-shift is by 31."""
+_UNIFORM_BITS = 24
+"""Bits of each hash that make a uniform: float32's significand, so k * 2**-24 is exact."""
 
 
 @dataclass
@@ -90,15 +105,40 @@ def _to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.devi
 
 def _splitmix64(x: int) -> int:
     """Steele et al.'s SplitMix64 finaliser: a bijective 64-bit mix."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + _GOLDEN_GAMMA) & _MASK64
+    for shift, multiplier in _MIX_ROUNDS:
+        x = ((x ^ (x >> shift)) * multiplier) & _MASK64
     return x ^ (x >> 31)
 
 
 def draw_seed(seed: int, position: int) -> int:
-    """The generator seed for one draw: a hash of (request seed, output position)."""
+    """The key of one row's draw: a hash of (request seed, output position), in [0, 2**64)."""
     return _splitmix64((_splitmix64(seed) + position) & _MASK64)
+
+
+def _signed64(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned value (torch has no uint64 arithmetic)."""
+    return value - (1 << 64) if value >> 63 else value
+
+
+def uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U[row, token] = top 24 bits of output `token` of SplitMix64 seeded with keys[row], / 2**24.
+
+    keys: [S] int64 holding the unsigned 64-bit keys' bits. Returns [S, vocab] float32 in [0, 1).
+    Integer ops only, so the result is the same bits on every device. torch's int64 is signed:
+    multiplication and addition wrap modulo 2**64 exactly as unsigned ones do, but a right shift is
+    arithmetic, so each shift is masked to its low 64 - shift bits to make it logical.
+    """
+    # Output n of a generator seeded with k mixes k + (n + 1) * gamma (it adds gamma, then mixes).
+    steps = torch.arange(1, vocab + 1, dtype=torch.long, device=keys.device)  # [V]
+    state = keys.unsqueeze(1) + steps.mul_(_signed64(_GOLDEN_GAMMA))  # [S, V]
+    shifted = torch.empty_like(state)  # [S, V]
+    for shift, multiplier in _MIX_ROUNDS:
+        torch.bitwise_right_shift(state, shift, out=shifted).bitwise_and_((1 << (64 - shift)) - 1)
+        state.bitwise_xor_(shifted).mul_(_signed64(multiplier))
+    # The last xor-shift (x ^ x >> 31) leaves the top 33 bits as they are, so it is skipped.
+    top_bits = state.bitwise_right_shift_(64 - _UNIFORM_BITS).bitwise_and_((1 << _UNIFORM_BITS) - 1)
+    return top_bits.float().mul_(2.0**-_UNIFORM_BITS)  # [S, V]: k / 2**24, k < 2**24
 
 
 def _token_index(
@@ -112,6 +152,24 @@ def _token_index(
     return _to_device(row_index, torch.long, device), _to_device(token_ids, torch.long, device)
 
 
+def _take_rows(x: torch.Tensor, rows: list[int], index: torch.Tensor) -> torch.Tensor:
+    """x[rows] (rows ascending, distinct; index: them on the device); x itself when they are all."""
+    return x if len(rows) == x.shape[0] else x.index_select(0, index)
+
+
+def _is_penalised(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def _early_rows(batch: SamplingBatch) -> list[int]:
+    """Rows still short of min_tokens: the position of the token drawn = output tokens before it."""
+    return [i for i, p in enumerate(batch.params) if batch.output_positions[i] < p.min_tokens]
+
+
 def apply_penalties_and_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Logit bias, then repetition, presence and frequency penalties; returns a new tensor."""
     out = logits.clone()  # [R, V]
@@ -122,11 +180,7 @@ def apply_penalties_and_bias(logits: torch.Tensor, batch: SamplingBatch) -> torc
         biases = [b for i in biased for b in batch.params[i].logit_bias.values()]
         out.index_put_(index, _to_device(biases, out.dtype, device), accumulate=True)
 
-    penalised = [
-        i
-        for i, p in enumerate(batch.params)
-        if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-    ]
+    penalised = [i for i, p in enumerate(batch.params) if _is_penalised(p)]
     if not penalised:
         return out
     params = [batch.params[i] for i in penalised]
@@ -164,8 +218,7 @@ def mask_tokens_(
     sampleable_vocab_size: int,
 ) -> torch.Tensor:
     """In place: forbid EOS and stop_token_ids before min_tokens, and ids past the real vocab."""
-    # The position of the token being drawn is the number of output tokens before it.
-    early = [i for i, p in enumerate(batch.params) if batch.output_positions[i] < p.min_tokens]
+    early = _early_rows(batch)
     if early:
         banned = [[*eos_token_ids, *batch.params[i].stop_token_ids] for i in early]
         logits[_token_index(banned, early, logits.device)] = -math.inf
@@ -173,21 +226,25 @@ def mask_tokens_(
     return logits
 
 
-def _filter_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """x: [F, V] scaled logits; top_k: [F] (V when off); top_p: [F]. Returns x with -inf holes."""
-    sorted_x, order = x.sort(dim=-1, descending=True)  # [F, V]
-    rank = torch.arange(x.shape[1], device=x.device)  # [V]
-    # top-k: keep the k most likely tokens.
-    remove = rank.unsqueeze(0) >= top_k.unsqueeze(1)  # [F, V]
-    sorted_x = sorted_x.masked_fill(remove, -math.inf)
-    # top-p: keep the smallest prefix whose probability is >= p, i.e. drop a token once the mass
-    # before it already reaches p. The first token has mass 0 before it, so at least one is kept;
-    # rows with p == 1 are left alone so float rounding in the cumsum never drops a token.
-    probs = sorted_x.softmax(dim=-1)  # [F, V]
-    mass_before = probs.cumsum(dim=-1) - probs  # [F, V]
-    remove = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-    sorted_x = sorted_x.masked_fill(remove, -math.inf)
-    return torch.empty_like(x).scatter_(1, order, sorted_x)  # back to vocabulary order
+def top_k_top_p_cutoff(
+    largest: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """The smallest logit that top-k, then top-p over the top-k, keep in each row.
+
+    largest: [F, W] each row's W largest scaled logits, descending, the first one 0; top_k: [F] in
+    [1, W] (W when off); top_p: [F]. Returns [F]. Only a row's first top_k values are read, so
+    `topk(W)` for any W >= top_k and a full sort give the same cut-off.
+    """
+    # Prefix masses, unnormalised: the top logit is 0, so exp never overflows.
+    mass = largest.exp().cumsum(dim=-1)  # [F, W]: mass of the j + 1 largest
+    top_k_mass = mass.gather(1, (top_k - 1).unsqueeze(1))  # [F, 1]
+    # top-p: keep the smallest prefix whose probability is >= p, i.e. keep token j + 1 while the
+    # mass up to j is < p of the top-k's. The first token is always kept, and the count stays
+    # below top_k because mass[j] >= top_k_mass from j = top_k - 1 on. Rows with p == 1 keep all
+    # top_k so float rounding in the cumsum never drops a token.
+    nucleus = (mass < top_p.unsqueeze(1) * top_k_mass).sum(dim=-1) + 1  # [F]
+    kept = torch.where(top_p < 1.0, nucleus, top_k)  # [F]
+    return largest.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)  # [F]
 
 
 def _gather_logprobs(
@@ -247,28 +304,20 @@ class Sampler:
                 f"sampleable_vocab_size: must be in [1, {vocab_size}], got {sampleable_vocab_size}"
             )
         self.eos_token_ids = tuple(eos_token_ids)
-        self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         expected = (len(batch.params), self.vocab_size)
         if logits.shape != expected:
             raise ValueError(f"logits: must be {list(expected)}, got {list(logits.shape)}")
-        logits = logits.float()  # [R, V]
         num_rows, device = logits.shape[0], logits.device
-        processed = apply_penalties_and_bias(logits, batch)  # [R, V]
-        mask_tokens_(processed, batch, self.eos_token_ids, self.sampleable_vocab_size)
-
-        token_ids = torch.empty(num_rows, dtype=torch.long, device=device)  # [R]
-        greedy = [i for i, p in enumerate(batch.params) if p.is_greedy]
-        sampled = [i for i, p in enumerate(batch.params) if not p.is_greedy]
-        if greedy:
-            greedy_index = _to_device(greedy, torch.long, device)
-            chosen = processed.index_select(0, greedy_index).argmax(dim=-1)  # [G]
-            token_ids.index_copy_(0, greedy_index, chosen)
-        if sampled:
-            sampled_index = _to_device(sampled, torch.long, device)
-            x = processed.index_select(0, sampled_index)  # [S, V]
-            token_ids.index_copy_(0, sampled_index, self._draw(x, batch, sampled))
+        plain_greedy = all(
+            p.is_greedy and not p.logit_bias and not _is_penalised(p) for p in batch.params
+        )
+        if plain_greedy and not _early_rows(batch):
+            # Nothing changes a logit: the argmax over the sampleable ids, without a copy.
+            token_ids = logits[:, : self.sampleable_vocab_size].argmax(dim=-1)  # [R]
+        else:
+            token_ids = self._sample(logits.float(), batch)  # [R]
 
         wanted = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
@@ -281,52 +330,68 @@ class Sampler:
                 logprobs[i] = result
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits: [R, V] float32; every processing step, then argmax or the draw per row."""
+        device = logits.device
+        processed = apply_penalties_and_bias(logits, batch)  # [R, V]
+        mask_tokens_(processed, batch, self.eos_token_ids, self.sampleable_vocab_size)
+        token_ids = torch.empty(logits.shape[0], dtype=torch.long, device=device)  # [R]
+        greedy = [i for i, p in enumerate(batch.params) if p.is_greedy]
+        sampled = [i for i, p in enumerate(batch.params) if not p.is_greedy]
+        if greedy:
+            greedy_index = _to_device(greedy, torch.long, device)
+            chosen = processed.index_select(0, greedy_index).argmax(dim=-1)  # [G]
+            token_ids.index_copy_(0, greedy_index, chosen)
+        if sampled:
+            sampled_index = _to_device(sampled, torch.long, device)
+            x = _take_rows(processed, sampled, sampled_index)  # [S, V]
+            token_ids.index_copy_(0, sampled_index, self._draw(x, batch, sampled))
+        return token_ids
+
     def _draw(self, x: torch.Tensor, batch: SamplingBatch, rows: list[int]) -> torch.Tensor:
         """x: [S, V] processed logits of the non-greedy rows; returns their token ids [S]."""
         params = [batch.params[i] for i in rows]
         device, vocab = x.device, x.shape[1]
-        # Row max to 0: min-p below relies on it, and a tiny temperature then sends the other
+        # Row max to 0: the cut-offs below rely on it, and a tiny temperature then sends the other
         # logits to -inf instead of overflowing to inf. Dividing by a temperature of 1 is exact.
         x = x - x.amax(dim=-1, keepdim=True)  # [S, V]
         temperatures = [p.temperature for p in params]
         if any(t != 1.0 for t in temperatures):
             x = x / _to_device(temperatures, x.dtype, device).unsqueeze(1)  # [S, V]
 
-        filtered = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
-        if filtered:
-            index = _to_device(filtered, torch.long, device)
-            top_k = [params[j].top_k if 0 < params[j].top_k < vocab else vocab for j in filtered]
-            top_p = [params[j].top_p for j in filtered]
-            x = x.index_copy(
-                0,
-                index,
-                _filter_top_k_top_p(
-                    x.index_select(0, index),  # [F, V]
-                    _to_device(top_k, torch.long, device),
-                    _to_device(top_p, x.dtype, device),
-                ),
-            )
-
-        if any(p.min_p > 0.0 for p in params):
-            # min-p: drop p_i < min_p * p_max, i.e. x_i < log(min_p) since x_max is 0 and top-k/p
-            # keep the top token; min_p = 0 gives log 0 = -inf, which drops nothing.
-            log_min_p = [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params]
-            x = x.masked_fill(x < _to_device(log_min_p, x.dtype, device).unsqueeze(1), -math.inf)
+        # min-p: drop p_i < min_p * p_max, i.e. x_i < log(min_p) since x_max is 0 (top-k and top-p
+        # keep the top token, and renormalising scales p_i and p_max alike); min_p = 0 gives
+        # log 0 = -inf, which drops nothing.
+        min_p_cutoff = [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params]
+        cutoff = _to_device(min_p_cutoff, x.dtype, device)  # [S]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        with_top_k = [j for j in range(len(params)) if top_k[j] < vocab]
+        top_p_only = [j for j, p in enumerate(params) if top_k[j] == vocab and p.top_p < 1.0]
+        for group in (with_top_k, top_p_only):
+            if not group:
+                continue
+            index = _to_device(group, torch.long, device)
+            width = max(top_k[j] for j in group)
+            candidates = _take_rows(x, group, index)  # [G, V]
+            if width < vocab:
+                largest = candidates.topk(width, dim=-1).values  # [G, max_k], descending
+            else:
+                largest = candidates.sort(dim=-1, descending=True).values  # [G, V]
+            group_cutoff = top_k_top_p_cutoff(
+                largest,
+                _to_device([top_k[j] for j in group], torch.long, device),
+                _to_device([params[j].top_p for j in group], x.dtype, device),
+            )  # [G]
+            # Every filter is a cut-off on the same logits, so together they keep x >= the highest.
+            cutoff.index_copy_(0, index, torch.maximum(cutoff.index_select(0, index), group_cutoff))
+        if with_top_k or top_p_only or any(p.min_p > 0.0 for p in params):
+            x = x.masked_fill(x < cutoff.unsqueeze(1), -math.inf)  # [S, V]
 
         # Exponential race in log space (the Gumbel-max trick): with U ~ Uniform[0, 1) i.i.d. per
         # token, argmax_i x_i - log(-log U_i) picks token i with probability softmax(x)_i. No
         # softmax, only argmax: a row's token never depends on the other rows, bit for bit.
-        # U = 0 gives -inf, never NaN.
-        noise = torch.empty_like(x)  # [S, V]
-        generator = self._generator(device)
-        for row, i in enumerate(rows):
-            generator.manual_seed(draw_seed(batch.seeds[i], batch.output_positions[i]))
-            noise[row].uniform_(generator=generator)
+        # U = 0 gives -inf, never NaN; U <= 1 - 2**-24 keeps -log U > 0, so no +inf either.
+        keys = [_signed64(draw_seed(batch.seeds[i], batch.output_positions[i])) for i in rows]
+        noise = uniforms(_to_device(keys, torch.long, device), vocab)  # [S, V]
         gumbel = noise.log_().neg_().log_().neg_()  # [S, V]
-        return (x + gumbel).argmax(dim=-1)  # [S]
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        # One generator per device, re-seeded before every row's draw.
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]
+        return gumbel.add_(x).argmax(dim=-1)  # [S]
