@@ -43,7 +43,10 @@ def prefill_check(loaded, prompt_len: int = 128, batch: int = 4) -> dict:
     positions = torch.arange(prompt_len, device="cuda").repeat(batch)
     rms = []
     hooks = [
-        layer.register_forward_hook(lambda m, a, out: rms.append(out.float().pow(2).mean().sqrt()))
+        # an Olmo 2 layer returns (stream, None)
+        layer.register_forward_hook(
+            lambda m, a, out: rms.append(out[0].float().pow(2).mean().sqrt())
+        )
         for layer in model.model.layers
     ]
     with forward_context(ForwardContext(meta, slab, get_backend("torch_ref"))):

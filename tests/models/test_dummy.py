@@ -62,7 +62,8 @@ def test_activations_stay_finite_through_64_bf16_layers():
     rms = []
     for layer in model.model.layers:
         layer.register_forward_hook(
-            lambda m, args, out: rms.append(out.float().pow(2).mean().sqrt())
+            # an Olmo 2 layer returns (stream, None)
+            lambda m, args, out: rms.append(out[0].float().pow(2).mean().sqrt())
         )
     prompts = [torch.randint(0, 1000, (n,)).tolist() for n in (3, 40)]
     prompt_logits, outputs = PagedSequences(model).greedy(prompts, 4)

@@ -90,6 +90,10 @@ class AttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
-        """q [T, H, D], k and v [T, KVH, D], kv_cache [2, blocks, KVH, BS, D] -> [T, H, D]."""
+        """q [T, H, D], k and v [T, KVH, D], kv_cache [2, blocks, KVH, BS, D] -> [T, H, D].
+
+        kv_stored: the caller has already written k and v into their slots (a fused prologue).
+        """
         raise NotImplementedError

@@ -50,8 +50,10 @@ class TorchRefBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta)
+        if not kv_stored:
+            store_kv(k, v, kv_cache, meta)
         num_heads, kv_heads = q.shape[1], kv_cache.shape[2]
         out = torch.empty_like(q)
         starts = meta.query_start_loc_host

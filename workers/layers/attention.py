@@ -1,4 +1,8 @@
-"""The attention layer models call: it reshapes heads and hands off to the current backend."""
+"""The attention layer models call: it reshapes heads and hands off to the current backend.
+
+`forward_qkv` is the fused path (Triton): QK-norm, RoPE and the K/V store of the new tokens in one
+kernel (`kernels/rope.py`) straight from the fused projection, then the backend only attends.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import torch
 from torch import nn
 
 from workers.forward_context import get_forward_context
+from workers.layers.norm import ShardedRMSNorm
+from workers.layers.rotary import RotaryStep
 
 
 class Attention(nn.Module):
@@ -19,10 +25,48 @@ class Attention(nn.Module):
         self.scale = scale
         self.layer_index = layer_index
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H * D]
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False
+    ) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H * D]; kv_stored: k and v are in the slab already
         context = get_forward_context()
         out = context.backend.forward(
-            q, k, v, context.kv_caches[self.layer_index], context.attn_metadata, self.scale
+            q,
+            k,
+            v,
+            context.kv_caches[self.layer_index],
+            context.attn_metadata,
+            self.scale,
+            kv_stored=kv_stored,
         )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,
+        rope: RotaryStep,
+        qk_norms: tuple[ShardedRMSNorm, ShardedRMSNorm] | None,
+    ) -> torch.Tensor:
+        """qkv [T, (H + 2 * KVH) * D] -> [T, H * D], through the fused Triton prologue.
+
+        qk_norms, when given, must be unsharded (each spans its whole width on this rank).
+        """
+        from kernels.rope import rotary_qkv
+
+        context = get_forward_context()
+        norm = {}
+        if qk_norms is not None:
+            q_norm, k_norm = qk_norms
+            norm = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
+        q, k, v = rotary_qkv(
+            qkv,
+            self.num_heads,
+            self.num_kv_heads,
+            rope.positions,
+            rope.cos_cache,
+            rope.sin_cache,
+            **norm,
+            kv_cache=context.kv_caches[self.layer_index],
+            slot_mapping=context.attn_metadata.slot_mapping,
+        )  # q: [T, H, D]; k, v: [T, KVH, D]
+        return self(q, k, v, kv_stored=True)

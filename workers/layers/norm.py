@@ -1,4 +1,8 @@
-"""RMSNorm, computed in fp32 whatever the activation dtype."""
+"""RMSNorm, computed in fp32 whatever the activation dtype, and its fused residual adds.
+
+On CUDA the three forms run as one Triton kernel each (`kernels/rmsnorm.py`); the PyTorch code
+below is the path elsewhere and the kernels' reference.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import tp_all_reduce
+from workers.layers.fused import use_triton
 from workers.layers.linear import copy_checked
 
 
@@ -18,7 +23,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]; normalised and scaled in fp32, returned in x's dtype
+        if use_triton(x):
+            from kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm: s = x + residual (in x's dtype); returns (norm(s), s).
+
+        The Triton path writes s into `residual`'s storage and returns it.
+        """
+        if use_triton(x):
+            from kernels.rmsnorm import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self(residual), residual
+
+    def norm_and_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Post-norm: residual + norm(x), norm(x) rounded to x's dtype before the add."""
+        if use_triton(x):
+            from kernels.rmsnorm import rms_norm_add
+
+            return rms_norm_add(x, residual, self.weight, self.eps)
+        return residual + self(x)
 
 
 class ShardedRMSNorm(nn.Module):
@@ -38,6 +69,11 @@ class ShardedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
         self.weight.weight_loader = self.weight_loader
 
+    @property
+    def unsharded(self) -> bool:
+        """This rank holds the whole vector: the norm needs no other rank's squares."""
+        return self.width == self.full_width
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, loaded.narrow(0, self.shard_index * self.width, self.width))
 
@@ -45,7 +81,7 @@ class ShardedRMSNorm(nn.Module):
         # x: [T, width], this rank's part of [T, full_width]
         x32 = x.float()
         squares = x32.pow(2).sum(-1, keepdim=True)  # [T, 1]
-        if self.width != self.full_width:
+        if not self.unsharded:
             squares = tp_all_reduce(squares / self.replicas)
         x32 = x32 * torch.rsqrt(squares / self.full_width + self.eps)
         return (self.weight.float() * x32).to(x.dtype)

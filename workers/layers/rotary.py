@@ -2,12 +2,16 @@
 
 cos/sin are tabulated once in fp32 for every position up to the model's context and indexed by
 each token's position, so the flattened batch needs no per-sequence offsets. One table serves the
-whole model: the stack looks up the step's positions once and every layer applies them.
+whole model: the stack makes one `RotaryStep` per forward and every layer applies it, the PyTorch
+path through its cos/sin rows in the activation dtype (looked up on first use), the fused Triton
+prologue (`kernels/rope.py`) by reading the fp32 tables at the positions itself.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,18 +55,33 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", angles.cos(), persistent=False)
         self.register_buffer("sin_cache", angles.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for the step's positions ([T]), each [T, 1, D] in `dtype`.
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryStep:
+        """The rotation of the step's positions ([T]) for activations of `dtype`."""
+        return RotaryStep(positions, self.cos_cache, self.sin_cache, dtype)
+
+
+@dataclass
+class RotaryStep:
+    positions: torch.Tensor
+    """[T] position of each token."""
+    cos_cache: torch.Tensor
+    """[P, D] fp32 cos of every position (the model's table)."""
+    sin_cache: torch.Tensor
+    """[P, D] fp32 sin, likewise."""
+    dtype: torch.dtype
+    """The activation dtype."""
+
+    @functools.cached_property
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of the positions, each [T, 1, D] in the activation dtype.
 
         rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated), one op fewer.
         """
         half = self.cos_cache.shape[-1] // 2
-        cos = self.cos_cache[positions]  # [T, D]
-        sin = self.sin_cache[positions]
+        cos = self.cos_cache[self.positions]  # [T, D]
+        sin = self.sin_cache[self.positions]
         signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        return cos.unsqueeze(1).to(dtype), signed_sin.unsqueeze(1).to(dtype)
+        return cos.unsqueeze(1).to(self.dtype), signed_sin.unsqueeze(1).to(self.dtype)
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

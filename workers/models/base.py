@@ -2,7 +2,8 @@
 
 Forward contract: `forward(input_ids [T], positions [T]) -> hidden [T, H]` over the flattened new
 tokens of every scheduled sequence (no padding, no batch dimension); `compute_logits(hidden[rows])`
-for the rows that are sampled only.
+for the rows that are sampled only. A decoder layer maps (hidden, residual, rope) to (hidden,
+residual); see `DecoderStack.forward`.
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ class DecoderStack(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        rope = self.rotary_emb(positions, hidden.dtype)  # cos, sin: [T, 1, D]
+        rope = self.rotary_emb(positions, hidden.dtype)
+        # layers pass the residual stream beside hidden when the add belongs to the next norm
+        # (Llama); it stays None when hidden is the stream (Olmo 2)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, rope)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class CausalLM(nn.Module):

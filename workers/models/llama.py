@@ -1,4 +1,15 @@
-"""Llama (Llama 2/3, SmolLM2): pre-norm blocks, grouped-query attention, tied embeddings."""
+"""Llama (Llama 2/3, SmolLM2): pre-norm blocks, grouped-query attention, tied embeddings.
+
+The residual stream travels beside the blocks' outputs (as in vLLM) so that each add joins the
+next norm: a layer gets (hidden, residual), the previous sublayer's output and the stream before
+it, and each norm first adds them, s = hidden + residual, then normalises s:
+
+    s = hidden + residual;  h = attn(input_layernorm(s))
+    s = h + s;              h = mlp(post_attention_layernorm(s))    -> (h, s)
+
+which is the textbook h = h + attn(norm(h)); h = h + mlp(norm(h)) with the adds moved, bit for
+bit (the first layer has no residual yet; the stack's final norm does the last add).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +18,11 @@ from torch import nn
 
 from workers.config import ModelConfig
 from workers.layers.attention import Attention
+from workers.layers.fused import use_triton
 from workers.layers.linear import QKVParallelLinear, RowParallelLinear
 from workers.layers.mlp import GatedMLP
-from workers.layers.norm import RMSNorm
-from workers.layers.rotary import apply_rotary
+from workers.layers.norm import RMSNorm, ShardedRMSNorm
+from workers.layers.rotary import RotaryStep, apply_rotary
 from workers.models.base import CausalLM
 
 
@@ -38,18 +50,23 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_index
         )
 
-    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def qk_norms(self) -> tuple[ShardedRMSNorm, ShardedRMSNorm] | None:
         """Hook for models that normalise q and k before RoPE; Llama does not."""
-        return q, k
+        return None
 
-    def forward(
-        self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: RotaryStep) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
+        norms = self.qk_norms()
+        # the fused kernel normalises over this rank's width only: QK-norm across ranks stays here
+        if use_triton(qkv) and (norms is None or all(norm.unsharded for norm in norms)):
+            return self.o_proj(self.attn.forward_qkv(qkv, rope, norms))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.normalize_qk(q, k)
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)  # over the whole width: [T, H * D], [T, KVH * D]
         # q and k rotated together: [T, H + KVH, D]
-        qk = apply_rotary(torch.cat((q, k), dim=-1).view(q.shape[0], -1, self.head_dim), rope)
+        qk = apply_rotary(
+            torch.cat((q, k), dim=-1).view(q.shape[0], -1, self.head_dim), rope.cos_sin
+        )
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         return self.o_proj(self.attn(q, k, v))
@@ -64,10 +81,17 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # hidden: the last sublayer's output [T, hidden]; residual: the stream before it (None in
+        # the first layer, whose hidden is the embedding) -> (this layer's MLP output, stream)
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, rope)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(CausalLM):

@@ -5,6 +5,9 @@
 
 q_norm and k_norm are RMSNorms over the full q and k projections (all heads at once, before the
 head split and RoPE); under tensor parallelism that norm spans every rank's shard.
+
+hidden is the whole residual stream here, so a layer passes no separate residual (it stays None);
+each `h + norm(sublayer(h))` is one fused norm-and-add.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 from workers.config import ModelConfig
 from workers.layers.mlp import GatedMLP
 from workers.layers.norm import RMSNorm, ShardedRMSNorm
+from workers.layers.rotary import RotaryStep
 from workers.models.base import CausalLM
 from workers.models.llama import LlamaAttention
 
@@ -34,9 +38,8 @@ class Olmo2Attention(LlamaAttention):
             eps,
         )
 
-    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H * D], k: [T, KVH * D], normalised over the whole width
-        return self.q_norm(q), self.k_norm(k)
+    def qk_norms(self) -> tuple[ShardedRMSNorm, ShardedRMSNorm]:
+        return self.q_norm, self.k_norm
 
 
 class Olmo2DecoderLayer(nn.Module):
@@ -48,10 +51,11 @@ class Olmo2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        hidden = hidden + self.post_attention_layernorm(self.self_attn(hidden, rope))
-        return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
+        self, hidden: torch.Tensor, residual: None, rope: RotaryStep
+    ) -> tuple[torch.Tensor, None]:
+        # hidden: the residual stream [T, hidden]
+        hidden = self.post_attention_layernorm.norm_and_add(self.self_attn(hidden, rope), hidden)
+        return self.post_feedforward_layernorm.norm_and_add(self.mlp(hidden), hidden), None
 
 
 class Olmo2ForCausalLM(CausalLM):

@@ -1,0 +1,215 @@
+"""The attention prologue in one pass: QK-norm (optional), rotary embedding, K/V store (optional).
+
+From each token's fused projection `qkv[t] = [q | k | v]` ([(H + 2 KVH) D]):
+
+    q <- rms_norm(q) over all H * D features, weight q_norm     (Olmo 2's QK-norm; Llama has none)
+    k <- rms_norm(k) over all KVH * D features, weight k_norm
+    q, k <- x * cos + rotate_half(x) * sin, per head           (RoPE: Su et al. 2021, "RoFormer")
+    kv_cache[0, slot // BS, :, slot % BS] = k;  kv_cache[1, slot // BS, :, slot % BS] = v
+
+RoPE uses the NeoX/HF layout: rotate_half(x)[d] = -x[d + D/2] for d < D/2 and x[d - D/2] after,
+so out[d] = x[d] * cos[d] + x[(d + D/2) mod D] * signed_sin[d], with sin negated on the first half;
+the kernel loads each head a second time at the rolled offsets instead of shuffling registers.
+cos and sin are rows of the model's fp32 tables [P, D] at the token's position. The slab store is
+`kernels/kv_store.py`'s (layout `[2, num_blocks, KVH, BS, D]`, values cast to the slab's dtype, a
+negative slot stores nothing).
+
+Grid (T, 2): program (t, 0) does token t's H query heads, program (t, 1) its KVH key heads and,
+when storing, its keys and values into the slab. The norm spans all heads of q (or k), so a
+program walks its heads in chunks of BLOCK_HEADS twice: once summing squares, once normalising,
+rotating and storing (the second read of the row hits the cache).
+
+Precision: everything is fp32 until the single rounding on store. The PyTorch path rounds the
+normalised q and k to the activation dtype and rotates in that dtype with cos/sin rounded to it,
+so the two agree to ~1e-6 in fp32 and to a few ulps in fp16/bf16. The stored k is the returned k.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE_ELEMENTS = 2048  # heads per chunk: as many as fit this many elements
+
+
+@triton.jit
+def _kernel(
+    qkv_ptr, stride_qkv_token,
+    qk_ptr, stride_qk_token,
+    q_norm_ptr, k_norm_ptr, eps,
+    positions_ptr, cos_ptr, sin_ptr, stride_table_position,
+    cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
+    slot_mapping_ptr,
+    NUM_HEADS, NUM_KV_HEADS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    QK_NORM: tl.constexpr, STORE_KV: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    is_k = tl.program_id(1) == 1  # else q
+    # this program's heads: the first NUM_HEADS (q) or the next NUM_KV_HEADS (k) of the row
+    first_head = tl.where(is_k, NUM_HEADS, 0)
+    num_heads = tl.where(is_k, NUM_KV_HEADS, NUM_HEADS)
+    row = qkv_ptr + token * stride_qkv_token + first_head * HEAD_DIM
+    heads = tl.arange(0, BLOCK_HEADS)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+
+    # -- sum of squares over all heads of the part --
+    if QK_NORM:
+        squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
+        for head_start in range(0, num_heads, BLOCK_HEADS):
+            head = head_start + heads
+            mask = (head[:, None] < num_heads) & dim_mask[None, :]
+            x = tl.load(row + head[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            squares += x * x
+        q_norm_heads = tl.where(is_k, 0, NUM_HEADS)
+        k_norm_heads = tl.where(is_k, NUM_KV_HEADS, 0)
+        inv_rms = tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / (num_heads * HEAD_DIM) + eps)
+
+    # -- cos and signed sin at the token's position --
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    cos = tl.load(cos_ptr + position * stride_table_position + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(sin_ptr + position * stride_table_position + dims, mask=dim_mask, other=0.0)
+    signed_sin = tl.where(dims < HEAD_DIM // 2, -sin, sin)
+    rolled = (dims + HEAD_DIM // 2) % HEAD_DIM
+
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        cache_tile = (
+            cache_ptr
+            + (slot // BLOCK_SIZE) * stride_cache_block
+            + (slot % BLOCK_SIZE) * stride_cache_slot
+        )
+        # only k programs store, and a padding row (slot < 0) stores nothing
+        store_heads = tl.where(is_k & (slot >= 0), NUM_KV_HEADS, 0)
+
+    for head_start in range(0, num_heads, BLOCK_HEADS):
+        head = head_start + heads
+        mask = (head[:, None] < num_heads) & dim_mask[None, :]
+        offsets = head[:, None] * HEAD_DIM + dims[None, :]  # [BLOCK_HEADS, BLOCK_D]
+        rolled_offsets = head[:, None] * HEAD_DIM + rolled[None, :]
+
+        # -- load the heads and their rolled copies --
+        x = tl.load(row + offsets, mask=mask, other=0.0).to(tl.float32)
+        x_rolled = tl.load(row + rolled_offsets, mask=mask, other=0.0).to(tl.float32)
+
+        # -- QK-norm: one weight vector for q, another for k --
+        if QK_NORM:
+            # a weight covers this program's heads only if it is its part's
+            q_mask = (head[:, None] < q_norm_heads) & dim_mask[None, :]
+            k_mask = (head[:, None] < k_norm_heads) & dim_mask[None, :]
+            weight = tl.load(q_norm_ptr + offsets, mask=q_mask, other=0.0).to(tl.float32)
+            weight += tl.load(k_norm_ptr + offsets, mask=k_mask, other=0.0).to(tl.float32)
+            weight_rolled = tl.load(q_norm_ptr + rolled_offsets, mask=q_mask, other=0.0)
+            weight_rolled = weight_rolled.to(tl.float32) + tl.load(
+                k_norm_ptr + rolled_offsets, mask=k_mask, other=0.0
+            ).to(tl.float32)
+            x = x * inv_rms * weight
+            x_rolled = x_rolled * inv_rms * weight_rolled
+
+        # -- rotate, store q or k --
+        out = (x * cos[None, :] + x_rolled * signed_sin[None, :]).to(qk_ptr.dtype.element_ty)
+        out_offsets = (first_head + head)[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(qk_ptr + token * stride_qk_token + out_offsets, out, mask=mask)
+
+        # -- k and v into the slab --
+        if STORE_KV:
+            store_mask = (head[:, None] < store_heads) & dim_mask[None, :]
+            tile = cache_tile + head[:, None] * stride_cache_head + dims[None, :]
+            cache_dtype = cache_ptr.dtype.element_ty
+            tl.store(tile, out.to(cache_dtype), mask=store_mask)
+            v = tl.load(row + NUM_KV_HEADS * HEAD_DIM + offsets, mask=store_mask)
+            tl.store(tile + stride_cache_kv, v.to(cache_dtype), mask=store_mask)
+
+
+def rotary_qkv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    kv_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H, D], k [T, KVH, D] and v [T, KVH, D] from qkv [T, (H + 2 KVH) D].
+
+    q and k are rotated at `positions` ([T]) with cos_cache, sin_cache ([P, D], fp32), after the
+    full-width QK-norm when q_norm_weight ([H * D]) and k_norm_weight ([KVH * D]) are given. v is a
+    view of qkv. With kv_cache ([2, NB, KVH, BS, D]), k and v are also stored at `slot_mapping`
+    ([T]), negative slots skipped.
+    """
+    head_dim = cos_cache.shape[1]
+    if qkv.dim() != 2 or not qkv.is_contiguous():
+        raise ValueError(f"qkv: expected contiguous [T, (H + 2 KVH) D], got {tuple(qkv.shape)}")
+    num_tokens, width = qkv.shape
+    if width != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(
+            f"qkv: width {width} is not ({num_heads} + 2 * {num_kv_heads}) heads of even dim "
+            f"{head_dim}"
+        )
+    if (
+        sin_cache.shape != cos_cache.shape
+        or cos_cache.dtype != torch.float32
+        or sin_cache.dtype != torch.float32
+        or not (cos_cache.is_contiguous() and sin_cache.is_contiguous())
+    ):
+        raise ValueError("cos_cache, sin_cache: expected contiguous fp32 tables of equal shape")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions: expected [{num_tokens}], got {tuple(positions.shape)}")
+    qk_norm = q_norm_weight is not None
+    if qk_norm and (
+        k_norm_weight is None
+        or q_norm_weight.shape != (num_heads * head_dim,)
+        or k_norm_weight.shape != (num_kv_heads * head_dim,)
+    ):
+        raise ValueError(
+            f"q_norm_weight, k_norm_weight: expected [{num_heads * head_dim}] and "
+            f"[{num_kv_heads * head_dim}] together"
+        )
+    if not qk_norm and k_norm_weight is not None:
+        raise ValueError("k_norm_weight without q_norm_weight")
+    store_kv = kv_cache is not None
+    if store_kv:
+        if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
+            raise ValueError(
+                f"kv_cache: expected contiguous [2, NB, KVH, BS, D], got {tuple(kv_cache.shape)}"
+            )
+        if (kv_cache.shape[2], kv_cache.shape[4]) != (num_kv_heads, head_dim):
+            raise ValueError(
+                f"kv_cache: {kv_cache.shape[2]} heads of dim {kv_cache.shape[4]}, "
+                f"qkv has {num_kv_heads} of dim {head_dim}"
+            )
+        if slot_mapping is None or slot_mapping.shape != (num_tokens,):
+            raise ValueError(f"slot_mapping: expected [{num_tokens}] with kv_cache")
+    qk = torch.empty(
+        (num_tokens, num_heads + num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device
+    )
+    q, k = qk.split([num_heads, num_kv_heads], dim=1)
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    if num_tokens == 0:
+        return q, k, v
+    block_d = triton.next_power_of_2(head_dim)
+    block_heads = min(
+        triton.next_power_of_2(max(num_heads, num_kv_heads)), max(_TILE_ELEMENTS // block_d, 1)
+    )
+    _kernel[(num_tokens, 2)](
+        qkv, qkv.stride(0),
+        qk, qk.stride(0),
+        q_norm_weight, k_norm_weight, eps,
+        positions, cos_cache, sin_cache, cos_cache.stride(0),
+        kv_cache,
+        *(kv_cache.stride()[:4] if store_kv else (0, 0, 0, 0)),
+        slot_mapping,
+        num_heads, num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
+        BLOCK_SIZE=kv_cache.shape[3] if store_kv else 1,
+        QK_NORM=qk_norm, STORE_KV=store_kv,
+    )  # fmt: skip
+    return q, k, v
