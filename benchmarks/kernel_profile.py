@@ -82,7 +82,7 @@ def describe_compiled() -> list[dict]:
     cache = Path(os.environ["TRITON_CACHE_DIR"])
     cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
     for index, cubin in enumerate(sorted(cache.rglob("*.cubin"))):
-        meta = json.loads(next(cubin.parent.glob("*.json")).read_text())
+        meta = json.loads(cubin.with_suffix(".json").read_text())
         if meta.get("name", "").lstrip("_") not in ("kernel",):
             continue
         name = f"{cubin.parent.name[:8]}_{index}"

@@ -65,7 +65,7 @@ def test_kernels_small_cpu_checks_torch_ref_against_sdpa(tmp_path):
 
 
 class _ZerosBackend(TorchRefBackend):
-    def forward(self, q, k, v, kv_cache, meta, scale):
+    def forward(self, q, k, v, kv_cache, meta, scale, kv_stored=False):
         return torch.zeros_like(q)
 
 
