@@ -62,10 +62,15 @@ def main() -> None:
     ceilings = measure_ceilings(device, (engine.model_config.dtype,), 1.0, 10, 4096)
     roofline = Roofline.for_model(engine.model, engine.model_config, ceilings)
     prompts = [[(7 * i + j) % 1000 + 10 for j in range(args.context)] for i in range(args.batch)]
-    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True)
+    warmup = [[t + 1 for t in prompt] for prompt in prompts]
+    engine.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     for prompt in prompts:
         engine.add_request(prompt, params)
-    engine.step()  # the prompts
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.step()  # the prompts, and their first tokens
+    prefill_ms = (time.perf_counter() - start) * 1e3
     for _ in range(5):
         engine.step()
 
@@ -121,6 +126,7 @@ def main() -> None:
         "batch": args.batch,
         "padded_batch": size,
         "context": context,
+        "prefill_step_ms": prefill_ms,
         "engine_step_ms": step_ms,
         "graph_replay_ms": replay_ms,
         "host_ms": step_ms - replay_ms,
@@ -138,6 +144,7 @@ def main() -> None:
         f"{step_ms:.3f} ms = graph replay {replay_ms:.3f} ms + host {step_ms - replay_ms:.3f} ms; "
         f"floor {floor_ms:.3f} ms ({floor_ms / replay_ms:.2f} of the replay)"
     )
+    print(f"prefill step of {args.batch} x {args.context} tokens: {prefill_ms:.2f} ms")
     total = sum(by_kind.values())
     print(f"eager forward kernels: {launches} launches, {total:.3f} ms of GPU time")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):

@@ -182,8 +182,9 @@ def prefill_choices() -> list[dict]:
         out = torch.empty_like(q)
 
         run = functools.partial(
-            prefill_module.prefill_attention, q, k, v, slab, tables, starts, lens, d**-0.5, out, s
-        )
+            prefill_module.prefill_attention, q, k, v, slab, tables, starts, lens, d**-0.5, out, s,
+            autotune=True,
+        )  # fmt: skip
         run()
         ms = median_ms(run, 10)
         flops = 4 * b * h * s * s * d / 2

@@ -52,7 +52,8 @@ def _set_tile_shapes(nargs: dict) -> None:
     nargs["v_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
-# Configs tried on CUDA; BLOCK_N spans whole 16-token pages and divides BLOCK_M.
+# Tile configs the autotuned variant tries (benchmarks/kernel_profile.py sweeps them); BLOCK_N
+# spans whole 16-token pages.
 _CUDA_CONFIGS = [
     triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n},
@@ -70,6 +71,16 @@ _CUDA_CONFIGS = [
         (64, 64, 4, 3),
     ]
 ]
+# What the engine launches on CUDA, per head dim, from that sweep on the H200 (bf16): 128-row
+# query tiles with 8 warps (two warpgroups of 64 rows each); key tiles of 128 tokens for D = 128
+# and of 64 for D = 64, three stages of K/V in flight. Short prompts take 64-row tiles so that a
+# tile is not mostly padding. Fixed rather than autotuned at run time, so that no request waits
+# for a tuning pass and every tensor-parallel rank runs the same code.
+_LONG_CONFIGS = {
+    128: {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    64: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+}
+_SHORT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 # One small config for the Triton interpreter (CPU tests): a key tile spans two 16-token pages.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
@@ -227,6 +238,14 @@ _tuned_kernel = triton.autotune(
 )(_kernel)
 
 
+def _launch_config(q: torch.Tensor, max_query_len: int) -> dict:
+    if not q.is_cuda:
+        return _INTERPRETER_CONFIG
+    if max_query_len <= 64 or q.shape[-1] not in _LONG_CONFIGS:
+        return _SHORT_CONFIG
+    return _LONG_CONFIGS[q.shape[-1]]
+
+
 def _rows(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
     """x [T, heads, D] as a descriptor over its [T, heads * D] rows (copied if not so laid out)."""
     num_tokens, heads, head_dim = x.shape
@@ -250,6 +269,7 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor,
     max_query_len: int,
+    autotune: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new rows over its paged prefix and its own K/V.
 
@@ -257,6 +277,8 @@ def prefill_attention(
     block_size, D] holding every sequence's cached prefix; block_tables [B, max_blocks] int32;
     query_start_loc [B + 1] int32; seq_lens [B] int32 (tokens after this step); out [T, H, D];
     max_query_len the longest run of new tokens (sizes the grid). Writes and returns out.
+    `autotune` (CUDA) tries every tile config once per head dim, GQA ratio and prompt-length
+    power of two instead of the fixed choice.
     """
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, H, D], got shape {tuple(q.shape)}")
@@ -306,8 +328,10 @@ def prefill_attention(
     def grid(meta):
         return (num_heads, num_seqs, triton.cdiv(max_query_len, meta["BLOCK_M"]))
 
-    kernel, config = (_tuned_kernel, {}) if q.is_cuda else (_kernel, _INTERPRETER_CONFIG)
-    block_m, block_n = config.get("BLOCK_M", 16), config.get("BLOCK_N", 16)  # CUDA: pre-hook
+    kernel, config = _kernel, _launch_config(q, max_query_len)
+    if autotune and q.is_cuda:
+        kernel, config = _tuned_kernel, {}
+    block_m, block_n = config.get("BLOCK_M", 16), config.get("BLOCK_N", 16)  # tuned: pre-hook
     kernel[grid](
         out, out.stride(0), out.stride(1),
         _rows(q, block_m), _rows(k, block_n), _rows(v, block_n),
