@@ -1,6 +1,6 @@
 """Sweep the decode kernel's launch settings and dump what the compiler made of both kernels.
 
-    python3 benchmarks/kernel_profile.py [OUT_DIR]
+    python3 benchmarks/kernel_profile.py [OUT_DIR] [--quick]
 
 For each decode shape of `afs bench kernels` it times pass 1 + pass 2 under several tile sizes,
 warp counts, pipeline depths and split targets (CUDA events, median of 50 after warm-up; inputs
@@ -33,7 +33,8 @@ from kernels import decode_attention as decode_module  # noqa: E402
 from kernels import prefill_attention as prefill_module  # noqa: E402
 from workers.bench.kernels import SHAPES, median_time_ms  # noqa: E402
 
-OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "kernel_profile")
+OUT = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "kernel_profile"))
+QUICK = "--quick" in sys.argv  # the decode kernel's current settings only
 BLOCK_SIZE = 16
 
 
@@ -124,6 +125,8 @@ def sweep_decode() -> list[dict]:
     rows = []
     default = (dict(decode_module.TILE_CONFIG), decode_module.PROGRAMS_PER_SM)
     variants = list(itertools.product((64, 128), (4,), (2, 3), (2, 4, 8)))
+    if QUICK:
+        variants = [(*default[0].values(), default[1])]
     # (tile tokens, warps, stages, programs per SM)
     for shape in (s for s in SHAPES["default"] if s.phase == "decode"):
         kv_bytes = 2 * shape.batch * shape.num_kv_heads * shape.seq_len * shape.head_dim * 2
