@@ -194,7 +194,8 @@ def apply_penalties_and_bias(logits: torch.Tensor, batch: SamplingBatch) -> torc
     repeating = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0]
     prompts = [batch.prompt_token_ids[penalised[j]] for j in repeating]
     seen = in_output.clone()  # [P, V]
-    seen[_token_index(prompts, repeating, device)] = True
+    # a device-side True: assigning a Python bool would copy it from pageable memory (a sync)
+    seen.index_put_(_token_index(prompts, repeating, device), torch.ones_like(seen[0, 0]))
 
     def column(values: list[float]) -> torch.Tensor:
         return _to_device(values, out.dtype, device).unsqueeze(1)  # [P, 1]
