@@ -115,7 +115,9 @@ def median_time_ms(run: Run, device: torch.device, rep_ms: float) -> float:
         run(i)
     sync()
     estimate = (time.perf_counter() - start) / 5
-    reps = max(10 if cuda else 3, min(1000, int(rep_ms / 1e3 / max(estimate, 1e-7))))
+    # at most 200 timed calls: each queues kernels and two events, and the GPU's launch queue
+    # (about a thousand entries) must hold them all while it spins
+    reps = max(10 if cuda else 3, min(200, int(rep_ms / 1e3 / max(estimate, 1e-7))))
     if not cuda:
         times = []
         for i in range(reps):
