@@ -222,7 +222,9 @@ def mask_tokens_(
     early = _early_rows(batch)
     if early:
         banned = [[*eos_token_ids, *batch.params[i].stop_token_ids] for i in early]
-        logits[_token_index(banned, early, logits.device)] = -math.inf
+        index = _token_index(banned, early, logits.device)
+        # a device-side -inf: assigning a Python float would copy it from pageable memory (a sync)
+        logits.index_put_(index, torch.full_like(logits[0, 0], -math.inf))
     logits[:, sampleable_vocab_size:] = -math.inf  # [R, V - sampleable]: padding ids
     return logits
 
