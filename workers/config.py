@@ -221,7 +221,8 @@ class EngineConfig:
     tp: int = 1
     """Tensor-parallel ranks: the model's heads and MLP split over this many processes."""
     enforce_eager: bool = False
-    """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs."""
+    """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs (tp > 1 runs
+    them eagerly anyway)."""
     detokenize: bool = True
     """Produce text deltas and match stop strings here; a cluster's workers leave both to the
     gateway, which sees the whole stream even across a failover."""

@@ -100,7 +100,9 @@ class ShardWorker:
                 config.max_num_seqs,
                 self.max_model_len,
                 device,
-                config.enforce_eager,
+                # NCCL collectives are not captured yet: tensor-parallel ranks run the same
+                # padded decode eagerly
+                config.enforce_eager or config.tp > 1,
             )
         self.runner = ModelRunner(
             self.model, kv_caches, backend, self.sampler, config.block_size, device, graphs

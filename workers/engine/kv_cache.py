@@ -133,6 +133,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.request_blocks: dict[str, list[KVBlock]] = {}
+        self.request_block_ids: dict[str, list[int]] = {}  # the same, as ids: the block table
         self.num_hashed_blocks: dict[str, int] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -144,7 +145,7 @@ class KVCacheManager:
         )
 
     def block_table(self, request_id: str) -> list[int]:
-        return [block.block_id for block in self.request_blocks.get(request_id, ())]
+        return list(self.request_block_ids.get(request_id, ()))
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -184,14 +185,19 @@ class KVCacheManager:
         blocks = self.request_blocks.setdefault(request.request_id, [])
         total = request.num_computed_tokens + len(cached_prefix) * self.block_size + num_new_tokens
         needed = self.blocks_needed(total) - len(blocks) - len(cached_prefix)
-        # hits that sit in the free queue leave it when taken: they count against free space
-        free_hits = sum(1 for block in cached_prefix if block.ref_count == 0)
-        if needed > self.pool.num_free_blocks - free_hits:
-            return False
-        self.pool.take_cached(cached_prefix)
-        blocks.extend(cached_prefix)
-        blocks.extend(self.pool.allocate(max(needed, 0)))
-        if self.enable_prefix_caching:
+        if needed > 0 or cached_prefix:
+            # hits that sit in the free queue leave it when taken: they count against free space
+            free_hits = sum(1 for block in cached_prefix if block.ref_count == 0)
+            if needed > self.pool.num_free_blocks - free_hits:
+                return False
+            self.pool.take_cached(cached_prefix)
+            added = [*cached_prefix, *self.pool.allocate(max(needed, 0))]
+            blocks.extend(added)
+            ids = self.request_block_ids.setdefault(request.request_id, [])
+            ids.extend(block.block_id for block in added)
+        # (a decode step inside its last block needs neither; only a newly full block is hashed)
+        hashed = self.num_hashed_blocks.get(request.request_id, 0)
+        if self.enable_prefix_caching and total // self.block_size > hashed:
             self._cache_full_blocks(request, blocks, total)
         return True
 
@@ -208,5 +214,6 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Give back every block; the tail first into the free queue so that it is evicted first."""
         blocks = self.request_blocks.pop(request.request_id, [])
+        self.request_block_ids.pop(request.request_id, None)
         self.num_hashed_blocks.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
