@@ -172,6 +172,10 @@ def sweep_decode() -> list[dict]:
 
 
 def prefill_choices() -> list[dict]:
+    """Per shape: the engine's fixed config with and without EXP2_SPLIT (checked against SDPA
+    first), and, unless --quick, the autotuner's pick over every config."""
+    import torch.nn.functional as F
+
     rows = []
     for shape in (s for s in SHAPES["default"] if s.phase == "prefill"):
         b, h, s, d = shape.batch, shape.num_heads, shape.seq_len, shape.head_dim
@@ -183,24 +187,42 @@ def prefill_choices() -> list[dict]:
         starts = torch.arange(0, b * s + 1, s, dtype=torch.int32, device="cuda")
         lens = torch.full((b,), s, dtype=torch.int32, device="cuda")
         out = torch.empty_like(q)
-
-        run = functools.partial(
-            prefill_module.prefill_attention, q, k, v, slab, tables, starts, lens, d**-0.5, out, s,
-            autotune=True,
-        )  # fmt: skip
-        run()
-        ms = median_ms(run, 10)
         flops = 4 * b * h * s * s * d / 2
-        tuner = prefill_module._tuned_kernel
-        row = {
-            "shape": shape.name,
-            "ms": ms,
-            "tflops": flops / ms / 1e9,
-            "best_config": str(tuner.best_config),
-            "config_timings": {str(c): t for c, t in getattr(tuner, "configs_timings", {}).items()},
-        }
+        reference = F.scaled_dot_product_attention(
+            *(x.view(b, s, -1, d).transpose(1, 2) for x in (q, k, v)), is_causal=True
+        ).transpose(1, 2).reshape(b * s, h, d)  # fmt: skip
+        row: dict = {"shape": shape.name}
+        for split in (False, True):
+            prefill_module.EXP2_SPLIT = split
+            run = functools.partial(
+                prefill_module.prefill_attention, q, k, v, slab, tables, starts, lens, d**-0.5,
+                out, s,
+            )  # fmt: skip
+            run()
+            error = (out.float() - reference.float()).abs().max().item()
+            ms = median_ms(run, 10)
+            row[f"exp2_split_{split}"] = {"ms": ms, "tflops": flops / ms / 1e9, "max_err": error}
+            print(f"prefill {shape.name} exp2_split={split}: {flops / ms / 1e9:.1f} TFLOP/s, "
+                  f"max |err| vs SDPA {error:.4f}", flush=True)  # fmt: skip
+        prefill_module.EXP2_SPLIT = False
+        if not QUICK:
+            run = functools.partial(
+                prefill_module.prefill_attention, q, k, v, slab, tables, starts, lens, d**-0.5,
+                out, s, autotune=True,
+            )  # fmt: skip
+            run()
+            ms = median_ms(run, 10)
+            tuner = prefill_module._tuned_kernel
+            row["autotuned"] = {
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "best_config": str(tuner.best_config),
+                "config_timings": {
+                    str(c): t for c, t in getattr(tuner, "configs_timings", {}).items()
+                },
+            }
+            print(f"prefill {shape.name} autotuned: {flops / ms / 1e9:.1f} TFLOP/s")
         rows.append(row)
-        print(f"prefill {shape.name}: {row['tflops']:.1f} TFLOP/s with {row['best_config']}")
     return rows
 
 

@@ -81,15 +81,42 @@ _LONG_CONFIGS = {
     64: {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
 }
 _SHORT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# Half of the softmax exponentials on the FMA units (see `_online_softmax_step`); 16-bit inputs
+# only, whose P is rounded far more coarsely than the cubic's error.
+EXP2_SPLIT = False
 # One small config for the Triton interpreter (CPU tests): a key tile spans two 16-token pages.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
-def _online_softmax_step(acc, row_sum, row_max, qk, v, qk_scale):
-    """Fold one tile of raw scores qk [BLOCK_M, BLOCK_N] (masked keys -inf) and its values."""
+def _exp2_on_fma(x):
+    """2**x for x <= 0 without the special-function unit: 2**floor(x) * p(frac(x)), p a cubic
+    fitted to 2**f on [0, 1) (relative error 1.7e-4, under the bf16/fp16 rounding of P), the
+    power of two added to p's exponent bits. Below -126 the result is 0."""
+    clamped = tl.maximum(x, -127.0)  # -inf has no floor
+    j = tl.floor(clamped)
+    f = clamped - j  # [0, 1)
+    p = 1.0 + f * (0.6950361666798205 + f * (0.2283082455426112 + f * 0.07632546461943034))
+    scaled = (p.to(tl.int32, bitcast=True) + (j.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x >= -126.0, scaled, 0.0)
+
+
+@triton.jit
+def _online_softmax_step(acc, row_sum, row_max, qk, v, qk_scale, EXP2_SPLIT: tl.constexpr):
+    """Fold one tile of raw scores qk [BLOCK_M, BLOCK_N] (masked keys -inf) and its values.
+
+    EXP2_SPLIT computes the odd columns' exponentials with FMAs (`_exp2_on_fma`) and the even
+    ones on the special-function unit, whose 16 results per clock per SM otherwise take as long
+    as the tile's two matrix products (FlashAttention-4's observation)."""
+    block_m: tl.constexpr = qk.shape[0]
+    block_n: tl.constexpr = qk.shape[1]
     tile_max = tl.maximum(row_max, tl.max(qk, 1) * qk_scale)  # finite: see the callers
-    p = tl.math.exp2(qk * qk_scale - tile_max[:, None])  # [BLOCK_M, BLOCK_N]
+    x = qk * qk_scale - tile_max[:, None]  # [BLOCK_M, BLOCK_N], <= 0
+    if EXP2_SPLIT:
+        even, odd = tl.split(tl.reshape(x, [block_m, block_n // 2, 2]))
+        p = tl.reshape(tl.join(tl.math.exp2(even), _exp2_on_fma(odd)), [block_m, block_n])
+    else:
+        p = tl.math.exp2(x)
     alpha = tl.math.exp2(row_max - tile_max)  # rescales what earlier tiles summed
     row_sum = row_sum * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
@@ -104,7 +131,7 @@ def _attend_cached(
     stride_kv, stride_block, stride_head, stride_slot,
     key_start, key_end, prefix_len, qk_scale,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, EXP2_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Prefix keys [key_start, key_end) from the slab; MASKED drops keys at or past prefix_len."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -129,7 +156,9 @@ def _attend_cached(
             mask=in_prefix[:, None],
             other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
-        acc, row_sum, row_max = _online_softmax_step(acc, row_sum, row_max, qk, v, qk_scale)
+        acc, row_sum, row_max = _online_softmax_step(
+            acc, row_sum, row_max, qk, v, qk_scale, EXP2_SPLIT
+        )
     return acc, row_sum, row_max
 
 
@@ -140,7 +169,7 @@ def _attend_new(
     k_desc, v_desc, query_start, kv_col,
     key_start, key_end, qk_scale,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, EXP2_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """This step's keys [key_start, key_end) (indices among the new tokens) from k and v rows;
     MASKED applies the causal mask key <= query."""
@@ -152,7 +181,9 @@ def _attend_new(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             qk = tl.where(offs_n[None, :] <= query_index[:, None], qk, float("-inf"))
         v = v_desc.load([query_start + start_n, kv_col])  # [BLOCK_N, HEAD_DIM]
-        acc, row_sum, row_max = _online_softmax_step(acc, row_sum, row_max, qk, v, qk_scale)
+        acc, row_sum, row_max = _online_softmax_step(
+            acc, row_sum, row_max, qk, v, qk_scale, EXP2_SPLIT
+        )
     return acc, row_sum, row_max
 
 
@@ -169,6 +200,7 @@ def _kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EXP2_SPLIT: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -197,14 +229,14 @@ def _kernel(
         kv_cache_ptr, block_table_ptr, kv_head,
         stride_kv, stride_block, stride_head, stride_slot,
         0, whole_tiles_end, prefix_len, qk_scale,
-        BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASKED=False,
+        BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASKED=False, EXP2_SPLIT=EXP2_SPLIT,
     )  # fmt: skip
     acc, row_sum, row_max = _attend_cached(
         acc, row_sum, row_max, q,
         kv_cache_ptr, block_table_ptr, kv_head,
         stride_kv, stride_block, stride_head, stride_slot,
         whole_tiles_end, prefix_len, prefix_len, qk_scale,
-        BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASKED=True,
+        BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASKED=True, EXP2_SPLIT=EXP2_SPLIT,
     )  # fmt: skip
 
     # -- then the step's own keys: unmasked below the diagonal, causal on it --
@@ -213,13 +245,13 @@ def _kernel(
         acc, row_sum, row_max, q, query_index,
         k_desc, v_desc, query_start, kv_col,
         0, diagonal_start, qk_scale,
-        BLOCK_N, MASKED=False,
+        BLOCK_N, MASKED=False, EXP2_SPLIT=EXP2_SPLIT,
     )  # fmt: skip
     acc, row_sum, row_max = _attend_new(
         acc, row_sum, row_max, q, query_index,
         k_desc, v_desc, query_start, kv_col,
         diagonal_start, tl.minimum(first_row + BLOCK_M, query_len), qk_scale,
-        BLOCK_N, MASKED=True,
+        BLOCK_N, MASKED=True, EXP2_SPLIT=EXP2_SPLIT,
     )  # fmt: skip
 
     # -- epilogue --
@@ -342,6 +374,7 @@ def prefill_attention(
         NUM_QUERIES_PER_KV=num_heads // num_kv_heads,
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
+        EXP2_SPLIT=EXP2_SPLIT and q.dtype != torch.float32,
         **config,
     )  # fmt: skip
     return out

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import prefill_attention as prefill_module
 from kernels.prefill_attention import prefill_attention
@@ -126,3 +128,31 @@ def test_rejects_bad_inputs():
         call(k=k[:3])
     with pytest.raises(ValueError, match="dtype must match"):
         call(v=v.half())
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+)
+def test_exponentials_split_onto_the_fma_units(monkeypatch, dtype):
+    monkeypatch.setattr(prefill_module, "EXP2_SPLIT", True)
+    _run_case(MIXED_BATCH, 8, 2, 128, dtype)
+
+
+@triton.jit
+def _exp2_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, prefill_module._exp2_on_fma(tl.load(x_ptr + offsets)))
+
+
+def test_exp2_on_fma_units_within_its_stated_error():
+    x = torch.cat(
+        [-torch.rand(1000, device=DEVICE) * 130, torch.tensor([0.0, -126.0, -127.5], device=DEVICE)]
+    )
+    x = torch.cat([x, torch.full((1024 - x.numel(),), float("-inf"), device=DEVICE)])
+    out = torch.full_like(x, float("nan"))
+    _exp2_kernel[(1,)](x, out, N=1024)
+    want = torch.exp2(x.double())
+    normal = x >= -126
+    relative = ((out.double() - want) / want)[normal].abs().max()
+    assert relative < 1.7e-4
+    assert torch.equal(out[~normal], torch.zeros_like(out[~normal]))  # -inf and below -126: 0
