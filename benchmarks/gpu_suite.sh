@@ -7,6 +7,8 @@
 #                                             beside
 #   bash benchmarks/gpu_suite.sh throughput   the default offline workload on dummy:olmo2-1b
 #                                             (transformers beside) and -7b
+#   bash benchmarks/gpu_suite.sh tp           (2 GPUs) batch-1 latency and the default workload
+#                                             of dummy:olmo2-7b and -13b at tp = 1 and 2
 # Results (JSON) and their rows go to $OUT when set (a device call), else benchmarks/results.
 set -euo pipefail
 part=${1:?latency or throughput}
@@ -32,6 +34,14 @@ case "$part" in
   throughput)
     bench throughput --model dummy:olmo2-1b --workload default --num-requests 256 --peer hf
     bench throughput --model dummy:olmo2-7b --workload default --num-requests 256
+    ;;
+  tp)
+    for model in dummy:olmo2-7b dummy:olmo2-13b; do
+      for tp in 1 2; do
+        bench latency --model "$model" --tp "$tp" --prompt-lens 128 --new-tokens 256
+        bench throughput --model "$model" --tp "$tp" --workload default --num-requests 256
+      done
+    done
     ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

@@ -7,6 +7,9 @@
 2. dummy:olmo2-7b (bf16): teacher-forced log-probabilities at 127 positions (prompt logprobs of a
    128-token sequence), tp = 2 against tp = 1: largest difference and top-1 agreement.
 3. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt).
+4. At tp = 2, the time a decode step spends in NCCL all-reduce kernels (rank 0, PyTorch profiler
+   over 20 steps) at batch 1 and 64, beside the step's wall time.
+The throughput workloads at tp = 1 and 2 are `bash benchmarks/gpu_suite.sh tp`.
 Prints a table last; writes tp_gpu.json under --out.
 """
 
@@ -75,6 +78,36 @@ def decode_rate(model: str, tp: int, new_tokens: int = 128) -> float:
         close(eng)
 
 
+def allreduce_share(model: str, batch: int, steps: int = 20) -> dict:
+    eng = engine(model, 2, max_num_seqs=max(batch, 8))
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
+        for i in range(batch):
+            eng.add_request([(t + 7 * i) % 30000 for t in PROMPT], params)
+        for _ in range(6):  # the prompts, then decode steps to warm up
+            eng.step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        nccl_us = sum(
+            getattr(e, "device_time_total", 0) or 0
+            for e in prof.key_averages()
+            if "nccl" in e.key.lower()
+        )
+        return {
+            "batch": batch,
+            "step_ms": wall / steps * 1e3,
+            "allreduce_ms_per_step": nccl_us / 1e3 / steps,
+            "allreduce_share": nccl_us / 1e6 / wall,
+        }
+    finally:
+        close(eng)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -108,11 +141,15 @@ def main() -> None:
     for model in ("dummy:olmo2-7b", "dummy:olmo2-13b"):
         rates[model] = {tp: decode_rate(model, tp) for tp in (1, 2)}
     result["batch1_decode_tok_s"] = rates
+    result["tp2_allreduce"] = [allreduce_share("dummy:olmo2-7b", b) for b in (1, 64)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tp_gpu.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["olmo2_7b_bf16_teacher_forced"]))
     print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: {result['tiny_fp32_greedy_64_equal']}")
+    for row in result["tp2_allreduce"]:
+        print(f"7B tp=2 batch {row['batch']}: step {row['step_ms']:.2f} ms, all-reduce "
+              f"{row['allreduce_ms_per_step']:.2f} ms ({row['allreduce_share']:.0%})")  # fmt: skip
     for model, by_tp in rates.items():
         print(f"{model}: tp=1 {by_tp[1]:.1f} tok/s, tp=2 {by_tp[2]:.1f} tok/s, "
               f"x{by_tp[2] / by_tp[1]:.2f}")  # fmt: skip

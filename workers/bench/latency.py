@@ -59,6 +59,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0, help="seeds the random prompts and the dummy weights")
     add("--peer", choices=("none", "hf"), default="none", help="hf: transformers' generate()")
     add("--attention-backend", default="auto", help="auto, triton or torch_ref")
+    add("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     add("--enforce-eager", action="store_true", help="CUDA: no graphs for decode steps")
 
 
@@ -104,6 +105,7 @@ def build_engine(args: argparse.Namespace, device: torch.device, **overrides) ->
         detokenize=False,  # token ids only: the benchmark measures the model and the scheduler
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        tp=args.tp,
         **overrides,
     )
 
@@ -265,7 +267,9 @@ def run(args: argparse.Namespace) -> Path:
         "kv_bytes_per_token": roofline.kv_bytes_per_token,
         "attention_backend": type(engine.runner.backend).__name__,
         "cuda_graphs": engine_uses_graphs(engine),
+        "tp": engine.config.tp,
     }
+    engine.shutdown()  # the other ranks' processes, when tp > 1
 
     peers = {}
     if args.peer == "hf":
