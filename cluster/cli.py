@@ -111,6 +111,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="CUDA: no graphs for decode steps"
     )
+    parser.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="CUDA: wait for each step's sampled ids before queueing the next step",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, detokenize: bool = True) -> EngineConfig:
@@ -128,6 +133,7 @@ def engine_config_from_args(args: argparse.Namespace, detokenize: bool = True) -
         quantization=args.quantization,
         tp=args.tp,
         enforce_eager=args.enforce_eager,
+        async_scheduling=False if args.no_async_scheduling else None,
     )
 
 

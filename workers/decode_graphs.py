@@ -127,13 +127,15 @@ class DecodeGraphs:
 
     def run(
         self,
-        input_ids: Sequence[int],
+        input_ids: Sequence[int] | torch.Tensor,
         positions: Sequence[int],
         slots: Sequence[int],
         block_tables: Sequence[Sequence[int]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of len(input_ids) sequences; returns hidden and logits of the padded
-        batch ([size, hidden], [size, vocab]); row i is sequence i, rows past the batch padding."""
+        batch ([size, hidden], [size, vocab]); row i is sequence i, rows past the batch padding.
+
+        `input_ids` may be a tensor on the device (a previous step's draw, not yet on the host)."""
         batch = len(input_ids)
         size = self.padded_size(batch)
         if size is None:
@@ -144,7 +146,9 @@ class DecodeGraphs:
         ids, lens, tables = self._host_ids_np, self._host_lens_np, self._host_tables_np
         ids[:, :size] = 0
         ids[2, :size] = -1
-        ids[0, :batch] = input_ids
+        on_device = isinstance(input_ids, torch.Tensor)
+        if not on_device:
+            ids[0, :batch] = input_ids
         ids[1, :batch] = positions
         ids[2, :batch] = slots
         lens[:size] = 0
@@ -160,6 +164,8 @@ class DecodeGraphs:
         self.slot_mapping[:size].copy_(self._host_ids[2, :size], non_blocking=True)
         self.seq_lens[:size].copy_(self._host_lens[:size], non_blocking=True)
         self.block_tables[:size].copy_(self._host_tables[:size], non_blocking=True)
+        if on_device:
+            self.input_ids[:batch].copy_(input_ids)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()

@@ -44,7 +44,29 @@ class RunnerOutput:
     this step): position p scores prompt token p + 1."""
 
 
+@dataclass
+class StepInFlight:
+    """A step whose forward is queued: what sampling it and collecting its tokens need."""
+
+    output: RunnerOutput
+    """Filled as far as the forward allows (prompt logprobs); `collect` adds the samples."""
+    logits: torch.Tensor | None = None
+    """[R, V] logits of the rows to sample, None when no row samples (or on other ranks)."""
+    sampled_states: list[tuple[str, RequestState]] = field(default_factory=list)
+    """Request id and state of each sampled row, in row order."""
+    token_ids: torch.Tensor | None = None
+    """[R] sampled ids on the device, once `sample` has queued the draw."""
+    token_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    host_token_ids: torch.Tensor | None = None
+    """[R] pinned host copy of token_ids, in flight until `copied` completes (CUDA)."""
+    copied: torch.cuda.Event | None = None
+
+
 class ModelRunner:
+    """One step is forward → sample → collect; `execute` runs the three in a row. Keeping them
+    apart lets the engine queue the next step's forward (its input ids taken on the device from
+    this step's draw) before it waits for this step's ids."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -67,12 +89,19 @@ class ModelRunner:
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
     def execute(self, schedule: SchedulerOutput) -> RunnerOutput:
+        return self.collect(self.sample(self.forward(schedule)))
+
+    @torch.inference_mode()
+    def forward(
+        self, schedule: SchedulerOutput, input_ids_on_device: torch.Tensor | None = None
+    ) -> StepInFlight:
+        """Queue the model over the step's rows. `input_ids_on_device` ([B] ids, one row per
+        request, in order) replaces the scheduled token ids of a decode step."""
         for request_id in schedule.finished_request_ids:
             self.states.pop(request_id, None)
         if not schedule.requests:
-            return RunnerOutput()
+            return StepInFlight(RunnerOutput())
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -102,33 +131,63 @@ class ModelRunner:
             if scheduled.sample:
                 sample_rows.append(len(input_ids) - 1)
                 sampled_states.append((scheduled.request_id, state))
+        if input_ids_on_device is not None and input_ids_on_device.shape != (len(input_ids),):
+            raise ValueError(
+                f"input_ids_on_device: expected {len(input_ids)} ids, one per decode row, "
+                f"got {tuple(input_ids_on_device.shape)}"
+            )
 
-        logits_of = self._forward(schedule, input_ids, positions)
+        logits_of = self._forward(schedule, input_ids, positions, input_ids_on_device)
 
         # every rank computes the logits (the LM head gathers them), only rank 0 samples
-        output = RunnerOutput()
+        step = StepInFlight(RunnerOutput(), sampled_states=sampled_states)
         for request_id, (start, rows, next_tokens) in prompt_rows.items():
             logits = logits_of(rows)  # [P, V]
             if self.sampler is not None:
                 top_n = self.states[request_id].params.prompt_logprobs
                 scored = prompt_logprobs(logits, self._to_device(next_tokens), top_n)
-                output.prompt_logprobs[request_id] = (start, scored)
-        if not sample_rows:
-            return output
-        logits = logits_of(sample_rows)  # [R, V]
-        if self.sampler is None:
-            return output
+                step.output.prompt_logprobs[request_id] = (start, scored)
+        if sample_rows:
+            step.logits = logits_of(sample_rows)  # [R, V]
+        return step
+
+    @torch.inference_mode()
+    def sample(self, step: StepInFlight) -> StepInFlight:
+        """Queue the draw of the step's sampled rows, from each request's state as it is now
+        (the tokens collected so far), and the copy of the ids to the host."""
+        if self.sampler is None or step.logits is None:
+            return step
+        states = [state for _, state in step.sampled_states]
         batch = SamplingBatch(
-            params=[state.params for _, state in sampled_states],
-            seeds=[state.seed for _, state in sampled_states],
-            output_positions=[len(state.output_token_ids) for _, state in sampled_states],
-            prompt_token_ids=[state.prompt_token_ids for _, state in sampled_states],
-            output_token_ids=[state.output_token_ids for _, state in sampled_states],
+            params=[state.params for state in states],
+            seeds=[state.seed for state in states],
+            output_positions=[len(state.output_token_ids) for state in states],
+            prompt_token_ids=[state.prompt_token_ids for state in states],
+            output_token_ids=[state.output_token_ids for state in states],
         )
-        result = self.sampler(logits, batch)
-        token_ids = result.token_ids.tolist()  # the step's one host-device sync
+        result = self.sampler(step.logits, batch)
+        step.token_ids, step.token_logprobs = result.token_ids, result.logprobs
+        if self.device.type == "cuda":
+            step.host_token_ids = torch.empty(
+                result.token_ids.shape, dtype=result.token_ids.dtype, pin_memory=True
+            )
+            step.host_token_ids.copy_(result.token_ids, non_blocking=True)
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        return step
+
+    def collect(self, step: StepInFlight) -> RunnerOutput:
+        """Wait for the step's sampled ids (the step's one host-device sync) and hand them out."""
+        output = step.output
+        if step.token_ids is None:
+            return output
+        if step.copied is not None:
+            step.copied.synchronize()
+            token_ids = step.host_token_ids.tolist()
+        else:
+            token_ids = step.token_ids.tolist()
         for (request_id, state), token, logprobs in zip(
-            sampled_states, token_ids, result.logprobs, strict=True
+            step.sampled_states, token_ids, step.token_logprobs, strict=True
         ):
             state.output_token_ids.append(token)
             output.sampled[request_id] = token
@@ -137,7 +196,11 @@ class ModelRunner:
         return output
 
     def _forward(
-        self, schedule: SchedulerOutput, input_ids: list[int], positions: list[int]
+        self,
+        schedule: SchedulerOutput,
+        input_ids: list[int],
+        positions: list[int],
+        input_ids_on_device: torch.Tensor | None,
     ) -> Callable[[list[int]], torch.Tensor]:
         """Runs the model over the step's rows; returns a function giving chosen rows' logits."""
         requests = schedule.requests
@@ -152,7 +215,8 @@ class ModelRunner:
                 for s, p in zip(requests, positions, strict=True)
             ]
             tables = [s.block_table for s in requests]
-            _, logits = self.graphs.run(input_ids, positions, slots, tables)
+            ids = input_ids if input_ids_on_device is None else input_ids_on_device
+            _, logits = self.graphs.run(ids, positions, slots, tables)
             batch = len(requests)
 
             def decode_logits(rows: list[int]) -> torch.Tensor:
@@ -169,8 +233,9 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
+        ids = self._to_device(input_ids) if input_ids_on_device is None else input_ids_on_device
         with forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
-            hidden = self.model(self._to_device(input_ids), self._to_device(positions))  # [T, H]
+            hidden = self.model(ids, self._to_device(positions))  # [T, H]
 
         def eager_logits(rows: list[int]) -> torch.Tensor:
             return self.model.compute_logits(hidden[self._to_device(rows)])

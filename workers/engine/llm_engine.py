@@ -86,6 +86,12 @@ class LLMEngine:
         self._prompt_logprobs: dict[str, list] = {}
         self._finished_outputs: list[RequestOutput] = []
         self._children: dict[str, list[Request]] = {}
+        self.async_scheduling = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.device.type == "cuda" and config.tp == 1
+        )
+        self._in_flight = None  # (schedule, StepInFlight) of a step queued ahead
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel followers (and wait for the ones this engine spawned)."""
@@ -178,9 +184,12 @@ class LLMEngine:
             if not child.status.finished:
                 self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
                 self._finished_outputs.append(self._output(child, [], None))
+        if not self.scheduler.running:
+            self._in_flight = None  # a step queued ahead for requests that are all gone
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """After a step raised: every unfinished request ends with the error; the engine goes on."""
+        self._in_flight = None
         outputs = []
         for request in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, error)
@@ -193,13 +202,24 @@ class LLMEngine:
     # -- the step --
 
     def step(self) -> list[RequestOutput]:
-        schedule = self.scheduler.schedule()
-        tp_broadcast_object(schedule)  # the other ranks run the same step over their shards
         outputs, self._finished_outputs = self._finished_outputs, []
-        for request in self.scheduler.errored:
-            outputs.append(self._output(request, [], None))
-        self.scheduler.errored.clear()
-        result = self.runner.execute(schedule)
+        if self._in_flight is not None:  # queued by the last step, before its ids were known
+            (schedule, step), self._in_flight = self._in_flight, None
+        else:
+            schedule = self.scheduler.schedule()
+            tp_broadcast_object(schedule)  # the other ranks run the same step over their shards
+            for request in self.scheduler.errored:
+                outputs.append(self._output(request, [], None))
+            self.scheduler.errored.clear()
+            step = self.runner.sample(self.runner.forward(schedule))
+        ahead = None
+        if self.async_scheduling:
+            # the next decode step goes to the GPU now, reading this step's draw there, so that
+            # the host's work below overlaps it instead of leaving the GPU idle
+            ahead_schedule = self.scheduler.schedule_ahead(schedule)
+            if ahead_schedule is not None:
+                ahead = ahead_schedule, self.runner.forward(ahead_schedule, step.token_ids)
+        result = self.runner.collect(step)
         for request_id, (start, logprobs) in result.prompt_logprobs.items():
             # entry p + 1 scores prompt token p + 1; a preempted request recomputes its prompt,
             # and the positions already held are not added twice
@@ -220,6 +240,10 @@ class LLMEngine:
                 stream.stop_reason = stop[1]
             logprobs = result.logprobs.get(request.request_id)
             outputs.append(self._output(request, [token], logprobs))
+        if ahead is not None and self.scheduler.running:
+            # sampled now, from states that hold this step's tokens (penalties, positions);
+            # rows of requests that stopped above are drawn and dropped by `update`
+            self._in_flight = ahead[0], self.runner.sample(ahead[1])
         return outputs
 
     def _token_stop(self, request: Request, token: int) -> tuple[RequestStatus, int] | None:

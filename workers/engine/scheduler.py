@@ -8,6 +8,8 @@ prefill). A request whose computed tokens reach its known tokens samples one mor
 KV slab runs out, the newest running request is preempted (its blocks freed, its tokens recomputed
 when it is admitted again). A request that could never fit finishes with an error for itself alone.
 Speculative decoding will schedule k + 1 tokens for one request: the rule already allows it.
+`schedule_ahead` builds the next decode step while this step's sampled ids are still on the
+device (the engine's asynchronous scheduling).
 
     request:  |<------ num_computed_tokens ------>|<-- scheduled this step -->|
               |<------------------------ num_tokens ------------------------->|
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 from workers.engine.kv_cache import KVCacheManager
 from workers.engine.request import Request, RequestStatus
 from workers.engine.sampling_params import SamplingParams
+
+PENDING_TOKEN = -1
+"""The token id of a row that reads its id on the device (a draw not yet on the host)."""
 
 
 @dataclass
@@ -158,6 +163,48 @@ class Scheduler:
 
         output.num_batched_tokens = self.max_num_batched_tokens - budget
         output.finished_request_ids, self._dropped = self._dropped, []
+        return output
+
+    def schedule_ahead(self, previous: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `previous` while previous's sampled tokens are still on the device.
+
+        Only when it is certain to be what `schedule` would return once they arrive: previous
+        was a decode step of exactly the running requests, in order; nobody waits who could be
+        admitted; no request reaches max_tokens with the token in flight; and blocks for one
+        more token each are free. A request may still stop on that token (EOS, a stop string):
+        its row of this step is computed and thrown away. Rows carry PENDING_TOKEN for the id
+        they read on the device; positions are one past the in-flight token.
+
+            positions  ... p-1 | p (in flight: computing, its id known) | p+1 (this step's row)
+        """
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        if len(previous.requests) != len(self.running) or previous.preempted_request_ids:
+            return None
+        for scheduled, request in zip(previous.requests, self.running, strict=True):
+            if (
+                scheduled.request_id != request.request_id
+                or len(scheduled.token_ids) != 1
+                or not scheduled.sample
+                or request.num_computed_tokens + 1 != request.num_tokens
+                or len(request.output_token_ids) + 1 >= request.params.max_tokens
+            ):
+                return None
+        output = SchedulerOutput()
+        for request in self.running:
+            # blocks up to the row after the in-flight token (computed tokens + 2)
+            if not self.kv.allocate_slots(request, 2):
+                return None  # blocks taken so far are the next step's anyway
+            output.requests.append(
+                ScheduledRequest(
+                    request_id=request.request_id,
+                    token_ids=[PENDING_TOKEN],
+                    num_computed_tokens=request.num_computed_tokens + 1,
+                    block_table=self.kv.block_table(request.request_id),
+                    sample=True,
+                )
+            )
+        output.num_batched_tokens = len(output.requests)
         return output
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
