@@ -9,9 +9,9 @@ Workloads, all random token ids with `ignore_eos` and greedy decoding, drawn fro
 - fixed: every prompt and output as long as its range's upper end (a range may be one number);
 - shared-prefix: `--prefix-len` common tokens, then a unique suffix of the default's length.
 
-A decode step is a step of the engine whose every row is one token past its prompt: the
-scheduler's output is recorded as each step is scheduled (the scheduler's `schedule` is wrapped),
-so steps that carry prompt tokens, chunks or recomputation after a preemption are left out. Its
+A decode step is a step of the engine whose every row is one token past its prompt: the schedule
+of each step is recorded as the step completes (the scheduler's `update` is wrapped), so steps
+that carry prompt tokens, chunks or recomputation after a preemption are left out. Its
 floor is the weights plus every row's K/V context over the measured bandwidth; the whole run's
 floor sums every step's (compute-bound for prefill). With `--peer hf`, transformers' `generate()`
 runs the same requests on the same weights in batches of `--peer-batch-size`, sorted by output
@@ -101,22 +101,26 @@ class _Step:
 
 
 def _record_schedules(engine: LLMEngine, steps: list[_Step]) -> None:
+    """One record per step the engine completes, from the schedule it ran (`update` is wrapped:
+    it sees every step once, also one scheduled ahead)."""
     scheduler, pool = engine.scheduler, engine.kv.pool
-    schedule = scheduler.schedule
+    update = scheduler.update
 
-    def recording_schedule():
-        out = schedule()
+    def prompt_len(request_id: str) -> int:
+        request = scheduler.requests.get(request_id)  # gone if aborted while the step ran
+        return request.num_prompt_tokens if request is not None else 0
+
+    def recording_update(out, sampled):
         decode = bool(out.requests) and all(
-            len(s.token_ids) == 1
-            and s.num_computed_tokens >= scheduler.requests[s.request_id].num_prompt_tokens
+            len(s.token_ids) == 1 and s.num_computed_tokens >= prompt_len(s.request_id)
             for s in out.requests
         )
         rows = [(s.num_computed_tokens, len(s.token_ids)) for s in out.requests]
-        sampled = sum(s.sample for s in out.requests)
-        steps.append(_Step(rows, sampled, decode, pool.num_blocks - pool.num_free_blocks))
-        return out
+        sampled_rows = sum(s.sample for s in out.requests)
+        steps.append(_Step(rows, sampled_rows, decode, pool.num_blocks - pool.num_free_blocks))
+        return update(out, sampled)
 
-    scheduler.schedule = recording_schedule
+    scheduler.update = recording_update
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
