@@ -83,12 +83,14 @@ def _generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParam
     return [r.completions[0].token_ids for r in engine.generate(prompts, params)]
 
 
-def test_padded_decode_on_cpu_gives_the_unpadded_tokens(tiny_llama_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_padded_decode_on_cpu_gives_the_unpadded_tokens(tiny_llama_dir, async_scheduling):
+    # with asynchronous scheduling the padded steps read their input ids on the device
     prompts = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((5, 17, 33))]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     expected = _generate(_engine(tiny_llama_dir, "cpu", "float32"), prompts, params)
 
-    engine = _engine(tiny_llama_dir, "cpu", "float32")
+    engine = _engine(tiny_llama_dir, "cpu", "float32", async_scheduling=async_scheduling)
     runner, worker_config = engine.runner, engine.config
     runner.graphs = DecodeGraphs(
         runner.model,
@@ -100,9 +102,18 @@ def test_padded_decode_on_cpu_gives_the_unpadded_tokens(tiny_llama_dir):
         torch.device("cpu"),
         enforce_eager=True,
     )
-    batches = _count_padded_steps(engine)
+    batches, on_device = [], []
+    run = runner.graphs.run
+
+    def recording(input_ids, *args):
+        batches.append(len(input_ids))
+        on_device.append(isinstance(input_ids, torch.Tensor))
+        return run(input_ids, *args)
+
+    runner.graphs.run = recording
     assert _generate(engine, prompts, params) == expected
     assert batches == [3] * 5  # every decode step took the padded path (batch 3 runs at 4)
+    assert any(on_device) == async_scheduling
 
 
 @pytest.mark.gpu
