@@ -259,6 +259,7 @@ def run(args: argparse.Namespace) -> Path:
         "kv_bytes_per_token": roofline.kv_bytes_per_token,
         "attention_backend": type(engine.runner.backend).__name__,
         "cuda_graphs": engine_uses_graphs(engine),
+        "async_scheduling": engine.async_scheduling,
         "tp": engine.config.tp,
     }
     engine.shutdown()  # the other ranks' processes, when tp > 1
