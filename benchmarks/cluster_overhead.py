@@ -2,17 +2,20 @@
 scheduler, Ray worker actor) and through the in-process engine, at several concurrencies.
 
     python benchmarks/cluster_overhead.py [--concurrency 1,4,16] [--input-len 64] [--output-len 64]
+                                          [--model M] [--device cpu|cuda] [--tp N]
 
 Prompts are random token ids drawn as `afs loadtest` draws them (same seed, same ids on both
 paths), each generating exactly --output-len tokens. Both paths get the machine's cores in turn:
 the engine in this process first, then the server with one worker actor (every CPU by default).
-Figures use the load test's rules (cluster/loadtest.py). Prints a table last; writes JSON under
---out.
+Figures use the load test's rules (cluster/loadtest.py). On CUDA the replica's tp ranks take one
+GPU each, as the in-process engine's do (it gives them back before the server starts). Prints a
+table last; writes JSON under --out (cluster_overhead_DEVICE[_tpN].json).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster import loadtest
@@ -106,18 +110,33 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--port", type=int, default=50071)
     parser.add_argument(
-        "--cpus-per-worker", type=float, default=None, help="the worker's CPUs; default all"
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="each worker's CPUs; default all, shared by the tp ranks",
     )
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the replica")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    cpus = args.cpus_per_worker or os.cpu_count() or 1
-    engine_flags = ["--device", "cpu", "--kv-cache-gib", "0.5", "--max-num-seqs", "32"]
+    cpus = args.cpus_per_worker or (os.cpu_count() or 1) / args.tp
+    engine_flags = ["--model", args.model, "--device", args.device, "--tp", str(args.tp)]
+    engine_flags += ["--max-num-seqs", "32"]
+    if args.device == "cpu":
+        engine_flags += ["--kv-cache-gib", "0.5"]
 
-    engine = LLMEngine(model=MODEL, device="cpu", kv_cache_gib=0.5, max_num_seqs=32)
+    engine = LLMEngine(
+        model=args.model, device=args.device, tp=args.tp, kv_cache_gib=0.5, max_num_seqs=32
+    )
     in_process(engine, 1, argparse.Namespace(input_len=8, output_len=4))  # warm-up
     local = {c: in_process(engine, c, args) for c in levels}
+    engine.shutdown()
     del engine
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the server's replica takes the same GPUs
 
     address = f"127.0.0.1:{args.port}"
     server = subprocess.Popen(
@@ -153,14 +172,17 @@ def main() -> None:
         "git_commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
-        "model": MODEL,
+        "model": args.model,
+        "device": args.device,
+        "tp": args.tp,
         "input_len": args.input_len,
         "output_len": args.output_len,
         "rows": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cluster_overhead_cpu.json").write_text(json.dumps(result, indent=2))
+    name = f"cluster_overhead_{args.device}" + (f"_tp{args.tp}" if args.tp > 1 else "")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(
         f"{'C':>3} {'path':<10} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} {'tok/s':>7}"
     )

@@ -9,6 +9,10 @@
 #                                             (transformers beside) and -7b
 #   bash benchmarks/gpu_suite.sh tp           (2 GPUs) batch-1 latency and the default workload
 #                                             of dummy:olmo2-7b and -13b at tp = 1 and 2
+#   bash benchmarks/gpu_suite.sh cluster      (2 GPUs) dummy:olmo2-7b served by one tp = 1 and
+#                                             one tp = 2 replica under the load test, the
+#                                             in-process engine beside; needs ray, jsonschema
+#                                             and the gRPC extras on PYTHONPATH
 # Results (JSON) and their rows go to $OUT when set (a device call), else benchmarks/results.
 set -euo pipefail
 part=${1:?latency or throughput}
@@ -41,6 +45,13 @@ case "$part" in
         bench latency --model "$model" --tp "$tp" --prompt-lens 128 --new-tokens 256
         bench throughput --model "$model" --tp "$tp" --workload default --num-requests 256
       done
+    done
+    ;;
+  cluster)
+    python3 -m protos.build  # the gRPC stubs the load test's client imports
+    for tp in 1 2; do
+      python3 benchmarks/cluster_overhead.py --model dummy:olmo2-7b --device cuda --tp "$tp" \
+        --concurrency 1,8,32 --input-len 128 --output-len 128 --out "$out"
     done
     ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
