@@ -124,3 +124,25 @@ def test_async_engine_under_preemption(tiny_llama_dir):
 def test_async_scheduling_is_refused_with_tensor_parallelism(tiny_llama_dir):
     with pytest.raises(ValueError, match="async_scheduling: needs tp = 1"):
         LLMEngine(model=str(tiny_llama_dir), device="cpu", tp=2, async_scheduling=True)
+
+
+def test_async_engine_with_stop_strings_on_the_embedded_model():
+    # text and stop strings are matched as tokens arrive: a stop found on the in-flight token
+    # must end the request exactly where the synchronous engine ends it
+    prompts = ["The capital of France is", "Count: one, two,", "Water boils at"]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=40, stop=["."]),
+        SamplingParams(
+            temperature=0.0, max_tokens=40, stop=[" five"], include_stop_str_in_output=True
+        ),
+        SamplingParams(temperature=0.0, max_tokens=12),
+    ]
+    results = {}
+    for async_scheduling in (False, True):
+        engine = LLMEngine(device="cpu", async_scheduling=async_scheduling, num_kv_blocks=128)
+        results[async_scheduling] = [
+            (r.completions[0].text, r.completions[0].token_ids, r.completions[0].finish_reason)
+            for r in engine.generate(prompts, params)
+        ]
+    assert results[True] == results[False]
+    assert {reason for _, _, reason in results[False]} == {"stop", "length"}
