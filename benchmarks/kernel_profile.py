@@ -3,16 +3,17 @@
     python3 benchmarks/kernel_profile.py [OUT_DIR] [--quick]
 
 For each decode shape of `afs bench kernels` it times pass 1 + pass 2 under several tile sizes,
-warp counts, pipeline depths and split targets (CUDA events, median of 50 after warm-up; inputs
-checked against a plain PyTorch reference first). For the prefill kernel it reports the
-autotuner's choice and timings per shape. Then, for every compiled variant, it writes the
-Triton GPU IR, PTX and SASS under OUT_DIR and prints registers, spills, shared memory and counts
-of the instructions that decide speed: tensor-core MMAs (HMMA/HGMMA), TMA copies (UTMALDG),
-asynchronous copies (LDGSTS), plain global loads (LDG) and barriers.
+warp counts, pipeline depths and split targets, with that benchmark's inputs, fp32 check and
+timer. For each prefill shape it times the engine's tile config with and without EXP2_SPLIT
+(checked against SDPA) and, unless --quick, the autotuner's choice. Then, for every compiled
+variant, it writes the Triton GPU IR, PTX and SASS under OUT_DIR and prints registers, spills,
+shared memory and counts of the instructions that decide speed: tensor-core MMAs (HMMA/HGMMA),
+TMA copies (UTMALDG), asynchronous copies (LDGSTS), plain global loads (LDG) and barriers.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import itertools
 import json
@@ -31,7 +32,14 @@ import torch  # noqa: E402
 
 from kernels import decode_attention as decode_module  # noqa: E402
 from kernels import prefill_attention as prefill_module  # noqa: E402
-from workers.bench.kernels import SHAPES, median_time_ms  # noqa: E402
+from workers.bench.kernels import (  # noqa: E402
+    SHAPES,
+    input_sets,
+    measure,
+    median_time_ms,
+    paged_runner,
+    reference_slices,
+)
 
 OUT = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "kernel_profile"))
 QUICK = "--quick" in sys.argv  # the decode kernel's current settings only
@@ -41,26 +49,6 @@ BLOCK_SIZE = 16
 def median_ms(run, rep_ms: float = 30.0) -> float:
     """The benchmark's timer (the GPU held in a spin while calls are queued: no host cost)."""
     return median_time_ms(lambda i: run(), torch.device("cuda"), rep_ms)
-
-
-def paged_decode_inputs(batch, heads, kv_heads, length, dim):
-    per_seq = -(-length // BLOCK_SIZE)
-    slab = torch.randn(2, batch * per_seq, kv_heads, BLOCK_SIZE, dim, device="cuda").bfloat16()
-    tables = torch.randperm(batch * per_seq, device="cuda").view(batch, per_seq).int()
-    q = torch.randn(batch, heads, dim, device="cuda").bfloat16()
-    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-    return q, slab, tables, lens
-
-
-def decode_reference(q, slab, tables, length):
-    b, h, d = q.shape
-    kv_heads = slab.shape[2]
-    kv = slab[:, tables[0].long()]  # first sequence: [2, n, KVH, BS, D]
-    k, v = kv.permute(0, 2, 1, 3, 4).reshape(2, kv_heads, -1, d)[:, :, :length].float()
-    k = k.repeat_interleave(h // kv_heads, 0)
-    v = v.repeat_interleave(h // kv_heads, 0)
-    scores = (q[0].float().unsqueeze(1) @ k.transpose(1, 2)).squeeze(1) * d**-0.5  # [H, L]
-    return (scores.softmax(-1).unsqueeze(1) @ v).squeeze(1)  # [H, D]
 
 
 def _tool(name: str) -> str | None:
@@ -84,7 +72,7 @@ def describe_compiled() -> list[dict]:
     cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
     for index, cubin in enumerate(sorted(cache.rglob("*.cubin"))):
         meta = json.loads(cubin.with_suffix(".json").read_text())
-        if meta.get("name", "").lstrip("_") not in ("kernel",):
+        if meta.get("name") != "_kernel":  # pass 1 of decode, prefill; not the combine pass
             continue
         name = f"{cubin.parent.name[:8]}_{index}"
         usage = _run_tool(cuobjdump, "-res-usage", str(cubin)) if cuobjdump else ""
@@ -101,20 +89,16 @@ def describe_compiled() -> list[dict]:
             if source.suffix in (".ttgir", ".ptx", ".json"):
                 shutil.copy(source, folder / source.name)
         (folder / "kernel.sass").write_text(sass)
-        constants = meta.get("constants", {})
-        ttgir_files = list(cubin.parent.glob("*.ttgir"))
-        ttgir = ttgir_files[0].read_text() if ttgir_files else ""
         rows.append(
             {
                 "name": name,
-                "kernel": "prefill" if "descriptor_load" in ttgir else "decode",
+                "kernel": "prefill" if counts["UTMALDG"] else "decode",  # only prefill uses TMA
                 "module": cubin.stem,
                 "registers": int(registers.group(1)) if registers else None,
                 "local_bytes": int(local.group(1)) if local else None,
                 "shared_bytes": meta.get("shared"),
                 "num_warps": meta.get("num_warps"),
                 "num_stages": meta.get("num_stages"),
-                "constants": {str(k): v for k, v in constants.items()} if constants else None,
                 "sass_counts": counts,
             }
         )
@@ -122,51 +106,34 @@ def describe_compiled() -> list[dict]:
 
 
 def sweep_decode() -> list[dict]:
+    """The decode kernel under each launch variant, on `afs bench kernels`' own inputs (paged
+    slab, input sets rotated out of L2), checked against its fp32 reference and timed by it."""
     rows = []
     default = (dict(decode_module.TILE_CONFIG), decode_module.PROGRAMS_PER_SM)
+    # (tile tokens, warps, stages, programs per SM)
     variants = list(itertools.product((64, 128), (4,), (2, 3), (2, 4, 8)))
     if QUICK:
         variants = [(*default[0].values(), default[1])]
-    # (tile tokens, warps, stages, programs per SM)
+    device = torch.device("cuda")
+    args = argparse.Namespace(dtype="bfloat16", rep_ms=30.0, ceilings={})
     for shape in (s for s in SHAPES["default"] if s.phase == "decode"):
-        kv_bytes = 2 * shape.batch * shape.num_kv_heads * shape.seq_len * shape.head_dim * 2
-        # inputs smaller than 4x the 60 MB L2 rotate over copies, so reads come from HBM
-        sets = [
-            paged_decode_inputs(
-                shape.batch, shape.num_heads, shape.num_kv_heads, shape.seq_len, shape.head_dim
-            )
-            for _ in range(1 if kv_bytes > 240e6 else 4)
-        ]
-        q, slab, tables, lens = sets[0]
-        out = torch.empty_like(q)
-        want = decode_reference(q, slab, tables, shape.seq_len)
-        turn = itertools.count()
+        sets = input_sets(shape, torch.bfloat16, device)
+        refs = reference_slices(shape, sets[0])
+        make_run = functools.partial(paged_runner, "triton", shape, sets, BLOCK_SIZE)
         timings = []
         for block_n, warps, stages, per_sm in variants:
             decode_module.TILE_CONFIG = {
                 "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages
             }  # fmt: skip
             decode_module.PROGRAMS_PER_SM = per_sm
-
-            def run(sets=sets, turn=turn, scale=shape.head_dim**-0.5, out=out):
-                q, slab, tables, lens = sets[next(turn) % len(sets)]
-                decode_module.decode_attention(q, slab, tables, lens, scale, out)
-
             try:
-                decode_module.decode_attention(q, slab, tables, lens, shape.head_dim**-0.5, out)
-                error = (out[0].float() - want).abs().max().item()
-                if error > 2e-2:
-                    raise RuntimeError(f"max error {error}")
-                ms = median_ms(run)
+                row = measure(shape, "triton", make_run, refs, args)
             except Exception as failure:  # noqa: BLE001 - a variant may not compile
-                timings.append({"variant": [block_n, warps, stages, per_sm], "error": str(failure)})
-                continue
-            timings.append(
-                {"variant": [block_n, warps, stages, per_sm], "ms": ms, "gbs": kv_bytes / ms / 1e6}
-            )
-        best = max((t for t in timings if "gbs" in t), key=lambda t: t["gbs"])
+                row = {"status": "error", "reason": str(failure)}
+            timings.append({"variant": [block_n, warps, stages, per_sm], **row})
+        best = max((t for t in timings if t["status"] == "ok"), key=lambda t: t["rate"])
         rows.append({"shape": shape.name, "best": best, "timings": timings})
-        print(f"decode {shape.name}: best {best}", flush=True)
+        print(f"decode {shape.name}: best {best['variant']}, {best['rate']:.0f} GB/s", flush=True)
     decode_module.TILE_CONFIG, decode_module.PROGRAMS_PER_SM = default
     return rows
 

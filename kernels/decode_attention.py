@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_checks import check_paged_attention
+
 _DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
 _MAX_SPLITS = 64
 # Pass 1's launch: key tile (tokens, whole blocks), warps, pipeline stages, and how many programs
@@ -199,37 +201,16 @@ def decode_attention(
     kv_cache [2, NB, KVH, BS, D] in q's dtype, block_tables [B, max_blocks] int32, seq_lens [B]
     int32. `num_splits` defaults to the heuristic in the module docstring.
     """
-    if q.dim() != 3:
-        raise ValueError(f"q: expected [B, H, D], got {tuple(q.shape)}")
+    num_kv_heads, block_size = check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
     batch, num_heads, head_dim = q.shape
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens: expected [{batch}] (one per row of q), got {seq_lens.shape}")
+    if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(
-            f"kv_cache: expected [2, NB, KVH, BS, {head_dim}], got {tuple(kv_cache.shape)}"
+            f"kv_cache: block_size must be a power of two of at least 16, got {block_size}"
         )
-    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"q: {num_heads} heads is not a multiple of {num_kv_heads} KV heads")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or kv_cache.dtype != q.dtype:
-        raise ValueError(f"q and kv_cache: one of fp16/bf16/fp32, got {q.dtype}, {kv_cache.dtype}")
-    if (
-        head_dim < 16
-        or head_dim & (head_dim - 1)
-        or block_size < 16
-        or block_size & (block_size - 1)
-    ):
-        raise ValueError(
-            f"head_dim ({head_dim}) and block_size ({block_size}): powers of two, at least 16"
-        )
-    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables: expected [{batch}, max_blocks], got {block_tables.shape}")
-    if seq_lens.shape != (batch,):
-        raise ValueError(f"seq_lens: expected [{batch}], got {tuple(seq_lens.shape)}")
-    if out.shape != q.shape:
-        raise ValueError(f"out: expected {tuple(q.shape)}, got {tuple(out.shape)}")
-    if q.stride(2) != 1 or out.stride(2) != 1 or not kv_cache.is_contiguous():
-        raise ValueError("q, out: head_dim must be contiguous; kv_cache: must be contiguous")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables: rows must be contiguous")
+    if q.stride(2) != 1:
+        raise ValueError("q: head_dim must be contiguous")
     config = {**TILE_CONFIG}
     tile_tokens = max(config["BLOCK_N"], block_size)
     config["BLOCK_N"] = tile_tokens

@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels.paged_checks import check_paged_attention
+
 LOG2E = 1.4426950408889634
 
 
@@ -312,45 +314,23 @@ def prefill_attention(
     `autotune` (CUDA) tries every tile config once per head dim, GQA ratio and prompt-length
     power of two instead of the fixed choice.
     """
-    if q.dim() != 3:
-        raise ValueError(f"q: expected [T, H, D], got shape {tuple(q.shape)}")
+    num_kv_heads, block_size = check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
     num_tokens, num_heads, head_dim = q.shape
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
-        raise ValueError(
-            f"kv_cache: expected [2, num_blocks, KVH, block_size, {head_dim}], "
-            f"got shape {tuple(kv_cache.shape)}"
-        )
-    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"q: {num_heads} heads is not a multiple of {num_kv_heads} KV heads")
     for name, tensor in (("k", k), ("v", v)):
         if tuple(tensor.shape) != (num_tokens, num_kv_heads, head_dim):
             raise ValueError(
                 f"{name}: expected shape {(num_tokens, num_kv_heads, head_dim)}, "
                 f"got {tuple(tensor.shape)}"
             )
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"q: head_dim must be a power of two of at least 16, got {head_dim}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q: dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if any(t.dtype != q.dtype for t in (k, v, kv_cache, out)):
-        raise ValueError(f"k, v, kv_cache, out: dtype must match q ({q.dtype})")
-    if out.shape != q.shape:
-        raise ValueError(f"out: expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if out.stride(-1) != 1 or not kv_cache.is_contiguous():
-        raise ValueError("out: head_dim must be contiguous; kv_cache must be contiguous")
+        if tensor.dtype != q.dtype or tensor.device != q.device:
+            raise ValueError(f"{name}: dtype must match q ({q.dtype}), on q's device")
     num_seqs = seq_lens.shape[0]
-    for name, tensor, shape in (
-        ("block_tables", block_tables, (num_seqs, block_tables.shape[-1])),
-        ("query_start_loc", query_start_loc, (num_seqs + 1,)),
-        ("seq_lens", seq_lens, (num_seqs,)),
-    ):
-        if tensor.dtype != torch.int32 or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name}: expected int32 {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
-            )
-    tensors = (k, v, kv_cache, block_tables, query_start_loc, seq_lens, out)
-    if any(t.device != q.device for t in tensors):
+    if query_start_loc.dtype != torch.int32 or tuple(query_start_loc.shape) != (num_seqs + 1,):
+        raise ValueError(
+            f"query_start_loc: expected int32 {(num_seqs + 1,)}, "
+            f"got {query_start_loc.dtype} {tuple(query_start_loc.shape)}"
+        )
+    if query_start_loc.device != q.device:
         raise ValueError(f"all tensors must be on q's device ({q.device})")
     if max_query_len < 0 or max_query_len > num_tokens:
         raise ValueError(f"max_query_len: must be in [0, {num_tokens}], got {max_query_len}")

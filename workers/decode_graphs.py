@@ -17,8 +17,8 @@ the forward instead of replaying it), so both give bitwise-equal logits: the GEM
 row counts and the split-K decode kernel the same batch and block-table width.
 
 The graphs share one memory pool and are captured largest first, so the smaller ones reuse the
-largest one's activations. The forward's output and the logits of every row (LM head included)
-are captured too. Prompts and mixed steps run eagerly through the model runner's general path.
+largest one's activations. The LM head is captured too: a graph's output is every row's logits.
+Prompts and mixed steps run eagerly through the model runner's general path.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ class DecodeGraphs:
         self._host_ids_np = self._host_ids.numpy()  # numpy fills rows from lists quickly
         self._host_lens_np = self._host_lens.numpy()
         self._host_tables_np = self._host_tables.numpy()
-        self._copied: torch.cuda.Event | None = None
+        # recorded once a step's copies are queued: the next step refills the staging rows after it
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         # -- outputs, per size --
-        self.hidden: dict[int, torch.Tensor] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if not enforce_eager:
@@ -106,10 +106,10 @@ class DecodeGraphs:
             seq_lens_host=[0] * size,  # padded backends read the device tensors only
         )
 
-    def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, size: int) -> torch.Tensor:
         with forward_context(ForwardContext(self._metadata(size), self.kv_caches, self.backend)):
             hidden = self.model(self.input_ids[:size], self.positions[:size])  # [size, hidden]
-        return hidden, self.model.compute_logits(hidden)  # [size, vocab]
+        return self.model.compute_logits(hidden)  # [size, vocab]
 
     def _capture_all(self) -> None:
         pool = None
@@ -120,7 +120,7 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.hidden[size], self.logits[size] = self._forward(size)
+                self.logits[size] = self._forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
@@ -131,9 +131,9 @@ class DecodeGraphs:
         positions: Sequence[int],
         slots: Sequence[int],
         block_tables: Sequence[Sequence[int]],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of len(input_ids) sequences; returns hidden and logits of the padded
-        batch ([size, hidden], [size, vocab]); row i is sequence i, rows past the batch padding.
+    ) -> torch.Tensor:
+        """One decode step of len(input_ids) sequences; returns the logits of the padded batch
+        ([size, vocab]): row i is sequence i, rows past the batch are padding.
 
         `input_ids` may be a tensor on the device (a previous step's draw, not yet on the host)."""
         batch = len(input_ids)
@@ -166,11 +166,10 @@ class DecodeGraphs:
         self.block_tables[:size].copy_(self._host_tables[:size], non_blocking=True)
         if on_device:
             self.input_ids[:batch].copy_(input_ids)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()
         # -- run --
         if size in self.graphs:
             self.graphs[size].replay()
-            return self.hidden[size], self.logits[size]
+            return self.logits[size]
         return self._forward(size)

@@ -20,7 +20,13 @@ from workers.decode_graphs import DecodeGraphs
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import SchedulerOutput
 from workers.forward_context import ForwardContext, forward_context
-from workers.layers.sampler import Sampler, SamplingBatch, TokenLogprobs, prompt_logprobs
+from workers.layers.sampler import (
+    Sampler,
+    SamplingBatch,
+    TokenLogprobs,
+    prompt_logprobs,
+    to_device,
+)
 
 
 @dataclass
@@ -87,7 +93,7 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+        return to_device(values, torch.int64, self.device)
 
     def execute(self, schedule: SchedulerOutput) -> RunnerOutput:
         return self.collect(self.sample(self.forward(schedule)))
@@ -216,7 +222,7 @@ class ModelRunner:
             ]
             tables = [s.block_table for s in requests]
             ids = input_ids if input_ids_on_device is None else input_ids_on_device
-            _, logits = self.graphs.run(ids, positions, slots, tables)
+            logits = self.graphs.run(ids, positions, slots, tables)
             batch = len(requests)
 
             def decode_logits(rows: list[int]) -> torch.Tensor:

@@ -68,15 +68,17 @@ def _record_logits(engine: LLMEngine) -> list[torch.Tensor]:
     return recorded
 
 
-def _count_padded_steps(engine: LLMEngine) -> list[int]:
-    batches, run = [], engine.runner.graphs.run
+def _count_padded_steps(engine: LLMEngine) -> tuple[list[int], list[bool]]:
+    """Each padded step's batch, and whether its input ids were read on the device."""
+    batches, on_device, run = [], [], engine.runner.graphs.run
 
     def counting(input_ids, *args):
         batches.append(len(input_ids))
+        on_device.append(isinstance(input_ids, torch.Tensor))
         return run(input_ids, *args)
 
     engine.runner.graphs.run = counting
-    return batches
+    return batches, on_device
 
 
 def _generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams):
@@ -102,15 +104,7 @@ def test_padded_decode_on_cpu_gives_the_unpadded_tokens(tiny_llama_dir, async_sc
         torch.device("cpu"),
         enforce_eager=True,
     )
-    batches, on_device = [], []
-    run = runner.graphs.run
-
-    def recording(input_ids, *args):
-        batches.append(len(input_ids))
-        on_device.append(isinstance(input_ids, torch.Tensor))
-        return run(input_ids, *args)
-
-    runner.graphs.run = recording
+    batches, on_device = _count_padded_steps(engine)
     assert _generate(engine, prompts, params) == expected
     assert batches == [3] * 5  # every decode step took the padded path (batch 3 runs at 4)
     assert any(on_device) == async_scheduling
@@ -138,7 +132,7 @@ def test_graphs_on_and_off_are_bitwise_equal(tmp_path, dtype):
             tokens, logits = {}, {}
             for graphs, engine in engines.items():
                 recorded = _record_logits(engine)
-                batches = _count_padded_steps(engine)
+                batches, _ = _count_padded_steps(engine)
                 tokens[graphs] = _generate(engine, prompts, params)
                 logits[graphs] = recorded
                 assert batches.count(batch) == 63  # every decode step took the padded path
@@ -173,7 +167,7 @@ def test_graph_logits_match_torch_ref_teacher_forced(tmp_path, dtype, relative):
         for ours, theirs in zip(graph_slab, reference.slab, strict=True):
             ours.copy_(theirs)  # the same history each step, so rounding cannot compound
         slots = [t[c // 16] * 16 + c % 16 for t, c in zip(tables, computed, strict=True)]
-        _, logits = graphs.run(tokens, computed, slots, tables)
+        logits = graphs.run(tokens, computed, slots, tables)
         got = logits[: len(prompts)]
         tolerance = 2e-3 if relative is None else relative * float(want.abs().max())
         torch.testing.assert_close(got, want, atol=tolerance, rtol=0)

@@ -110,10 +110,15 @@ def build_engine(args: argparse.Namespace, device: torch.device, **overrides) ->
     )
 
 
-def engine_uses_graphs(engine: LLMEngine) -> bool:
-    """Whether decode steps replay CUDA graphs (rank 0's runner)."""
+def engine_facts(engine: LLMEngine) -> dict[str, Any]:
+    """How the engine runs, for a result's config: attention backend, graphs, scheduling, tp."""
     graphs = engine.runner.graphs
-    return graphs is not None and bool(graphs.graphs)
+    return {
+        "attention_backend": type(engine.runner.backend).__name__,
+        "cuda_graphs": graphs is not None and bool(graphs.graphs),
+        "async_scheduling": engine.async_scheduling,
+        "tp": engine.config.tp,
+    }
 
 
 def random_tokens(rng: random.Random, length: int, vocab_size: int) -> list[int]:
@@ -265,10 +270,7 @@ def run(args: argparse.Namespace) -> Path:
         "seed": args.seed,
         "weight_bytes": roofline.weight_bytes,
         "kv_bytes_per_token": roofline.kv_bytes_per_token,
-        "attention_backend": type(engine.runner.backend).__name__,
-        "cuda_graphs": engine_uses_graphs(engine),
-        "async_scheduling": engine.async_scheduling,
-        "tp": engine.config.tp,
+        **engine_facts(engine),
     }
     engine.shutdown()  # the other ranks' processes, when tp > 1
 

@@ -35,7 +35,7 @@ from workers.bench.ceilings import Roofline, free_memory, now, ratios
 from workers.bench.latency import (
     add_engine_arguments,
     build_engine,
-    engine_uses_graphs,
+    engine_facts,
     hf_generate,
     hf_peer_model,
     parse_lengths,
@@ -257,10 +257,7 @@ def run(args: argparse.Namespace) -> Path:
         "kv_slab_gib": slab_bytes / _GIB,  # inside peak_memory_gib on a GPU
         "weight_bytes": roofline.weight_bytes,
         "kv_bytes_per_token": roofline.kv_bytes_per_token,
-        "attention_backend": type(engine.runner.backend).__name__,
-        "cuda_graphs": engine_uses_graphs(engine),
-        "async_scheduling": engine.async_scheduling,
-        "tp": engine.config.tp,
+        **engine_facts(engine),
     }
     engine.shutdown()  # the other ranks' processes, when tp > 1
 

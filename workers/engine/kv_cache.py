@@ -132,8 +132,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.request_blocks: dict[str, list[KVBlock]] = {}
-        self.request_block_ids: dict[str, list[int]] = {}  # the same, as ids: the block table
+        self.request_blocks: dict[str, list[int]] = {}  # block ids in order: the block table
         self.num_hashed_blocks: dict[str, int] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -145,7 +144,7 @@ class KVCacheManager:
         )
 
     def block_table(self, request_id: str) -> list[int]:
-        return list(self.request_block_ids.get(request_id, ()))
+        return list(self.request_blocks.get(request_id, ()))
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -192,28 +191,25 @@ class KVCacheManager:
                 return False
             self.pool.take_cached(cached_prefix)
             added = [*cached_prefix, *self.pool.allocate(max(needed, 0))]
-            blocks.extend(added)
-            ids = self.request_block_ids.setdefault(request.request_id, [])
-            ids.extend(block.block_id for block in added)
+            blocks.extend(block.block_id for block in added)
         # (a decode step inside its last block needs neither; only a newly full block is hashed)
         hashed = self.num_hashed_blocks.get(request.request_id, 0)
         if self.enable_prefix_caching and total // self.block_size > hashed:
             self._cache_full_blocks(request, blocks, total)
         return True
 
-    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+    def _cache_full_blocks(self, request: Request, blocks: list[int], num_tokens: int) -> None:
         # blocks full once this step's tokens are written become findable now: a request
         # admitted later in the same step reads them after this step's K/V store
         hashes = self._update_hashes(request)
         start = self.num_hashed_blocks.get(request.request_id, 0)
         end = min(num_tokens // self.block_size, len(hashes))
         for index in range(start, end):
-            self.pool.cache(blocks[index], hashes[index])
+            self.pool.cache(self.pool.blocks[blocks[index]], hashes[index])
         self.num_hashed_blocks[request.request_id] = max(start, end)
 
     def free(self, request: Request) -> None:
         """Give back every block; the tail first into the free queue so that it is evicted first."""
         blocks = self.request_blocks.pop(request.request_id, [])
-        self.request_block_ids.pop(request.request_id, None)
         self.num_hashed_blocks.pop(request.request_id, None)
-        self.pool.free(reversed(blocks))
+        self.pool.free(self.pool.blocks[block_id] for block_id in reversed(blocks))

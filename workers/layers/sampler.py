@@ -95,7 +95,7 @@ class SamplerOutput:
     """Per row; None where the request did not ask for logprobs."""
 
 
-def _to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host values on the device without making the host wait for the GPU stream."""
     tensor = torch.as_tensor(values, dtype=dtype)
     if device.type == "cuda":
@@ -149,7 +149,7 @@ def _token_index(
     # numpy reads long Python lists about ten times faster than torch.tensor does.
     row_index = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
     token_ids = np.fromiter(chain.from_iterable(row_lists), dtype=np.int64, count=sum(lengths))
-    return _to_device(row_index, torch.long, device), _to_device(token_ids, torch.long, device)
+    return to_device(row_index, torch.long, device), to_device(token_ids, torch.long, device)
 
 
 def _take_rows(x: torch.Tensor, rows: list[int], index: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ def apply_penalties_and_bias(logits: torch.Tensor, batch: SamplingBatch) -> torc
     if biased:
         index = _token_index([list(batch.params[i].logit_bias) for i in biased], biased, device)
         biases = [b for i in biased for b in batch.params[i].logit_bias.values()]
-        out.index_put_(index, _to_device(biases, out.dtype, device), accumulate=True)
+        out.index_put_(index, to_device(biases, out.dtype, device), accumulate=True)
 
     penalised = [i for i, p in enumerate(batch.params) if _is_penalised(p)]
     if not penalised:
@@ -198,12 +198,12 @@ def apply_penalties_and_bias(logits: torch.Tensor, batch: SamplingBatch) -> torc
     seen.index_put_(_token_index(prompts, repeating, device), torch.ones_like(seen[0, 0]))
 
     def column(values: list[float]) -> torch.Tensor:
-        return _to_device(values, out.dtype, device).unsqueeze(1)  # [P, 1]
+        return to_device(values, out.dtype, device).unsqueeze(1)  # [P, 1]
 
     repetition = column([p.repetition_penalty for p in params])
     presence = column([p.presence_penalty for p in params])
     frequency = column([p.frequency_penalty for p in params])
-    row_index = _to_device(penalised, torch.long, device)
+    row_index = to_device(penalised, torch.long, device)
     x = out.index_select(0, row_index)  # [P, V]
     # HF repetition penalty, for tokens in prompt or output: logit > 0 → logit / p, else logit * p.
     x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
@@ -325,7 +325,7 @@ class Sampler:
         wanted = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if wanted:
-            wanted_index = _to_device(wanted, torch.long, device)
+            wanted_index = to_device(wanted, torch.long, device)
             raw = logits.index_select(0, wanted_index)[:, : self.sampleable_vocab_size]  # [L, V']
             top_ns = [batch.params[i].logprobs for i in wanted]
             chosen_ids = token_ids.index_select(0, wanted_index)  # [L]
@@ -342,11 +342,11 @@ class Sampler:
         greedy = [i for i, p in enumerate(batch.params) if p.is_greedy]
         sampled = [i for i, p in enumerate(batch.params) if not p.is_greedy]
         if greedy:
-            greedy_index = _to_device(greedy, torch.long, device)
+            greedy_index = to_device(greedy, torch.long, device)
             chosen = processed.index_select(0, greedy_index).argmax(dim=-1)  # [G]
             token_ids.index_copy_(0, greedy_index, chosen)
         if sampled:
-            sampled_index = _to_device(sampled, torch.long, device)
+            sampled_index = to_device(sampled, torch.long, device)
             x = _take_rows(processed, sampled, sampled_index)  # [S, V]
             token_ids.index_copy_(0, sampled_index, self._draw(x, batch, sampled))
         return token_ids
@@ -360,20 +360,20 @@ class Sampler:
         x = x - x.amax(dim=-1, keepdim=True)  # [S, V]
         temperatures = [p.temperature for p in params]
         if any(t != 1.0 for t in temperatures):
-            x = x / _to_device(temperatures, x.dtype, device).unsqueeze(1)  # [S, V]
+            x = x / to_device(temperatures, x.dtype, device).unsqueeze(1)  # [S, V]
 
         # min-p: drop p_i < min_p * p_max, i.e. x_i < log(min_p) since x_max is 0 (top-k and top-p
         # keep the top token, and renormalising scales p_i and p_max alike); min_p = 0 gives
         # log 0 = -inf, which drops nothing.
         min_p_cutoff = [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params]
-        cutoff = _to_device(min_p_cutoff, x.dtype, device)  # [S]
+        cutoff = to_device(min_p_cutoff, x.dtype, device)  # [S]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         with_top_k = [j for j in range(len(params)) if top_k[j] < vocab]
         top_p_only = [j for j, p in enumerate(params) if top_k[j] == vocab and p.top_p < 1.0]
         for group in (with_top_k, top_p_only):
             if not group:
                 continue
-            index = _to_device(group, torch.long, device)
+            index = to_device(group, torch.long, device)
             width = max(top_k[j] for j in group)
             candidates = _take_rows(x, group, index)  # [G, V]
             if width < vocab:
@@ -382,8 +382,8 @@ class Sampler:
                 largest = candidates.sort(dim=-1, descending=True).values  # [G, V]
             group_cutoff = top_k_top_p_cutoff(
                 largest,
-                _to_device([top_k[j] for j in group], torch.long, device),
-                _to_device([params[j].top_p for j in group], x.dtype, device),
+                to_device([top_k[j] for j in group], torch.long, device),
+                to_device([params[j].top_p for j in group], x.dtype, device),
             )  # [G]
             # Every filter is a cut-off on the same logits, so together they keep x >= the highest.
             cutoff.index_copy_(0, index, torch.maximum(cutoff.index_select(0, index), group_cutoff))
@@ -395,6 +395,6 @@ class Sampler:
         # softmax, only argmax: a row's token never depends on the other rows, bit for bit.
         # U = 0 gives -inf, never NaN; U <= 1 - 2**-24 keeps -log U > 0, so no +inf either.
         keys = [_signed64(draw_seed(batch.seeds[i], batch.output_positions[i])) for i in rows]
-        noise = uniforms(_to_device(keys, torch.long, device), vocab)  # [S, V]
+        noise = uniforms(to_device(keys, torch.long, device), vocab)  # [S, V]
         gumbel = noise.log_().neg_().log_().neg_()  # [S, V]
         return gumbel.add_(x).argmax(dim=-1)  # [S]
