@@ -53,7 +53,7 @@ def tiny_tokens(path: str, tp: int, eager: bool = False) -> list[int]:
 
 
 def teacher_forced(model: str, tp: int) -> list:
-    eng = engine(model, tp)
+    eng = engine(model, tp, max_num_seqs=8)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
         return eng.generate([PROMPT], params)[0].prompt_logprobs[1:]
@@ -62,7 +62,7 @@ def teacher_forced(model: str, tp: int) -> list:
 
 
 def decode_rate(model: str, tp: int, eager: bool = False, new_tokens: int = 128) -> float:
-    eng = engine(model, tp, enforce_eager=eager)
+    eng = engine(model, tp, enforce_eager=eager, max_num_seqs=8)
     try:
         eng.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
         eng.add_request(
@@ -130,6 +130,7 @@ def main() -> None:
         one, two, two_eager = tiny_tokens(tiny, 1), tiny_tokens(tiny, 2), tiny_tokens(tiny, 2, True)
     result["tiny_fp32_greedy_64_equal"] = one == two
     result["tiny_fp32_tp2_graphs_equal_eager"] = two == two_eager
+    print({k: v for k, v in result.items() if k.startswith("tiny")}, flush=True)
 
     ref, split = teacher_forced("dummy:olmo2-7b", 1), teacher_forced("dummy:olmo2-7b", 2)
     diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref, split, strict=True)]
@@ -140,12 +141,18 @@ def main() -> None:
         "mean_abs_logprob_diff": sum(diffs) / len(diffs),
         "top1_agreement": sum(tops) / len(tops),
     }
+    print(result["olmo2_7b_bf16_teacher_forced"], flush=True)
+    result["tp2_allreduce"] = []
+    for batch in (1, 64):
+        result["tp2_allreduce"].append(allreduce_share("dummy:olmo2-7b", batch))
+        print(result["tp2_allreduce"][-1], flush=True)
     rates = {}
     for model in ("dummy:olmo2-7b", "dummy:olmo2-13b"):
-        rates[model] = {tp: decode_rate(model, tp) for tp in (1, 2)}
-        rates[model]["2 eager"] = decode_rate(model, 2, eager=True)
+        rates[model] = {}
+        for tp, eager in ((1, False), (2, False), (2, True)):
+            rates[model][f"{tp} eager" if eager else tp] = decode_rate(model, tp, eager)
+            print(model, rates[model], flush=True)
     result["batch1_decode_tok_s"] = rates
-    result["tp2_allreduce"] = [allreduce_share("dummy:olmo2-7b", b) for b in (1, 64)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tp_gpu.json").write_text(json.dumps(result, indent=2))

@@ -152,6 +152,8 @@ def follow(config: EngineConfig, rank: int, rendezvous: str) -> None:
         worker = ShardWorker(config, device, sampler=False)
         while (schedule := tp_broadcast_object()) is not None:
             worker.runner.execute(schedule)
+        if worker.runner.graphs is not None:
+            worker.runner.graphs.release()
     finally:
         destroy_tensor_parallel()
 
