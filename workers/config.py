@@ -224,8 +224,8 @@ class EngineConfig:
     """Queue the next decode step before this step's sampled ids reach the host (None: on CUDA
     at tp = 1). Outputs are the same either way."""
     enforce_eager: bool = False
-    """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs (at tp > 1
-    the graphs hold the NCCL all-reduces too)."""
+    """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs (tp > 1 runs
+    them eagerly anyway)."""
     detokenize: bool = True
     """Produce text deltas and match stop strings here; a cluster's workers leave both to the
     gateway, which sees the whole stream even across a failover."""

@@ -125,16 +125,6 @@ class DecodeGraphs:
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
 
-    def release(self) -> None:
-        """Drop the captured graphs. At tp > 1 this comes before the process group is destroyed:
-        NCCL will not tear down a communicator that captured graphs still use."""
-        for graph in self.graphs.values():
-            graph.reset()
-        self.graphs.clear()
-        self.logits.clear()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def run(
         self,
         input_ids: Sequence[int] | torch.Tensor,

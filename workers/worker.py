@@ -100,9 +100,9 @@ class ShardWorker:
                 config.max_num_seqs,
                 self.max_model_len,
                 device,
-                # at tp > 1 every rank captures the same sizes in the same order, so the NCCL
-                # all-reduces inside the graphs pair up on replay
-                config.enforce_eager,
+                # NCCL collectives are not captured yet: tensor-parallel ranks run the same
+                # padded decode eagerly
+                config.enforce_eager or config.tp > 1,
             )
         self.runner = ModelRunner(
             self.model, kv_caches, backend, self.sampler, config.block_size, device, graphs
@@ -152,8 +152,6 @@ def follow(config: EngineConfig, rank: int, rendezvous: str) -> None:
         worker = ShardWorker(config, device, sampler=False)
         while (schedule := tp_broadcast_object()) is not None:
             worker.runner.execute(schedule)
-        if worker.runner.graphs is not None:
-            worker.runner.graphs.release()
     finally:
         destroy_tensor_parallel()
 

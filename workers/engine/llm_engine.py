@@ -96,8 +96,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel followers (and wait for the ones this engine spawned)."""
         if self.config.tp > 1 and get_tp_size() > 1:
-            if self.runner.graphs is not None:
-                self.runner.graphs.release()
             shutdown_followers()
             for process in self._followers:
                 process.join(30)
