@@ -9,25 +9,36 @@
 #                                             (transformers beside) and -7b
 #   bash benchmarks/gpu_suite.sh tp           (2 GPUs) batch-1 latency and the default workload
 #                                             of dummy:olmo2-7b and -13b at tp = 1 and 2
+#   bash benchmarks/gpu_suite.sh tpcheck      (2 GPUs) benchmarks/tp_gpu.py: tp = 2 against
+#                                             tp = 1, batch-1 scaling, all-reduce time per step
 #   bash benchmarks/gpu_suite.sh cluster      (2 GPUs) dummy:olmo2-7b served by one tp = 1 and
 #                                             one tp = 2 replica under the load test, the
 #                                             in-process engine beside; needs ray, jsonschema
 #                                             and the gRPC extras on PYTHONPATH
 # Results (JSON) and their rows go to $OUT when set (a device call), else benchmarks/results.
-set -euo pipefail
-part=${1:?latency or throughput}
+# Each run is stopped after STEP_TIMEOUT seconds (default 300) and the part goes on with the next,
+# so a hang costs one run, not the part; the runs that failed are listed at the end.
+set -uo pipefail
+part=${1:?kernels, decode, throughput, tp, tpcheck or cluster}
 out=${OUT:-benchmarks/results}
 runs=${OUT:+$OUT/runs.md}
 runs=${runs:-benchmarks/BENCHMARKS.md}
+step_timeout=${STEP_TIMEOUT:-300}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
 export PYTHONUNBUFFERED=1
-bench() { python3 -m cluster.cli bench "$@" --out-dir "$out" --report "$runs"; }
+failed=()
+guard() {
+  timeout -k 10 "$step_timeout" "$@"
+  local status=$?
+  if ((status)); then failed+=("$* (exit $status)"); fi
+}
+bench() { guard python3 -m cluster.cli bench "$@" --out-dir "$out" --report "$runs"; }
 
 case "$part" in
   kernels)
     bench ceilings
     bench kernels
-    python3 benchmarks/kernel_profile.py "$out/kernel_profile" | tail -n 40
+    guard python3 benchmarks/kernel_profile.py "$out/kernel_profile"
     ;;
   decode)
     bench latency --model dummy:olmo2-1b --prompt-lens 128 --new-tokens 256 --peer hf
@@ -47,13 +58,23 @@ case "$part" in
       done
     done
     ;;
+  tpcheck)
+    guard python3 benchmarks/tp_gpu.py --out "$out" --deadline $((step_timeout - 20))
+    ;;
   cluster)
-    python3 -m protos.build  # the gRPC stubs the load test's client imports
+    python3 -m protos.build || exit 1 # the gRPC stubs the load test's client imports
     for tp in 1 2; do
-      python3 benchmarks/cluster_overhead.py --model dummy:olmo2-7b --device cuda --tp "$tp" \
-        --concurrency 1,8,32 --input-len 128 --output-len 128 --out "$out"
+      guard python3 benchmarks/cluster_overhead.py --model dummy:olmo2-7b --device cuda \
+        --tp "$tp" --concurrency 1,8,32 --input-len 128 --output-len 128 --out "$out"
     done
     ;;
-  *) echo "unknown part: $part" >&2; exit 2 ;;
+  *)
+    echo "unknown part: $part" >&2
+    exit 2
+    ;;
 esac
-cat "$runs"
+if [[ -f "$runs" && -n "${OUT:-}" ]]; then cat "$runs"; fi
+if ((${#failed[@]})); then
+  printf 'FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
