@@ -221,8 +221,8 @@ class EngineConfig:
     tp: int = 1
     """Tensor-parallel ranks: the model's heads and MLP split over this many processes."""
     async_scheduling: bool | None = None
-    """Queue the next decode step before this step's sampled ids reach the host (None: on CUDA
-    at tp = 1). Outputs are the same either way."""
+    """Queue the next decode step before this step's sampled ids reach the host (None: on
+    CUDA). Outputs are the same either way."""
     enforce_eager: bool = False
     """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs (tp > 1 runs
     them eagerly anyway)."""
@@ -252,8 +252,6 @@ class EngineConfig:
             )
         if self.dtype is not None:
             parse_dtype(self.dtype)
-        if self.async_scheduling and self.tp > 1:
-            raise ValueError("async_scheduling: needs tp = 1 (the other ranks read host token ids)")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

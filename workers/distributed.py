@@ -52,6 +52,14 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns it. On GPUs
+    it is queued on the stream like a kernel: no rank waits for it on the host."""
+    if _TP.size > 1:
+        dist.broadcast(x, src=0, group=_TP.group)
+    return x
+
+
 def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's `x` along the last dimension, in rank order."""
     if _TP.size == 1:

@@ -95,8 +95,10 @@ class ModelRunner:
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, torch.int64, self.device)
 
-    def execute(self, schedule: SchedulerOutput) -> RunnerOutput:
-        return self.collect(self.sample(self.forward(schedule)))
+    def execute(
+        self, schedule: SchedulerOutput, input_ids_on_device: torch.Tensor | None = None
+    ) -> RunnerOutput:
+        return self.collect(self.sample(self.forward(schedule, input_ids_on_device)))
 
     @torch.inference_mode()
     def forward(

@@ -22,6 +22,7 @@ from workers.distributed import (
     get_tp_size,
     init_tensor_parallel,
     tp_broadcast_object,
+    tp_broadcast_tensor,
     tp_min,
 )
 from workers.engine.kv_cache import allocate_kv_slab, kv_block_bytes
@@ -151,7 +152,11 @@ def follow(config: EngineConfig, rank: int, rendezvous: str) -> None:
     try:
         worker = ShardWorker(config, device, sampler=False)
         while (schedule := tp_broadcast_object()) is not None:
-            worker.runner.execute(schedule)
+            ids = None
+            if schedule.ids_on_device:  # rank 0's draw of the step before, sent on the device
+                ids = torch.empty(len(schedule.requests), dtype=torch.long, device=device)
+                tp_broadcast_tensor(ids)
+            worker.runner.execute(schedule, ids)
     finally:
         destroy_tensor_parallel()
 

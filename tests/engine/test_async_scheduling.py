@@ -121,9 +121,27 @@ def test_async_engine_under_preemption(tiny_llama_dir):
     assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
 
 
-def test_async_scheduling_is_refused_with_tensor_parallelism(tiny_llama_dir):
-    with pytest.raises(ValueError, match="async_scheduling: needs tp = 1"):
-        LLMEngine(model=str(tiny_llama_dir), device="cpu", tp=2, async_scheduling=True)
+def test_async_engine_at_tp_2_gives_the_synchronous_outputs(tiny_llama_dir):
+    # the other rank runs each step built ahead with rank 0's draw broadcast to it
+    probe = _engine(tiny_llama_dir, False)
+    [result] = probe.generate([_prompt(3, 9)], SamplingParams(temperature=0.0, max_tokens=30))
+    arrivals, aborts = _workload(result.completions[0].token_ids[11])
+    runs, ahead = {}, []
+    for async_scheduling in (False, True):
+        engine = _engine(tiny_llama_dir, async_scheduling, tp=2)
+        try:
+            if async_scheduling:
+                ahead = _count_ahead(engine)
+            runs[async_scheduling] = _run(engine, arrivals, aborts)
+            assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
+        finally:
+            engine.shutdown()
+    got, expected = runs[True], runs[False]
+    assert got["tokens"] == expected["tokens"]
+    assert got["finished"] == expected["finished"]
+    for key, want in expected["logprobs"].items():
+        assert [t for t, _ in got["logprobs"][key]] == [t for t, _ in want]
+    assert len(ahead) > 20
 
 
 def test_async_engine_with_stop_strings_on_the_embedded_model():

@@ -16,6 +16,7 @@ from workers.distributed import (
     get_tp_size,
     init_tensor_parallel,
     tp_broadcast_object,
+    tp_broadcast_tensor,
 )
 from workers.engine.kv_cache import KVCacheManager
 from workers.engine.outputs import (
@@ -89,7 +90,7 @@ class LLMEngine:
         self.async_scheduling = (
             config.async_scheduling
             if config.async_scheduling is not None
-            else self.device.type == "cuda" and config.tp == 1
+            else self.device.type == "cuda"
         )
         self._in_flight = None  # (schedule, StepInFlight) of a step queued ahead
 
@@ -218,7 +219,10 @@ class LLMEngine:
             # the host's work below overlaps it instead of leaving the GPU idle
             ahead_schedule = self.scheduler.schedule_ahead(schedule)
             if ahead_schedule is not None:
-                ahead = ahead_schedule, self.runner.forward(ahead_schedule, step.token_ids)
+                # the other ranks get the rows now and the draw on the device, after the sampler
+                tp_broadcast_object(ahead_schedule)
+                ids = tp_broadcast_tensor(step.token_ids)
+                ahead = ahead_schedule, self.runner.forward(ahead_schedule, ids)
         result = self.runner.collect(step)
         for request_id, (start, logprobs) in result.prompt_logprobs.items():
             # entry p + 1 scores prompt token p + 1; a preempted request recomputes its prompt,
