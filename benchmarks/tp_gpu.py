@@ -6,7 +6,8 @@
    against tp = 1.
 2. dummy:olmo2-7b (bf16): teacher-forced log-probabilities at 127 positions (prompt logprobs of a
    128-token sequence), tp = 2 against tp = 1: largest difference and top-1 agreement.
-3. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt).
+3. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt), and
+   at tp = 2 without asynchronous scheduling.
 4. At tp = 2, the time a decode step spends in NCCL all-reduce kernels (rank 0, PyTorch profiler
    over 20 steps) at batch 1 and 64, beside the step's wall time.
 The throughput workloads at tp = 1 and 2 are `bash benchmarks/gpu_suite.sh tp`.
@@ -60,8 +61,8 @@ def teacher_forced(model: str, tp: int) -> list:
         close(eng)
 
 
-def decode_rate(model: str, tp: int, new_tokens: int = 128) -> float:
-    eng = engine(model, tp, max_num_seqs=8)
+def decode_rate(model: str, tp: int, async_scheduling: bool = True, new_tokens: int = 128) -> float:
+    eng = engine(model, tp, max_num_seqs=8, async_scheduling=async_scheduling)
     try:
         eng.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
         eng.add_request(
@@ -155,6 +156,7 @@ def main() -> None:
         for tp in (1, 2):
             rates[model][tp] = decode_rate(model, tp)
             print(model, rates[model], flush=True)
+        rates[model]["2 sync"] = decode_rate(model, 2, async_scheduling=False)
     result["batch1_decode_tok_s"] = rates
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +168,7 @@ def main() -> None:
               f"{row['allreduce_ms_per_step']:.2f} ms ({row['allreduce_share']:.0%})")  # fmt: skip
     for model, by_tp in rates.items():
         print(f"{model}: tp=1 {by_tp[1]:.1f} tok/s, tp=2 {by_tp[2]:.1f} tok/s, "
-              f"x{by_tp[2] / by_tp[1]:.2f}")  # fmt: skip
+              f"x{by_tp[2] / by_tp[1]:.2f}; tp=2 synchronous {by_tp['2 sync']:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":
