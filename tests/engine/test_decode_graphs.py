@@ -42,6 +42,12 @@ def test_refuses_a_backend_without_padded_rows(tiny_llama_dir):
         DecodeGraphs(model, [], get_backend("torch_ref"), 16, 4, 64, torch.device("cpu"), True)
 
 
+def _small_olmo2(path) -> None:
+    make_checkpoint(
+        path, "Olmo2", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    )
+
+
 def _engine(model_dir, device, dtype, **overrides) -> LLMEngine:
     return LLMEngine(
         model=str(model_dir),
@@ -113,9 +119,7 @@ def test_padded_decode_on_cpu_gives_the_unpadded_tokens(tiny_llama_dir, async_sc
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graphs_on_and_off_are_bitwise_equal(tmp_path, dtype):
-    make_checkpoint(
-        tmp_path, "Olmo2", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
-    )
+    _small_olmo2(tmp_path)
     generator = torch.Generator().manual_seed(0)
     greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=64, ignore_eos=True)
@@ -146,9 +150,7 @@ def test_graphs_on_and_off_are_bitwise_equal(tmp_path, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,relative", [("float32", None), ("bfloat16", 6e-2)])
 def test_graph_logits_match_torch_ref_teacher_forced(tmp_path, dtype, relative):
-    make_checkpoint(
-        tmp_path, "Olmo2", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
-    )
+    _small_olmo2(tmp_path)
     model = load_model(str(tmp_path), dtype=dtype, device="cuda").model
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 320, (n,), generator=generator).tolist() for n in (5, 16, 37)]
@@ -183,9 +185,7 @@ def test_graph_logits_match_torch_ref_teacher_forced(tmp_path, dtype, relative):
 def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(tmp_path, dtype):
     # graphs replayed with their input ids read from the previous step's draw on the device;
     # greedy and seeded sampling with logprobs, requests of different lengths finishing apart
-    make_checkpoint(
-        tmp_path, "Olmo2", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
-    )
+    _small_olmo2(tmp_path)
     generator = torch.Generator().manual_seed(5)
     prompts = [
         torch.randint(0, 320, (n,), generator=generator).tolist() for n in (3, 20, 41, 9, 66)
