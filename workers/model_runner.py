@@ -176,10 +176,8 @@ class ModelRunner:
         result = self.sampler(step.logits, batch)
         step.token_ids, step.token_logprobs = result.token_ids, result.logprobs
         if self.device.type == "cuda":
-            step.host_token_ids = torch.empty(
-                result.token_ids.shape, dtype=result.token_ids.dtype, pin_memory=True
-            )
-            step.host_token_ids.copy_(result.token_ids, non_blocking=True)
+            # a non-blocking copy to the host lands in pinned memory
+            step.host_token_ids = result.token_ids.to("cpu", non_blocking=True)
             step.copied = torch.cuda.Event()
             step.copied.record()
         return step
@@ -228,7 +226,7 @@ class ModelRunner:
             batch = len(requests)
 
             def decode_logits(rows: list[int]) -> torch.Tensor:
-                if rows == list(range(batch)):
+                if len(rows) == batch:  # rows ascend and are distinct: all of them
                     return logits[:batch]
                 return logits[self._to_device(rows)]
 

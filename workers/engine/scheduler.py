@@ -68,9 +68,12 @@ class SchedulerOutput:
     """Requests finished or preempted since the last step: the runner drops their state."""
     preempted_request_ids: list[str] = field(default_factory=list)
     """Requests preempted while scheduling this step (for metrics and tests)."""
-    ids_on_device: bool = False
-    """Built ahead (`Scheduler.schedule_ahead`): the rows' ids are the previous step's draw,
-    still on the device; rank 0 broadcasts them to the other ranks there."""
+
+    @property
+    def ids_on_device(self) -> bool:
+        """Built ahead (`Scheduler.schedule_ahead`): the rows' ids are the previous step's draw,
+        still on the device; rank 0 broadcasts them to the other ranks there."""
+        return bool(self.requests) and self.requests[0].token_ids[0] == PENDING_TOKEN
 
 
 class Scheduler:
@@ -193,7 +196,7 @@ class Scheduler:
                 or len(request.output_token_ids) + 1 >= request.params.max_tokens
             ):
                 return None
-        output = SchedulerOutput(ids_on_device=True)
+        output = SchedulerOutput()
         for request in self.running:
             # blocks up to the row after the in-flight token (computed tokens + 2)
             if not self.kv.allocate_slots(request, 2):
