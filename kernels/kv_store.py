@@ -19,6 +19,27 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_checks import check_kv_slab
+
+
+@triton.jit
+def store_slot(
+    cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
+    slot, heads, dims, k, v, mask,
+    BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """k and v ([heads, dims] tiles) into `slot` of the slab, cast to its dtype, where `mask`."""
+    tile = (
+        cache_ptr
+        + (slot // BLOCK_SIZE) * stride_cache_block
+        + heads[:, None] * stride_cache_head
+        + (slot % BLOCK_SIZE) * stride_cache_slot
+        + dims[None, :]
+    )  # pointers into K; V is one stride_cache_kv further
+    cache_dtype = cache_ptr.dtype.element_ty
+    tl.store(tile, k.to(cache_dtype), mask=mask)
+    tl.store(tile + stride_cache_kv, v.to(cache_dtype), mask=mask)
+
 
 @triton.jit
 def _kernel(
@@ -33,8 +54,6 @@ def _kernel(
 
     # -- locate the slot --
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
     heads = tl.arange(0, BLOCK_HEADS)
     dims = tl.arange(0, BLOCK_D)
     # padding rows (slot < 0) store no head; the power-of-two padding of the tile stores nothing
@@ -50,16 +69,10 @@ def _kernel(
     )
 
     # -- store into the slab --
-    tile = (
-        cache_ptr
-        + block * stride_cache_block
-        + heads[:, None] * stride_cache_head
-        + offset * stride_cache_slot
-        + dims[None, :]
-    )  # [BLOCK_HEADS, BLOCK_D] pointers into K; V is one stride_cache_kv further
-    cache_dtype = cache_ptr.dtype.element_ty
-    tl.store(tile, k.to(cache_dtype), mask=mask)
-    tl.store(tile + stride_cache_kv, v.to(cache_dtype), mask=mask)
+    store_slot(
+        cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
+        slot, heads, dims, k, v, mask, BLOCK_SIZE,
+    )  # fmt: skip
 
 
 def store_kv(
@@ -72,20 +85,14 @@ def store_kv(
     if k.shape != v.shape or k.dim() != 3:
         raise ValueError(f"k and v: expected equal [T, KVH, D] shapes, got {k.shape}, {v.shape}")
     num_tokens, num_kv_heads, head_dim = k.shape
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"kv_cache: expected [2, NB, KVH, BS, D], got {tuple(kv_cache.shape)}")
-    if (kv_cache.shape[2], kv_cache.shape[4]) != (num_kv_heads, head_dim):
-        raise ValueError(
-            f"kv_cache: {kv_cache.shape[2]} heads of dim {kv_cache.shape[4]}, "
-            f"k has {num_kv_heads} of dim {head_dim}"
-        )
+    check_kv_slab(kv_cache, num_kv_heads, head_dim, "k")
     if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"slot_mapping: expected [{num_tokens}] int32/int64, "
             f"got {tuple(slot_mapping.shape)} {slot_mapping.dtype}"
         )
-    if k.stride(2) != 1 or v.stride(2) != 1 or not kv_cache.is_contiguous():
-        raise ValueError("k, v: head_dim must be contiguous; kv_cache: must be contiguous")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("k, v: head_dim must be contiguous")
     if num_tokens == 0:
         return
     _kernel[(num_tokens,)](

@@ -1,4 +1,5 @@
-"""The input checks both paged attention kernels' wrappers make (decode, prefill)."""
+"""The input checks the paged kernels' wrappers share: the attention kernels (decode, prefill)
+and the writers into the KV slab (the store, the fused RoPE prologue)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,17 @@ def check_paged_attention(
     if any(t.device != q.device for t in (kv_cache, out, block_tables, seq_lens)):
         raise ValueError(f"all tensors must be on q's device ({q.device})")
     return num_kv_heads, block_size
+
+
+def check_kv_slab(kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int, source: str) -> None:
+    """kv_cache must be a contiguous [2, NB, num_kv_heads, BS, head_dim] slab for what `source`
+    (the argument named in the message) writes into it."""
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
+        raise ValueError(
+            f"kv_cache: expected contiguous [2, NB, KVH, BS, D], got {tuple(kv_cache.shape)}"
+        )
+    if (kv_cache.shape[2], kv_cache.shape[4]) != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"kv_cache: {kv_cache.shape[2]} heads of dim {kv_cache.shape[4]}, "
+            f"{source} has {num_kv_heads} of dim {head_dim}"
+        )

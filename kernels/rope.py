@@ -30,6 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_store import store_slot
+from kernels.paged_checks import check_kv_slab
+
 _TILE_ELEMENTS = 2048  # heads per chunk: as many as fit this many elements
 
 
@@ -78,11 +81,6 @@ def _kernel(
 
     if STORE_KV:
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        cache_tile = (
-            cache_ptr
-            + (slot // BLOCK_SIZE) * stride_cache_block
-            + (slot % BLOCK_SIZE) * stride_cache_slot
-        )
         # only k programs store, and a padding row (slot < 0) stores nothing
         store_heads = tl.where(is_k & (slot >= 0), NUM_KV_HEADS, 0)
 
@@ -118,11 +116,11 @@ def _kernel(
         # -- k and v into the slab --
         if STORE_KV:
             store_mask = (head[:, None] < store_heads) & dim_mask[None, :]
-            tile = cache_tile + head[:, None] * stride_cache_head + dims[None, :]
-            cache_dtype = cache_ptr.dtype.element_ty
-            tl.store(tile, out.to(cache_dtype), mask=store_mask)
             v = tl.load(row + NUM_KV_HEADS * HEAD_DIM + offsets, mask=store_mask)
-            tl.store(tile + stride_cache_kv, v.to(cache_dtype), mask=store_mask)
+            store_slot(
+                cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head,
+                stride_cache_slot, slot, head, dims, out, v, store_mask, BLOCK_SIZE,
+            )  # fmt: skip
 
 
 def rotary_qkv(
@@ -177,15 +175,7 @@ def rotary_qkv(
         raise ValueError("k_norm_weight without q_norm_weight")
     store_kv = kv_cache is not None
     if store_kv:
-        if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
-            raise ValueError(
-                f"kv_cache: expected contiguous [2, NB, KVH, BS, D], got {tuple(kv_cache.shape)}"
-            )
-        if (kv_cache.shape[2], kv_cache.shape[4]) != (num_kv_heads, head_dim):
-            raise ValueError(
-                f"kv_cache: {kv_cache.shape[2]} heads of dim {kv_cache.shape[4]}, "
-                f"qkv has {num_kv_heads} of dim {head_dim}"
-            )
+        check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
         if slot_mapping is None or slot_mapping.shape != (num_tokens,):
             raise ValueError(f"slot_mapping: expected [{num_tokens}] with kv_cache")
     qk = torch.empty(
