@@ -108,6 +108,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
         super().__init__(hidden_size, output_size, bias)
 
+    @property
+    def kv_shard_index(self) -> int:
+        """Which KV-head shard this rank holds (ranks that replicate a KV head share one)."""
+        return self.tp_rank // self.kv_replicas
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         q_rows = self.num_heads * self.head_dim
         kv_rows = self.num_kv_heads * self.head_dim
@@ -115,7 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset, rows, rank_index = 0, q_rows, self.tp_rank
         elif shard_id in ("k", "v"):
             offset = q_rows if shard_id == "k" else q_rows + kv_rows
-            rows, rank_index = kv_rows, self.tp_rank // self.kv_replicas
+            rows, rank_index = kv_rows, self.kv_shard_index
         else:
             raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
         shard = loaded.narrow(0, rank_index * rows, rows)

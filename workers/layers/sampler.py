@@ -291,6 +291,37 @@ def prompt_logprobs(
     return _gather_logprobs(raw, next_token_ids.to(torch.long), [top_n] * logits.shape[0])
 
 
+def _cutoff(x: torch.Tensor, params: list[SamplingParams], top_k: list[int]) -> torch.Tensor:
+    """[S] the lowest logit each row keeps under min-p, top-k and top-p (x: [S, V], each row's
+    max 0; top_k: each row's k, the vocabulary size for none)."""
+    device, vocab = x.device, x.shape[1]
+    # min-p: drop p_i < min_p * p_max, i.e. x_i < log(min_p) since x_max is 0 (top-k and top-p
+    # keep the top token, and renormalising scales p_i and p_max alike); min_p = 0 gives
+    # log 0 = -inf, which drops nothing.
+    min_p_cutoff = [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params]
+    cutoff = to_device(min_p_cutoff, x.dtype, device)  # [S]
+    with_top_k = [j for j in range(len(params)) if top_k[j] < vocab]
+    top_p_only = [j for j, p in enumerate(params) if top_k[j] == vocab and p.top_p < 1.0]
+    for group in (with_top_k, top_p_only):
+        if not group:
+            continue
+        index = to_device(group, torch.long, device)
+        width = max(top_k[j] for j in group)
+        candidates = _take_rows(x, group, index)  # [G, V]
+        if width < vocab:
+            largest = candidates.topk(width, dim=-1).values  # [G, max_k], descending
+        else:
+            largest = candidates.sort(dim=-1, descending=True).values  # [G, V]
+        group_cutoff = top_k_top_p_cutoff(
+            largest,
+            to_device([top_k[j] for j in group], torch.long, device),
+            to_device([params[j].top_p for j in group], x.dtype, device),
+        )  # [G]
+        # Every filter is a cut-off on the same logits, so together they keep x >= the highest.
+        cutoff.index_copy_(0, index, torch.maximum(cutoff.index_select(0, index), group_cutoff))
+    return cutoff
+
+
 class Sampler:
     """Draws one token per row from [R, V] logits under each row's SamplingParams."""
 
@@ -343,7 +374,7 @@ class Sampler:
         sampled = [i for i, p in enumerate(batch.params) if not p.is_greedy]
         if greedy:
             greedy_index = to_device(greedy, torch.long, device)
-            chosen = processed.index_select(0, greedy_index).argmax(dim=-1)  # [G]
+            chosen = _take_rows(processed, greedy, greedy_index).argmax(dim=-1)  # [G]
             token_ids.index_copy_(0, greedy_index, chosen)
         if sampled:
             sampled_index = to_device(sampled, torch.long, device)
@@ -362,33 +393,10 @@ class Sampler:
         if any(t != 1.0 for t in temperatures):
             x = x / to_device(temperatures, x.dtype, device).unsqueeze(1)  # [S, V]
 
-        # min-p: drop p_i < min_p * p_max, i.e. x_i < log(min_p) since x_max is 0 (top-k and top-p
-        # keep the top token, and renormalising scales p_i and p_max alike); min_p = 0 gives
-        # log 0 = -inf, which drops nothing.
-        min_p_cutoff = [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params]
-        cutoff = to_device(min_p_cutoff, x.dtype, device)  # [S]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        with_top_k = [j for j in range(len(params)) if top_k[j] < vocab]
-        top_p_only = [j for j, p in enumerate(params) if top_k[j] == vocab and p.top_p < 1.0]
-        for group in (with_top_k, top_p_only):
-            if not group:
-                continue
-            index = to_device(group, torch.long, device)
-            width = max(top_k[j] for j in group)
-            candidates = _take_rows(x, group, index)  # [G, V]
-            if width < vocab:
-                largest = candidates.topk(width, dim=-1).values  # [G, max_k], descending
-            else:
-                largest = candidates.sort(dim=-1, descending=True).values  # [G, V]
-            group_cutoff = top_k_top_p_cutoff(
-                largest,
-                to_device([top_k[j] for j in group], torch.long, device),
-                to_device([params[j].top_p for j in group], x.dtype, device),
-            )  # [G]
-            # Every filter is a cut-off on the same logits, so together they keep x >= the highest.
-            cutoff.index_copy_(0, index, torch.maximum(cutoff.index_select(0, index), group_cutoff))
-        if with_top_k or top_p_only or any(p.min_p > 0.0 for p in params):
-            x = x.masked_fill(x < cutoff.unsqueeze(1), -math.inf)  # [S, V]
+        filtered = zip(top_k, params, strict=True)
+        if any(k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for k, p in filtered):
+            x = x.masked_fill(x < _cutoff(x, params, top_k).unsqueeze(1), -math.inf)  # [S, V]
 
         # Exponential race in log space (the Gumbel-max trick): with U ~ Uniform[0, 1) i.i.d. per
         # token, argmax_i x_i - log(-log U_i) picks token i with probability softmax(x)_i. No

@@ -33,7 +33,7 @@ class Olmo2Attention(LlamaAttention):
         self.k_norm = ShardedRMSNorm(
             config.num_key_value_heads * config.head_dim,
             self.kv_size,
-            qkv.tp_rank // qkv.kv_replicas,
+            qkv.kv_shard_index,
             qkv.kv_replicas,
             eps,
         )
