@@ -15,7 +15,6 @@ table last; writes JSON under --out (cluster_overhead_DEVICE[_tpN].json).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -31,6 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster import loadtest
 from protos.afs.v1 import inference_pb2
+from workers.bench.ceilings import free_memory
+from workers.bench.results import git_commit
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
@@ -134,9 +135,7 @@ def main() -> None:
     local = {c: in_process(engine, c, args) for c in levels}
     engine.shutdown()
     del engine
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()  # the server's replica takes the same GPUs
+    free_memory(torch.device(args.device))  # the server's replica takes the same GPUs
 
     address = f"127.0.0.1:{args.port}"
     server = subprocess.Popen(
@@ -169,9 +168,7 @@ def main() -> None:
         "command": "python benchmarks/cluster_overhead.py " + " ".join(sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
         "cpus": cpus,
-        "git_commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "git_commit": git_commit(),
         "model": args.model,
         "device": args.device,
         "tp": args.tp,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from workers.bench.ceilings import Roofline, measure_ceilings
+from workers.bench.ceilings import Roofline, measure_ceilings, median_seconds
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
@@ -84,15 +84,7 @@ def main() -> None:
     # -- the graph alone, on the last step's inputs --
     graphs = engine.runner.graphs
     size = graphs.padded_size(args.batch)
-    replay_times = []
-    for _ in range(50):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graphs.graphs[size].replay()
-        end.record()
-        replay_times.append((begin, end))
-    torch.cuda.synchronize()
-    replay_ms = statistics.median(b.elapsed_time(e) for b, e in replay_times)
+    replay_ms = median_seconds(graphs.graphs[size].replay, device, 50) * 1e3
 
     # -- kernels of one eager forward of the same padded batch --
     with torch.inference_mode():
@@ -101,22 +93,20 @@ def main() -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             graphs._forward(size)
             torch.cuda.synchronize()
+    kernels = [  # (name, GPU ms, launches)
+        (e.key, (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / 1e3,
+         e.count)
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]  # fmt: skip
     by_kind: dict[str, float] = {}
     launches = 0
-    for event in prof.key_averages():
-        gpu_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if event.device_type != torch.autograd.DeviceType.CUDA or not gpu_us:
-            continue
-        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + gpu_us / 1e3
-        launches += event.count
-    top = sorted(
-        (
-            (e.key, (getattr(e, "device_time_total", 0) or 0) / 1e3, e.count)
-            for e in prof.key_averages()
-            if e.device_type == torch.autograd.DeviceType.CUDA
-        ),
-        key=lambda row: -row[1],
-    )[:12]
+    for name, gpu_ms, count in kernels:
+        if gpu_ms:
+            kind = kind_of(name)
+            by_kind[kind] = by_kind.get(kind, 0.0) + gpu_ms
+            launches += count
+    top = sorted(kernels, key=lambda row: -row[1])[:12]
 
     context = args.context + 60
     floor_ms = roofline.step_seconds([(context, 1)] * args.batch, args.batch) * 1e3

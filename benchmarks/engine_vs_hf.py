@@ -43,6 +43,15 @@ QUESTIONS = [
 ]
 
 
+def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
+    """`batch` chat prompts, the questions in turn, as token ids."""
+    questions = (QUESTIONS * (batch // len(QUESTIONS) + 1))[:batch]
+    return [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
+        for q in questions
+    ]
+
+
 def engine_figures(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -103,11 +112,7 @@ def main() -> None:
             kv_cache_gib=0.5,
             quantization=quantization,
         )
-        tokenizer = engine.tokenizer
-        prompts = [
-            tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
-            for q in (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
-        ]
+        prompts = chat_prompts(engine.tokenizer, args.batch)
         ours[f"afs {args.dtype} quantization={quantization}"] = engine_figures(
             engine, prompts, args.new_tokens
         )

@@ -13,7 +13,6 @@ TMA copies (UTMALDG), asynchronous copies (LDGSTS), plain global loads (LDG) and
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
@@ -115,7 +114,6 @@ def sweep_decode() -> list[dict]:
     if QUICK:
         variants = [(*default[0].values(), default[1])]
     device = torch.device("cuda")
-    args = argparse.Namespace(dtype="bfloat16", rep_ms=30.0, ceilings={})
     for shape in (s for s in SHAPES["default"] if s.phase == "decode"):
         sets = input_sets(shape, torch.bfloat16, device)
         refs = reference_slices(shape, sets[0])
@@ -127,7 +125,7 @@ def sweep_decode() -> list[dict]:
             }  # fmt: skip
             decode_module.PROGRAMS_PER_SM = per_sm
             try:
-                row = measure(shape, "triton", make_run, refs, args)
+                row = measure(shape, "triton", make_run, refs, "bfloat16", 30.0, {})
             except Exception as failure:  # noqa: BLE001 - a variant may not compile
                 row = {"status": "error", "reason": str(failure)}
             timings.append({"variant": [block_n, warps, stages, per_sm], **row})
@@ -154,7 +152,7 @@ def prefill_choices() -> list[dict]:
         starts = torch.arange(0, b * s + 1, s, dtype=torch.int32, device="cuda")
         lens = torch.full((b,), s, dtype=torch.int32, device="cuda")
         out = torch.empty_like(q)
-        flops = 4 * b * h * s * s * d / 2
+        flops = shape.work(2)
         reference = F.scaled_dot_product_attention(
             *(x.view(b, s, -1, d).transpose(1, 2) for x in (q, k, v)), is_causal=True
         ).transpose(1, 2).reshape(b * s, h, d)  # fmt: skip

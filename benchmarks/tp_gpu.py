@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import gc
 import json
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from workers.bench.ceilings import free_memory
+from workers.bench.latency import afs_times
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
@@ -33,14 +34,9 @@ PROMPT = list(range(1000, 1128))
 
 
 def engine(model: str, tp: int, **kwargs) -> LLMEngine:
+    # the last engine's frame has returned by now: its memory can go
+    free_memory(torch.device("cuda"))
     return LLMEngine(model=model, device="cuda", tp=tp, gpu_memory_utilization=0.45, **kwargs)
-
-
-def close(eng: LLMEngine) -> None:
-    eng.shutdown()
-    del eng
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def tiny_tokens(path: str, tp: int) -> list[int]:
@@ -49,7 +45,7 @@ def tiny_tokens(path: str, tp: int) -> list[int]:
         params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
         return eng.generate([PROMPT[:40]], params)[0].completions[0].token_ids
     finally:
-        close(eng)
+        eng.shutdown()
 
 
 def teacher_forced(model: str, tp: int) -> list:
@@ -58,26 +54,17 @@ def teacher_forced(model: str, tp: int) -> list:
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
         return eng.generate([PROMPT], params)[0].prompt_logprobs[1:]
     finally:
-        close(eng)
+        eng.shutdown()
 
 
 def decode_rate(model: str, tp: int, async_scheduling: bool = True, new_tokens: int = 128) -> float:
     eng = engine(model, tp, max_num_seqs=8, async_scheduling=async_scheduling)
     try:
         eng.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
-        eng.add_request(
-            PROMPT, SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-        )
-        first = None
-        while eng.has_unfinished_requests():
-            eng.step()
-            if first is None:
-                torch.cuda.synchronize()
-                first = time.perf_counter()
-        torch.cuda.synchronize()
-        return (new_tokens - 1) / (time.perf_counter() - first)
+        _, decode_s = afs_times(eng, PROMPT, new_tokens, None)
+        return (new_tokens - 1) / decode_s
     finally:
-        close(eng)
+        eng.shutdown()
 
 
 def allreduce_share(model: str, batch: int, steps: int = 20) -> dict:
@@ -107,7 +94,7 @@ def allreduce_share(model: str, batch: int, steps: int = 20) -> dict:
             "allreduce_share": nccl_us / 1e6 / wall,
         }
     finally:
-        close(eng)
+        eng.shutdown()
 
 
 def main() -> None:

@@ -13,12 +13,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
-from engine_vs_hf import QUESTIONS, engine_figures
+from engine_vs_hf import chat_prompts, engine_figures
 
+from workers.bench.results import git_commit
 from workers.engine.llm_engine import LLMEngine
 
 
@@ -35,11 +35,7 @@ def main() -> None:
     for tp in [int(t) for t in args.tp.split(",")]:
         engine = LLMEngine(model=args.model, device=args.device, tp=tp, kv_cache_gib=0.5)
         try:
-            tokenizer = engine.tokenizer
-            prompts = [
-                tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]))
-                for q in (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
-            ]
+            prompts = chat_prompts(engine.tokenizer, args.batch)
             rows[tp] = engine_figures(engine, prompts, args.new_tokens)
         finally:
             engine.shutdown()
@@ -47,9 +43,7 @@ def main() -> None:
         "command": "python benchmarks/tp_scaling.py " + " ".join(sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
-        "git_commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "git_commit": git_commit(),
         "model": args.model,
         "rows": rows,
     }

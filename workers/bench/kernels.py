@@ -201,13 +201,19 @@ def paged_runner(backend_name: str, shape: Shape, sets: list[Inputs], block_size
 
 
 def measure(
-    shape: Shape, impl: str, make_run: Callable[[], Run], refs: Refs, args: argparse.Namespace
+    shape: Shape,
+    impl: str,
+    make_run: Callable[[], Run],
+    refs: Refs,
+    dtype_name: str,
+    rep_ms: float,
+    ceilings: dict[str, float],
 ) -> dict[str, Any]:
     """One row: check the implementation's output, then time it; a refusal gives its reason.
 
-    `args.ceilings` holds the rates that give each figure its floor and fraction.
+    `ceilings` holds the rates that give each figure its floor and fraction.
     """
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, dtype_name)
     unit, scale, ceiling_key = UNITS[shape.phase]
     row: dict[str, Any] = {"phase": shape.phase, "shape": shape.name, "impl": impl}
     with warnings.catch_warnings(record=True) as caught:
@@ -226,10 +232,11 @@ def measure(
     row["max_abs_err"] = error if math.isfinite(error) else None
     if not error <= TOLERANCE[dtype]:
         return row | {"status": "wrong", "reason": f"max |error| {error:.3g} vs fp32 reference"}
-    milliseconds = median_time_ms(run, out.device, args.rep_ms)
-    rate = shape.work(dtype.itemsize) / (milliseconds / 1e3) / scale
-    ceiling = args.ceilings.get(ceiling_key.format(dtype=args.dtype))
-    floor_ms = shape.work(dtype.itemsize) / (ceiling * scale) * 1e3 if ceiling else None
+    milliseconds = median_time_ms(run, out.device, rep_ms)
+    work = shape.work(dtype.itemsize)
+    rate = work / (milliseconds / 1e3) / scale
+    ceiling = ceilings.get(ceiling_key.format(dtype=dtype_name))
+    floor_ms = work / (ceiling * scale) * 1e3 if ceiling else None
     return row | {
         "status": "ok",
         "median_ms": milliseconds,
@@ -240,8 +247,11 @@ def measure(
     }
 
 
-def bench_shape(shape: Shape, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def bench_shape(
+    shape: Shape, args: argparse.Namespace, device: torch.device, ceilings: dict[str, float]
+) -> list[dict]:
     sets = input_sets(shape, getattr(torch, args.dtype), device)
+    timing = (args.dtype, args.rep_ms, ceilings)
     refs = reference_slices(shape, sets[0])
     causal, gqa = shape.phase == "prefill", shape.num_heads != shape.num_kv_heads
 
@@ -253,12 +263,12 @@ def bench_shape(shape: Shape, args: argparse.Namespace, device: torch.device) ->
     for name in [*SDPA_BACKENDS, *(["MATH"] if device.type == "cpu" else [])]:
         with sdpa_kernel([getattr(SDPBackend, name)]):
             impl = "sdpa_" + name.split("_")[0].lower()
-            rows.append(measure(shape, impl, lambda: sdpa_run, refs, args))
+            rows.append(measure(shape, impl, lambda: sdpa_run, refs, *timing))
     best = max((r["rate"] for r in rows if r["status"] == "ok"), default=None)
     backends = args.backends.split(",") if args.backends != "auto" else [OUR_BACKENDS[device.type]]
     for name in backends:
         make_run = partial(paged_runner, name, shape, sets, args.block_size)
-        row = measure(shape, name, make_run, refs, args)
+        row = measure(shape, name, make_run, refs, *timing)
         rows.append(row | {"vs_best_sdpa": row["rate"] / best if "rate" in row and best else None})
     return rows
 
@@ -288,11 +298,10 @@ def summary(rows: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     ceilings = measure_ceilings(device, [args.dtype], args.size_gib, args.repeats, args.matmul_size)
-    args = argparse.Namespace(**vars(args), ceilings=ceilings)
     torch.manual_seed(args.seed)
     rows = []
     for shape in SHAPES[args.shapes]:
-        for row in bench_shape(shape, args, device):
+        for row in bench_shape(shape, args, device, ceilings):
             shown = f"{row['rate']:9.4g} {row['unit']}" if "rate" in row else row["reason"][:90]
             print(f"{shape.phase:8} {shape.name:26} {row['impl']:15} {row['status']:15} {shown}")
             rows.append(row)

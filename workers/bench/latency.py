@@ -214,7 +214,7 @@ def _latency(
     return figures, floors
 
 
-def _afs_times(
+def afs_times(
     engine: LLMEngine, prompt: list[int], new_tokens: int, bar: tqdm | None
 ) -> tuple[float, float]:
     """(time to the first token, time of the rest) of one greedy request."""
@@ -256,9 +256,9 @@ def run(args: argparse.Namespace) -> Path:
 
     figures, floors = {}, {}
     for n, prompt in prompts.items():
-        _afs_times(engine, warmups[n], min(args.new_tokens, 8), None)
+        afs_times(engine, warmups[n], min(args.new_tokens, 8), None)
         with tqdm(total=args.new_tokens, desc=f"afs latency, prompt {n}", unit="tok") as bar:
-            prefill_s, decode_s = _afs_times(engine, prompt, args.new_tokens, bar)
+            prefill_s, decode_s = afs_times(engine, prompt, args.new_tokens, bar)
         key = f"prompt_len_{n}"
         figures[key], floors[key] = _latency(n, args.new_tokens, prefill_s, decode_s, roofline)
     config = {
