@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from workers.engine.outputs import Usage
+from workers.engine.outputs import RequestOutput, Usage
 from workers.engine.sampling_params import SamplingParams
 from workers.layers.sampler import TokenLogprobs
 from workers.weights.tokenizer import Tokenizer
@@ -48,6 +48,26 @@ class TokenEvent:
     """Why it failed, when finish_reason is error."""
     usage: Usage | None = None
     """Token counts, on the finishing event."""
+
+    @classmethod
+    def from_output(
+        cls,
+        output: RequestOutput,
+        index: int,
+        prompt_logprobs: list[TokenLogprobs | None] | None,
+    ) -> TokenEvent:
+        """The event of one engine output; a stop string (the gateway's) leaves no stop_reason."""
+        return cls(
+            index=index,
+            token_ids=output.new_token_ids,
+            logprobs=output.logprobs,
+            prompt_logprobs=prompt_logprobs,
+            finished=output.finished,
+            finish_reason=output.finish_reason,
+            stop_reason=output.stop_reason if isinstance(output.stop_reason, int) else None,
+            error=output.error,
+            usage=output.usage if output.finished else None,
+        )
 
 
 @dataclass(frozen=True)

@@ -79,14 +79,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="stream a sample answer, then exit")
     _engine_flags(serve)
 
-    # its flags live in cluster/loadtest.py, which needs the generated gRPC modules: they load
-    # only when the command runs, so the rest of the CLI works where those are absent
-    load = commands.add_parser(
-        "loadtest",
-        help="load-test a running server over gRPC (afs loadtest --help)",
-        add_help=False,
+    # listed here for --help; `main` hands it to cluster/loadtest.py before this parser runs (its
+    # flags need the generated gRPC modules, so the rest of the CLI works where those are absent)
+    commands.add_parser(
+        "loadtest", help="load-test a running server over gRPC (afs loadtest --help)"
     )
-    load.add_argument("loadtest_args", nargs=argparse.REMAINDER)
 
     bench = commands.add_parser("bench", help="benchmarks: a JSON result and a report row each")
     benches = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)

@@ -175,12 +175,11 @@ class CompletionStreams:
         if not self.first_token_seen:
             self.first_token_seen = True
             self.metrics.observe_first_token(now - self.arrival)
+        if completion.last_token_at is not None:
+            self.metrics.observe_token_gap(now - completion.last_token_at)
         # Tokens that arrive together in one event reach the client with no gap between them.
-        for position in range(count):
-            if position == 0 and completion.last_token_at is None:
-                continue
-            gap = now - completion.last_token_at if position == 0 else 0.0
-            self.metrics.observe_token_gap(gap)
+        for _ in range(count - 1):
+            self.metrics.observe_token_gap(0.0)
         completion.last_token_at = now
 
     def _response(

@@ -32,6 +32,7 @@ from cluster.completions import CompletionStreams, Prepared, chat_messages, samp
 from cluster.metrics import Metrics
 from protos.afs.v1 import inference_pb2 as pb
 from protos.afs.v1 import inference_pb2_grpc as pb_grpc
+from workers.engine.request import check_prompt_fits, check_prompt_ids
 
 _ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -176,16 +177,8 @@ class Gateway(pb_grpc.InferenceServicer):
             raise ValueError(f"model: this server serves {card.name!r}, got {model!r}")
         params = sampling_params(sampling)
         params.validate_for_vocab(card.vocab_size)
-        if not prompt_ids:
-            raise ValueError("prompt: must not be empty")
-        bad = [token_id for token_id in prompt_ids if not 0 <= token_id < card.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: token ids must be in [0, {card.vocab_size}), got {bad[:5]}")
-        if len(prompt_ids) + params.max_tokens > card.max_model_len:
-            raise ValueError(
-                f"prompt: {len(prompt_ids)} prompt tokens + max_tokens={params.max_tokens} exceed "
-                f"the model's context of {card.max_model_len} tokens"
-            )
+        prompt_ids = check_prompt_ids(prompt_ids, card.vocab_size)
+        check_prompt_fits(len(prompt_ids), params.max_tokens, card.max_model_len)
         return Prepared(prompt_ids, params)
 
     def _generate_request(self, request: pb.GenerateRequest) -> Prepared:

@@ -136,6 +136,7 @@ class GlobalScheduler:
             self.table[completion.request_id] = completion
             self._push(completion)
         self._assign()  # at once: the queue bound counts only what truly waits
+        self._wake.set()  # the loop sends what was assigned
         return self._events(completions, events)
 
     async def _events(
@@ -197,14 +198,12 @@ class GlobalScheduler:
                     list(completion.streamed),
                 )
             )
-        self._wake.set()
 
     async def _dispatch_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             self._assign()
-            self._wake.clear()
             outgoing, self._outgoing = self._outgoing, {}
             for replica, new in outgoing.items():
                 await replica.submit(new, [])
@@ -226,17 +225,7 @@ class GlobalScheduler:
                 replica.served += 1
                 self._wake.set()
             completion.events.put_nowait(
-                TokenEvent(
-                    index=completion.index,
-                    token_ids=output.new_token_ids,
-                    logprobs=output.logprobs,
-                    prompt_logprobs=prompt_logprobs,
-                    finished=output.finished,
-                    finish_reason=output.finish_reason,
-                    stop_reason=output.stop_reason if isinstance(output.stop_reason, int) else None,
-                    error=output.error,
-                    usage=output.usage if output.finished else None,
-                )
+                TokenEvent.from_output(output, completion.index, prompt_logprobs)
             )
         if self.metrics is not None:
             stats = replica.stats

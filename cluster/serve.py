@@ -13,8 +13,8 @@ from cluster.config import ClusterConfig
 from cluster.gateway import Gateway
 from cluster.metrics import Metrics
 from cluster.scheduler import GlobalScheduler
-from workers.config import dtype_name, parse_dtype
-from workers.weights.loader import default_dtype_for, load_config, load_tokenizer, resolve_model
+from workers.config import dtype_name
+from workers.weights.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,7 @@ class Cluster:
         engine = self.config.engine
         source = resolve_model(engine.model)
         model_config = load_config(source)
-        dtype = (
-            parse_dtype(engine.dtype)
-            if engine.dtype
-            else default_dtype_for(model_config, engine.resolved_device())
-        )
+        dtype = resolve_dtype(model_config, engine.dtype, engine.resolved_device())
         card = ModelCard(
             name=engine.model,
             architecture=model_config.architecture,

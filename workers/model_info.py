@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from workers.config import dtype_name, parse_dtype
-from workers.weights.loader import build_model, default_dtype_for, load_config, resolve_model
+from workers.config import dtype_name
+from workers.weights.loader import build_model, load_config, resolve_dtype, resolve_model
 
 
 def describe_model(name: str, dtype: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """The model built on the meta device (no memory), measured parameter by parameter."""
     source = resolve_model(name)
     config = load_config(source)
-    config = config.with_dtype(parse_dtype(dtype) if dtype else default_dtype_for(config, device))
+    config = config.with_dtype(resolve_dtype(config, dtype, device))
     model = build_model(config, "meta")
     parameters = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

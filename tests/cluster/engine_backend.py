@@ -24,17 +24,7 @@ T = TypeVar("T")
 
 
 def _event(output: RequestOutput) -> TokenEvent:
-    return TokenEvent(
-        index=output.index,
-        token_ids=output.new_token_ids,
-        logprobs=output.logprobs,
-        prompt_logprobs=output.prompt_logprobs,
-        finished=output.finished,
-        finish_reason=output.finish_reason,
-        stop_reason=output.stop_reason,
-        error=output.error,
-        usage=output.usage if output.finished else None,
-    )
+    return TokenEvent.from_output(output, output.index, output.prompt_logprobs)
 
 
 class EngineBackend:

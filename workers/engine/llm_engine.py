@@ -26,7 +26,7 @@ from workers.engine.outputs import (
     TextStream,
     Usage,
 )
-from workers.engine.request import Request, RequestStatus
+from workers.engine.request import Request, RequestStatus, check_prompt_fits, check_prompt_ids
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.worker import (
@@ -109,16 +109,7 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
             return self.tokenizer.encode(prompt)
-        token_ids = list(prompt)
-        vocab = self.model_config.vocab_size
-        bad = [
-            t
-            for t in token_ids
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
-        ]
-        if bad:
-            raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {bad[:5]}")
-        return token_ids
+        return check_prompt_ids(prompt, self.model_config.vocab_size)
 
     def add_request(
         self,
@@ -138,13 +129,7 @@ class LLMEngine:
             raise ValueError("params: must be a SamplingParams")
         params.validate_for_vocab(self.model_config.vocab_size)
         token_ids = self.tokenize(prompt)
-        if not token_ids:
-            raise ValueError("prompt: must not be empty")
-        if len(token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} exceed "
-                f"the model's context of {self.max_model_len} tokens"
-            )
+        check_prompt_fits(len(token_ids), params.max_tokens, self.max_model_len)
         if resume_output_ids and params.n != 1:
             raise ValueError("resume_output_ids: only a request with n == 1 can be resumed")
         resumed = self.tokenize(list(resume_output_ids)) if resume_output_ids else []

@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from workers.engine.sampling_params import SamplingParams
+
+
+def check_prompt_ids(token_ids: Sequence, vocab_size: int) -> list[int]:
+    """The prompt's ids as a list, or a ValueError naming the ones outside the vocabulary."""
+    token_ids = list(token_ids)
+    bad = [
+        t
+        for t in token_ids
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size
+    ]
+    if bad:
+        raise ValueError(f"prompt: token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+    return token_ids
+
+
+def check_prompt_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """A prompt must have a token, and it and max_tokens must fit in the model's context."""
+    if not num_prompt_tokens:
+        raise ValueError("prompt: must not be empty")
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise ValueError(
+            f"prompt: {num_prompt_tokens} prompt tokens + max_tokens={max_tokens} exceed "
+            f"the model's context of {max_model_len} tokens"
+        )
 
 
 class RequestStatus(enum.Enum):

@@ -80,6 +80,13 @@ def default_dtype_for(config: ModelConfig, device: torch.device | str) -> torch.
     return config.torch_dtype if config.torch_dtype != torch.float32 else torch.bfloat16
 
 
+def resolve_dtype(
+    config: ModelConfig, dtype: str | torch.dtype | None, device: torch.device | str
+) -> torch.dtype:
+    """The dtype asked for, else the device's default for this checkpoint."""
+    return parse_dtype(dtype) if dtype else default_dtype_for(config, device)
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -106,7 +113,7 @@ def load_model(
     start = time.perf_counter()
     source = resolve_model(name)
     config = load_config(source)
-    config = config.with_dtype(parse_dtype(dtype) if dtype else default_dtype_for(config, device))
+    config = config.with_dtype(resolve_dtype(config, dtype, device))
     model = build_model(config, device)
     if source.kind == "dummy":
         model.load_weights(iter_dummy_weights(config, seed, device))
