@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -107,7 +107,7 @@ class Replica:
         """A follower's `run` returns only when the replica stops; raising means it died."""
         try:
             await run
-        except RayActorError as error:
+        except (RayActorError, RayTaskError) as error:  # the actor died, or `follow` raised
             await self._die(error)
 
     async def _poll(self) -> None:
