@@ -1,17 +1,20 @@
-"""Tensor parallelism over NCCL on two GPUs: correctness against one GPU, and decode scaling.
+"""Tensor parallelism on two GPUs: correctness against one GPU, and decode scaling.
 
-    python3 benchmarks/tp_gpu.py [--out DIR] [--deadline SECONDS]
+    python3 benchmarks/tp_gpu.py [--out DIR] [--deadline SECONDS] [--parts check,rates,collectives]
+                                 [--models dummy:olmo2-7b,dummy:olmo2-13b]
 
 1. A tiny random Llama (fp32, made here with transformers): greedy tokens over 64 steps, tp = 2
-   against tp = 1.
+   against tp = 1, and tp = 2 with decode graphs (the peer all-reduce kernels inside) against
+   tp = 2 run eagerly (NCCL).
 2. dummy:olmo2-7b (bf16): teacher-forced log-probabilities at 127 positions (prompt logprobs of a
    128-token sequence), tp = 2 against tp = 1: largest difference and top-1 agreement.
-3. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt), and
-   at tp = 2 without asynchronous scheduling.
-4. At tp = 2, the time a decode step spends in NCCL all-reduce kernels (rank 0, PyTorch profiler
-   over 20 steps) at batch 1 and 64, beside the step's wall time.
+3. At tp = 2, the time a decode step spends in collectives (rank 0, PyTorch profiler over 20
+   steps) at batch 1 and 64, beside the step's wall time: the peer kernels with graphs, NCCL
+   when run eagerly.
+4. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt), and
+   at tp = 2 run eagerly and without asynchronous scheduling.
 The throughput workloads at tp = 1 and 2 are `bash benchmarks/gpu_suite.sh tp`.
-Prints a table last; writes tp_gpu.json under --out.
+Prints a table last; writes tp_gpu.json under --out after each part.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ def engine(model: str, tp: int, **kwargs) -> LLMEngine:
     return LLMEngine(model=model, device="cuda", tp=tp, gpu_memory_utilization=0.45, **kwargs)
 
 
-def tiny_tokens(path: str, tp: int) -> list[int]:
-    eng = engine(path, tp, dtype="float32", max_num_seqs=8)
+def tiny_tokens(path: str, tp: int, eager: bool = False) -> list[int]:
+    eng = engine(path, tp, dtype="float32", max_num_seqs=8, enforce_eager=eager)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
         return eng.generate([PROMPT[:40]], params)[0].completions[0].token_ids
@@ -57,8 +60,8 @@ def teacher_forced(model: str, tp: int) -> list:
         eng.shutdown()
 
 
-def decode_rate(model: str, tp: int, async_scheduling: bool = True, new_tokens: int = 128) -> float:
-    eng = engine(model, tp, max_num_seqs=8, async_scheduling=async_scheduling)
+def decode_rate(model: str, tp: int, new_tokens: int = 128, **kwargs) -> float:
+    eng = engine(model, tp, max_num_seqs=8, **kwargs)
     try:
         eng.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
         _, decode_s = afs_times(eng, PROMPT, new_tokens, None)
@@ -67,8 +70,11 @@ def decode_rate(model: str, tp: int, async_scheduling: bool = True, new_tokens: 
         eng.shutdown()
 
 
-def allreduce_share(model: str, batch: int, steps: int = 20) -> dict:
-    eng = engine(model, 2, max_num_seqs=max(batch, 8))
+COLLECTIVE_KERNELS = ("nccl", "_all_reduce_kernel", "_all_gather_kernel")
+
+
+def allreduce_share(model: str, batch: int, eager: bool, steps: int = 20) -> dict:
+    eng = engine(model, 2, max_num_seqs=max(batch, 8), enforce_eager=eager)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
         for i in range(batch):
@@ -85,10 +91,11 @@ def allreduce_share(model: str, batch: int, steps: int = 20) -> dict:
         nccl_us = sum(
             getattr(e, "device_time_total", 0) or 0
             for e in prof.key_averages()
-            if "nccl" in e.key.lower()
+            if any(name in e.key.lower() for name in COLLECTIVE_KERNELS)
         )
         return {
             "batch": batch,
+            "graphs": not eager,
             "step_ms": wall / steps * 1e3,
             "allreduce_ms_per_step": nccl_us / 1e3 / steps,
             "allreduce_share": nccl_us / 1e6 / wall,
@@ -103,14 +110,34 @@ def main() -> None:
     parser.add_argument(
         "--deadline", type=float, default=0, help="seconds; past it, print every stack and exit"
     )
+    parser.add_argument("--parts", default="check,rates,collectives")
+    parser.add_argument("--models", default="dummy:olmo2-7b,dummy:olmo2-13b")
     args = parser.parse_args()
+    parts, models = args.parts.split(","), args.models.split(",")
     if args.deadline:
         faulthandler.dump_traceback_later(args.deadline, exit=True)
-    import transformers
-
     result: dict = {
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "tp_gpu.json" if len(parts) == 3 else f"tp_gpu_{'_'.join(parts)}.json"
+
+    def save() -> None:
+        (out / name).write_text(json.dumps(result, indent=2))
+
+    if "check" in parts:
+        check(result, save)
+    if "rates" in parts:
+        rates(result, save, models)
+    if "collectives" in parts:
+        collectives(result, save)
+    report(result)
+
+
+def check(result: dict, save) -> None:
+    import transformers
+
     with tempfile.TemporaryDirectory() as tiny:
         config = transformers.LlamaConfig(
             vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -120,8 +147,12 @@ def main() -> None:
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(config).save_pretrained(tiny)
         one, two = tiny_tokens(tiny, 1), tiny_tokens(tiny, 2)
+        two_eager = tiny_tokens(tiny, 2, eager=True)
     result["tiny_fp32_greedy_64_equal"] = one == two
-    print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: {one == two}", flush=True)
+    result["tiny_fp32_tp2_graphs_equal_eager"] = two == two_eager
+    print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: {one == two}; "
+          f"tp=2 graphs == eager: {two == two_eager}", flush=True)  # fmt: skip
+    save()
 
     ref, split = teacher_forced("dummy:olmo2-7b", 1), teacher_forced("dummy:olmo2-7b", 2)
     diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref, split, strict=True)]
@@ -133,29 +164,50 @@ def main() -> None:
         "top1_agreement": sum(tops) / len(tops),
     }
     print(result["olmo2_7b_bf16_teacher_forced"], flush=True)
-    result["tp2_allreduce"] = []
-    for batch in (1, 64):
-        result["tp2_allreduce"].append(allreduce_share("dummy:olmo2-7b", batch))
-        print(result["tp2_allreduce"][-1], flush=True)
-    rates = {}
-    for model in ("dummy:olmo2-7b", "dummy:olmo2-13b"):
+    save()
+
+
+def rates(result: dict, save, models: list[str]) -> None:
+    rates: dict = {}
+    result["batch1_decode_tok_s"] = rates
+    for model in models:
         rates[model] = {}
         for tp in (1, 2):
             rates[model][tp] = decode_rate(model, tp)
             print(model, rates[model], flush=True)
+            save()
+        rates[model]["2 eager"] = decode_rate(model, 2, enforce_eager=True)
         rates[model]["2 sync"] = decode_rate(model, 2, async_scheduling=False)
-    result["batch1_decode_tok_s"] = rates
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tp_gpu.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["olmo2_7b_bf16_teacher_forced"]))
-    print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: {result['tiny_fp32_greedy_64_equal']}")
-    for row in result["tp2_allreduce"]:
-        print(f"7B tp=2 batch {row['batch']}: step {row['step_ms']:.2f} ms, all-reduce "
-              f"{row['allreduce_ms_per_step']:.2f} ms ({row['allreduce_share']:.0%})")  # fmt: skip
-    for model, by_tp in rates.items():
+        print(model, rates[model], flush=True)
+        save()
+
+
+def collectives(result: dict, save) -> None:
+    result["tp2_allreduce"] = []
+    for eager in (False, True):
+        for batch in (1, 64):
+            result["tp2_allreduce"].append(allreduce_share("dummy:olmo2-7b", batch, eager))
+            print(result["tp2_allreduce"][-1], flush=True)
+            save()
+
+
+def report(result: dict) -> None:
+    if "olmo2_7b_bf16_teacher_forced" in result:
+        print(json.dumps(result["olmo2_7b_bf16_teacher_forced"]))
+        print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: "
+              f"{result['tiny_fp32_greedy_64_equal']}; "
+              f"tp=2 graphs == eager: {result['tiny_fp32_tp2_graphs_equal_eager']}")  # fmt: skip
+    for row in result.get("tp2_allreduce", []):
+        kind = "graphs, peer kernels" if row["graphs"] else "eager, NCCL"
+        print(f"7B tp=2 batch {row['batch']} ({kind}): step {row['step_ms']:.2f} ms, "
+              f"collectives {row['allreduce_ms_per_step']:.2f} ms "
+              f"({row['allreduce_share']:.0%})")  # fmt: skip
+    for model, by_tp in result.get("batch1_decode_tok_s", {}).items():
+        if "2 sync" not in by_tp:
+            continue
         print(f"{model}: tp=1 {by_tp[1]:.1f} tok/s, tp=2 {by_tp[2]:.1f} tok/s, "
-              f"x{by_tp[2] / by_tp[1]:.2f}; tp=2 synchronous {by_tp['2 sync']:.1f}")  # fmt: skip
+              f"x{by_tp[2] / by_tp[1]:.2f}; tp=2 eager {by_tp['2 eager']:.1f}, "
+              f"synchronous {by_tp['2 sync']:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -224,8 +224,9 @@ class EngineConfig:
     """Queue the next decode step before this step's sampled ids reach the host (None: on
     CUDA). Outputs are the same either way."""
     enforce_eager: bool = False
-    """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs (tp > 1 runs
-    them eagerly anyway)."""
+    """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs (at tp > 1 the
+    graphs need the ranks' GPUs to reach each other's memory; where they cannot, decode runs
+    eagerly)."""
     detokenize: bool = True
     """Produce text deltas and match stop strings here; a cluster's workers leave both to the
     gateway, which sees the whole stream even across a failover."""

@@ -6,11 +6,14 @@ reduce to plain dense layers and the collectives to no-ops.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,11 @@ class TensorParallelGroup:
 
 
 _TP = TensorParallelGroup(rank=0, size=1, group=None)
+_PEERS = None
+"""kernels.peer_collectives.PeerBuffers once `init_peer_collectives` has mapped every rank's
+buffer, else None (NCCL or gloo carry every collective)."""
+_PEER_MEMORY: list[torch.Tensor] = []
+"""This rank's buffer and its mappings of the others', kept alive while the kernels use them."""
 
 
 def get_tp_group() -> TensorParallelGroup:
@@ -45,9 +53,26 @@ def set_tp_group(group: TensorParallelGroup) -> None:
     _TP = group
 
 
+def _peer_fit(x: torch.Tensor) -> bool:
+    """Whether this collective on x goes through the peer kernels rather than the group. A CUDA
+    graph being captured must not hold an NCCL collective: past the buffers' capacity it fails."""
+    if _PEERS is not None and x.is_cuda and _PEERS.fits(x):
+        return True
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"a collective on {tuple(x.shape)} {x.dtype} inside a CUDA graph needs the peer "
+            "buffers, and they are absent or too small"
+        )
+    return False
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the ranks, in place; returns it."""
     if _TP.size > 1:
+        if _peer_fit(x):
+            from kernels.peer_collectives import all_reduce_
+
+            return all_reduce_(x, _PEERS)
         dist.all_reduce(x, group=_TP.group)
     return x
 
@@ -64,6 +89,10 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's `x` along the last dimension, in rank order."""
     if _TP.size == 1:
         return x
+    if _peer_fit(x):
+        from kernels.peer_collectives import all_gather_last_dim
+
+        return all_gather_last_dim(x, _PEERS)
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous(), group=_TP.group)
     return torch.cat(parts, dim=-1)
@@ -86,7 +115,60 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     set_tp_group(TensorParallelGroup(rank=rank, size=size, group=group, cpu_group=cpu_group))
 
 
+def init_peer_collectives(capacity: int, device: torch.device) -> bool:
+    """Map every rank's peer buffer into every rank (CUDA IPC; the ranks' GPUs on one host and
+    visible to each process), so all-reduces and gathers of up to `capacity` bytes run as the
+    peer kernels, which a CUDA graph can capture. Collective over the group; True where every
+    rank managed it and a test sum came out right, else False and the group carries everything."""
+    global _PEERS
+    if _TP.size == 1 or device.type != "cuda":
+        return False
+    from kernels.peer_collectives import PeerBuffers
+
+    own, handle = None, None
+    try:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        own = torch.zeros(PeerBuffers.buffer_bytes(capacity), dtype=torch.uint8, device=device)
+        torch.cuda.synchronize(device)  # flags zeroed before any rank can see the buffer
+        handle = reduce_tensor(own)
+    except Exception as exc:  # no CUDA IPC here: the group carries everything
+        log.warning("peer collectives: cannot share this rank's buffer: %s", exc)
+    handles: list = [None] * _TP.size
+    dist.all_gather_object(handles, handle, group=_TP.cpu_group)
+    mapped, ok = [], 0
+    try:
+        if None not in handles:
+            for rank, (rebuild, args) in enumerate(handles):
+                mapped.append(own if rank == _TP.rank else rebuild(*args))
+            probe = torch.empty(16, dtype=torch.uint8, device=device)
+            for buffer in mapped:
+                probe.copy_(buffer[-16:])  # lets this device reach each peer's memory
+            torch.cuda.synchronize(device)
+            ok = 1
+    except Exception as exc:
+        log.warning("peer collectives: cannot map the other ranks' buffers: %s", exc)
+    if tp_min(ok) == 1:
+        addresses = [buffer.data_ptr() for buffer in mapped]
+        peers = PeerBuffers.from_addresses(_TP.rank, addresses, capacity, device)
+        from kernels.peer_collectives import all_reduce_
+
+        check = torch.full((4,), float(_TP.rank + 1), device=device)
+        all_reduce_(check, peers)
+        expected = _TP.size * (_TP.size + 1) / 2
+        ok = int(bool((check == expected).all()))
+        if tp_min(ok) == 1:
+            _PEERS = peers
+            _PEER_MEMORY[:] = mapped
+            return True
+        log.warning("peer collectives: a test sum came out wrong; the group carries everything")
+    return False
+
+
 def destroy_tensor_parallel() -> None:
+    global _PEERS
+    _PEERS = None
+    _PEER_MEMORY.clear()
     if _TP.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     set_tp_group(TensorParallelGroup(rank=0, size=1, group=None))

@@ -20,6 +20,7 @@ from workers.distributed import (
     destroy_tensor_parallel,
     divide,
     get_tp_size,
+    init_peer_collectives,
     init_tensor_parallel,
     tp_broadcast_object,
     tp_broadcast_tensor,
@@ -93,6 +94,10 @@ class ShardWorker:
         backend = get_backend(config.attention_backend, device.type)
         graphs = None
         if device.type == "cuda" and getattr(backend, "supports_padded_decode", False):
+            eager = config.enforce_eager
+            if config.tp > 1 and not eager:
+                # graphs at tp > 1 hold the peer kernels, not NCCL: without them, run eagerly
+                eager = not init_peer_collectives(self._peer_capacity(), device)
             graphs = DecodeGraphs(
                 self.model,
                 kv_caches,
@@ -101,13 +106,20 @@ class ShardWorker:
                 config.max_num_seqs,
                 self.max_model_len,
                 device,
-                # NCCL collectives are not captured yet: tensor-parallel ranks run the same
-                # padded decode eagerly
-                config.enforce_eager or config.tp > 1,
+                eager,
             )
         self.runner = ModelRunner(
             self.model, kv_caches, backend, self.sampler, config.block_size, device, graphs
         )
+
+    def _peer_capacity(self) -> int:
+        """Bytes the largest collective of a decode step moves: the hidden states of a full
+        batch, or its slice of the logits (the LM head's gather)."""
+        model_config = self.model_config
+        vocab_slice = -(-model_config.vocab_size // self.config.tp)
+        width = max(model_config.hidden_size, vocab_slice)
+        itemsize = torch.empty((), dtype=model_config.torch_dtype).element_size()
+        return -(-self.config.max_num_seqs * width * max(itemsize, 4) // 16) * 16
 
     def _kv_blocks(self) -> int:
         config, model_config = self.config, self.model_config

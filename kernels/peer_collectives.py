@@ -1,0 +1,212 @@
+"""All-reduce and all-gather between the GPUs of one host, through each other's memory.
+
+A tensor-parallel decode step at batch 1 all-reduces a few kilobytes two to four times a layer.
+NCCL's kernels for that are fast, but a CUDA graph that captures them also holds NCCL state the
+communicator then will not tear down, and eagerly each call is a host round through the process
+group. These kernels instead read the other ranks' buffers directly (CUDA IPC over NVLink), so a
+decode graph can capture them like any other kernel.
+
+Every rank owns one buffer that every rank has mapped (`PeerBuffers`):
+
+    flags  int32 [WORLD, PROGRAMS]   flags[r, p]: the last call in which rank r's program p
+                                     announced its data
+    data   two halves of CAPACITY bytes each; a call uses half (epoch % 2)
+
+A call runs PROGRAMS programs on every rank (always that many, whatever the size, so every
+program's epoch counter counts every call):
+
+    1. program p copies its chunks of x into this rank's half
+    2. barrier: p writes its epoch into flags[rank, p] of every rank (a release at system scope,
+       after the block's stores), then waits until flags[r, p] of its own buffer reaches the
+       epoch for every r (an acquire)
+    3. p reads its chunks from every rank's half and writes the result: the sum over ranks in
+       rank order in fp32 (every rank gets bitwise the same value), or the gathered slices
+
+Two halves make one barrier per call enough: a rank can only be one call ahead of another (it
+waits for the other's flag), so when it writes half h again, two calls later, the other rank has
+begun the call in between and so finished reading h. The kernels need all programs resident at
+once on every rank (they wait on each other), which PROGRAMS far below the SM count ensures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+PROGRAMS = 32
+"""Programs per call, on every rank."""
+_BLOCK = 1024
+_FLAG_BYTES = 4096
+"""Room for the flags at the start of each buffer (int32 [WORLD, PROGRAMS] for up to 32 ranks)."""
+
+
+@dataclass
+class PeerBuffers:
+    """This rank's view of every rank's buffer: addresses valid in this process, in rank order."""
+
+    rank: int
+    world: int
+    capacity: int
+    """Bytes in each half of the data region: the largest tensor one call moves."""
+    flag_ptrs: torch.Tensor
+    """int64 [WORLD] on this rank's device: the address of each rank's flags."""
+    data_ptrs: torch.Tensor
+    """int64 [WORLD]: the address of each rank's data region (its first half)."""
+    epochs: torch.Tensor
+    """int32 [PROGRAMS]: calls made so far, per program (local to this rank)."""
+
+    @staticmethod
+    def buffer_bytes(capacity: int) -> int:
+        """The size of the buffer each rank allocates and shares for a given capacity."""
+        return _FLAG_BYTES + 2 * capacity
+
+    @classmethod
+    def from_addresses(
+        cls, rank: int, addresses: list[int], capacity: int, device: torch.device
+    ) -> PeerBuffers:
+        """`addresses[r]`: where rank r's buffer (of buffer_bytes(capacity), its flags zeroed)
+        is mapped in this process."""
+        world = len(addresses)
+        if not 1 <= world <= _FLAG_BYTES // (4 * PROGRAMS):
+            raise ValueError(f"peer collectives take 1 to 32 ranks, not {world}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a group of {world}")
+        if capacity <= 0 or capacity % 16:
+            raise ValueError(f"capacity must be a positive multiple of 16 bytes, not {capacity}")
+        base = torch.tensor(addresses, dtype=torch.int64)
+        return cls(
+            rank=rank,
+            world=world,
+            capacity=capacity,
+            flag_ptrs=base.to(device),
+            data_ptrs=(base + _FLAG_BYTES).to(device),
+            epochs=torch.zeros(PROGRAMS, dtype=torch.int32, device=device),
+        )
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether one call can move x (its bytes on each rank; for a gather, the slice)."""
+        return x.is_contiguous() and x.numel() * x.element_size() <= self.capacity
+
+
+@triton.jit
+def _announce_and_wait(flag_ptrs, rank, program, epoch, WORLD: tl.constexpr,
+                       PROGRAMS: tl.constexpr):  # fmt: skip
+    # every thread's stores to this rank's half come before the flag that announces them
+    tl.debug_barrier()
+    for peer in tl.static_range(WORLD):
+        flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(flags + rank * PROGRAMS + program, epoch, sem="release", scope="sys")
+    own = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        flag = own + peer * PROGRAMS + program
+        while tl.atomic_add(flag, 0, sem="acquire", scope="sys") < epoch:
+            pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _next_epoch(epochs_ptr, program, HALF_ELEMENTS):
+    epoch = tl.load(epochs_ptr + program) + 1
+    tl.store(epochs_ptr + program, epoch)
+    return epoch, (epoch % 2).to(tl.int64) * HALF_ELEMENTS
+
+
+@triton.jit
+def _all_reduce_kernel(
+    x_ptr, out_ptr, N,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    program = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program, HALF_ELEMENTS)
+    own = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype)) + half
+
+    # -- 1. this rank's chunks into its half --
+    for start in range(program * BLOCK, N, PROGRAMS * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < N
+        tl.store(own + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+
+    # -- 2. barrier with the same program on every rank --
+    _announce_and_wait(flag_ptrs, rank, program, epoch, WORLD, PROGRAMS)
+
+    # -- 3. the sum over ranks, in rank order, in fp32 --
+    for start in range(program * BLOCK, N, PROGRAMS * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < N
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for peer in tl.static_range(WORLD):
+            data = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype)) + half
+            total += tl.load(data + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, total.to(dtype), mask=mask)
+
+
+@triton.jit
+def _all_gather_kernel(
+    x_ptr, out_ptr, ROWS, COLS,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    program = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program, HALF_ELEMENTS)
+    own = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype)) + half
+    n = ROWS * COLS
+
+    # -- 1. this rank's slice [ROWS, COLS] into its half --
+    for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(own + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+
+    # -- 2. barrier --
+    _announce_and_wait(flag_ptrs, rank, program, epoch, WORLD, PROGRAMS)
+
+    # -- 3. rank r's slice into columns [r * COLS, (r + 1) * COLS) of out [ROWS, WORLD * COLS] --
+    for peer in tl.static_range(WORLD):
+        data = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype)) + half
+        for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            mask = offsets < n
+            rows, cols = offsets // COLS, offsets % COLS
+            value = tl.load(data + offsets, mask=mask)
+            tl.store(out_ptr + rows * (WORLD * COLS) + peer * COLS + cols, value, mask=mask)
+
+
+def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
+    if not peers.fits(x):
+        raise ValueError(
+            f"peer collective: a contiguous tensor of at most {peers.capacity} bytes is needed, "
+            f"got {tuple(x.shape)} {x.dtype} (contiguous: {x.is_contiguous()})"
+        )
+
+
+def all_reduce_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
+    """Sum x over the ranks, in place (every rank calls it with the same shape); returns x."""
+    _check(x, peers)
+    half_elements = peers.capacity // x.element_size()
+    _all_reduce_kernel[(PROGRAMS,)](
+        x, x, x.numel(),
+        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, half_elements,
+        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
+    """x [R, C] on every rank -> [R, WORLD * C], rank r's x in columns r*C .. (r+1)*C."""
+    _check(x, peers)
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    cols = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], peers.world * cols, dtype=x.dtype, device=x.device)
+    half_elements = peers.capacity // x.element_size()
+    _all_gather_kernel[(PROGRAMS,)](
+        x, out, rows, cols,
+        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, half_elements,
+        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return out

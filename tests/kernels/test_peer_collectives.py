@@ -1,0 +1,157 @@
+"""The peer all-reduce and all-gather kernels.
+
+On CPU (Triton's interpreter) one process plays one rank of two: the other rank's buffer is a
+second tensor whose flags already announce its data, so the kernel passes its barrier and the
+test checks what it wrote (its result, its flag in the other buffer, its epoch) call by call.
+On two GPUs, two processes run them for real: against NCCL, eagerly and replayed from a CUDA
+graph, and the process group still tears down afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from kernels.peer_collectives import (
+    _FLAG_BYTES,
+    PROGRAMS,
+    PeerBuffers,
+    all_gather_last_dim,
+    all_reduce_,
+)
+
+CAPACITY = 4096
+
+
+class OtherRank:
+    """The buffers of a group of two seen from `rank`, the other rank simulated by the test."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.other = rank, 1 - rank
+        size = PeerBuffers.buffer_bytes(CAPACITY)
+        self.buffers = [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]
+        addresses = [buffer.data_ptr() for buffer in self.buffers]
+        self.peers = PeerBuffers.from_addresses(rank, addresses, CAPACITY, torch.device("cpu"))
+
+    def flags(self, owner: int) -> torch.Tensor:
+        """flags[r, p] of `owner`'s buffer."""
+        return self.buffers[owner][:_FLAG_BYTES].view(torch.int32)[: 2 * PROGRAMS].view(2, -1)
+
+    def announce(self, epoch: int, data: torch.Tensor) -> None:
+        """The other rank's call number `epoch`: its data in half epoch % 2, its flags set."""
+        start = _FLAG_BYTES + (epoch % 2) * CAPACITY
+        raw = data.contiguous().view(-1).view(torch.uint8)
+        self.buffers[self.other][start : start + raw.numel()].copy_(raw)
+        self.flags(self.rank)[self.other].fill_(epoch)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_all_reduce_sums_in_rank_order_and_announces_each_call(rank):
+    group = OtherRank(rank)
+    for epoch, (n, dtype) in enumerate(
+        [(300, torch.float32), (5000 // 4, torch.float16), (1, torch.float32)], start=1
+    ):
+        x, theirs = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+        parts = [theirs, x] if rank else [x, theirs]
+        expected = (parts[0].float() + parts[1].float()).to(dtype)
+        group.announce(epoch, theirs)
+        assert all_reduce_(x, group.peers) is x
+        assert torch.equal(x, expected)
+        # its flag reached the other rank for every program, and each program counted the call
+        assert group.flags(group.other)[rank].tolist() == [epoch] * PROGRAMS
+        assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
+
+
+def test_all_gather_puts_each_rank_slice_in_its_columns():
+    group = OtherRank(1)
+    x, theirs = torch.randn(3, 70), torch.randn(3, 70)
+    group.announce(1, theirs)
+    out = all_gather_last_dim(x, group.peers)
+    assert torch.equal(out, torch.cat([theirs, x], dim=-1))
+
+
+def test_bad_inputs_are_refused_before_any_launch():
+    group = OtherRank(0)
+    with pytest.raises(ValueError, match="at most 4096 bytes"):
+        all_reduce_(torch.zeros(2000), group.peers)
+    with pytest.raises(ValueError, match="contiguous"):
+        all_reduce_(torch.zeros(8, 8).t(), group.peers)
+    assert group.peers.epochs.tolist() == [0] * PROGRAMS
+    with pytest.raises(ValueError, match="rank 2"):
+        PeerBuffers.from_addresses(2, [0, 0], CAPACITY, torch.device("cpu"))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        PeerBuffers.from_addresses(0, [0, 0], 100, torch.device("cpu"))
+
+
+def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
+    import torch.distributed as dist
+
+    from workers import distributed
+
+    try:
+        device = torch.device("cuda", rank)
+        distributed.init_tensor_parallel(rank, 2, init_method, device)
+        assert distributed.init_peer_collectives(1 << 20, device)
+        group = distributed.get_tp_group().group
+        gen = torch.Generator(device).manual_seed(rank)
+        for shape, dtype in [((1, 4096), torch.bfloat16), ((64, 4096), torch.bfloat16),
+                             ((5, 1), torch.float32), ((3, 1000), torch.float16)]:  # fmt: skip
+            x = torch.randn(shape, generator=gen, device=device).to(dtype)
+            ref = x.clone()
+            dist.all_reduce(ref, group=group)
+            assert torch.equal(distributed.tp_all_reduce(x.clone()), ref), (shape, dtype)
+            parts = [torch.empty_like(x) for _ in range(2)]
+            dist.all_gather(parts, x, group=group)
+            assert torch.equal(distributed.tp_all_gather_last_dim(x), torch.cat(parts, -1))
+        # captured in a graph: ten chained sums, replayed three times
+        static = torch.zeros(8, 4096, dtype=torch.bfloat16, device=device)
+        distributed.tp_all_reduce(static * 0.5)  # compiled before the capture
+        torch.cuda.synchronize(device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = static
+            for _ in range(10):
+                y = distributed.tp_all_reduce(y * 0.5)
+        for step in range(3):
+            static.fill_(float(rank + step))
+            graph.replay()
+            # the first sum gives (rank 0's + rank 1's) / 2; each later one keeps it
+            expected = torch.full_like(static, float(2 * step + 1) / 2)
+            assert torch.equal(y, expected), (step, y[0, 0].item())
+        torch.cuda.synchronize(device)
+        del graph
+        distributed.destroy_tensor_parallel()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        failures.put(f"rank {rank}: {exc!r}")
+        raise
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs"
+)
+def test_two_gpus_match_nccl_eagerly_and_in_a_graph():
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    context = mp.get_context("spawn")
+    failures = context.Queue()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    ranks = [context.Process(target=_two_gpu_rank, args=(r, init_method, failures)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(180)
+    alive = [p for p in ranks if p.is_alive()]
+    for process in alive:
+        process.kill()
+    errors = [failures.get() for _ in range(failures.qsize())] if not failures.empty() else []
+    assert not alive, f"ranks did not finish in 180 s (a hang): {errors}"
+    assert [p.exitcode for p in ranks] == [0, 0], errors
