@@ -140,6 +140,8 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     try:
         if None not in handles:
             for rank, (rebuild, args) in enumerate(handles):
+                # opened on this rank's device, so this device gets access to the peer's memory
+                args = (*args[:6], device.index, *args[7:])  # the storage's device
                 mapped.append(own if rank == _TP.rank else rebuild(*args))
             probe = torch.empty(16, dtype=torch.uint8, device=device)
             for buffer in mapped:
