@@ -14,6 +14,11 @@ cos and sin are rows of the model's fp32 tables [P, D] at the token's position. 
 `kernels/kv_store.py`'s (layout `[2, num_blocks, KVH, BS, D]`, values cast to the slab's dtype, a
 negative slot stores nothing).
 
+Under tensor parallelism a rank holds some of the heads, and the norm spans every rank's: then
+`qk_sum_squares` gives each token's sum of squares of this rank's q and k ([T, 2] fp32), the
+caller sums those over the ranks, and the prologue normalises with the sums it is given (and
+the full widths) instead of its own.
+
 Grid (T, 2): program (t, 0) does token t's H query heads, program (t, 1) its KVH key heads and,
 when storing, its keys and values into the slab. The norm spans all heads of q (or k), so a
 program walks its heads in chunks of BLOCK_HEADS twice: once summing squares, once normalising,
@@ -37,17 +42,50 @@ _TILE_ELEMENTS = 2048  # heads per chunk: as many as fit this many elements
 
 
 @triton.jit
+def _sum_squares(row, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_HEADS: tl.constexpr):  # fmt: skip
+    """The sum of squares of `num_heads` heads of HEAD_DIM values from `row`, in fp32."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
+    for head_start in range(0, num_heads, BLOCK_HEADS):
+        head = head_start + heads
+        mask = (head[:, None] < num_heads) & dim_mask[None, :]
+        x = tl.load(row + head[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        squares += x * x
+    return tl.sum(tl.sum(squares, axis=1), axis=0)
+
+
+@triton.jit
+def _squares_kernel(
+    qkv_ptr, stride_qkv_token, squares_ptr, k_scale,
+    NUM_HEADS, NUM_KV_HEADS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    is_k = tl.program_id(1) == 1
+    first_head = tl.where(is_k, NUM_HEADS, 0)
+    num_heads = tl.where(is_k, NUM_KV_HEADS, NUM_HEADS)
+    row = qkv_ptr + token * stride_qkv_token + first_head * HEAD_DIM
+    total = _sum_squares(row, num_heads, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+    tl.store(squares_ptr + token * 2 + tl.program_id(1), total * tl.where(is_k, k_scale, 1.0))
+
+
+@triton.jit
 def _kernel(
     qkv_ptr, stride_qkv_token,
     qk_ptr, stride_qk_token,
     q_norm_ptr, k_norm_ptr, eps,
+    squares_ptr, Q_WIDTH, K_WIDTH,
     positions_ptr, cos_ptr, sin_ptr, stride_table_position,
     cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
     slot_mapping_ptr,
     NUM_HEADS, NUM_KV_HEADS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    QK_NORM: tl.constexpr, STORE_KV: tl.constexpr,
+    QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr, STORE_KV: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1) == 1  # else q
@@ -59,18 +97,16 @@ def _kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
 
-    # -- sum of squares over all heads of the part --
+    # -- sum of squares over all heads of the part (or over every rank's, given) --
     if QK_NORM:
-        squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
-        for head_start in range(0, num_heads, BLOCK_HEADS):
-            head = head_start + heads
-            mask = (head[:, None] < num_heads) & dim_mask[None, :]
-            x = tl.load(row + head[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
-            x = x.to(tl.float32)
-            squares += x * x
         q_norm_heads = tl.where(is_k, 0, NUM_HEADS)
         k_norm_heads = tl.where(is_k, NUM_KV_HEADS, 0)
-        inv_rms = tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / (num_heads * HEAD_DIM) + eps)
+        if SQUARES_GIVEN:
+            total = tl.load(squares_ptr + token * 2 + tl.program_id(1))
+            inv_rms = tl.rsqrt(total / tl.where(is_k, K_WIDTH, Q_WIDTH) + eps)
+        else:
+            total = _sum_squares(row, num_heads, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+            inv_rms = tl.rsqrt(total / (num_heads * HEAD_DIM) + eps)
 
     # -- cos and signed sin at the token's position --
     position = tl.load(positions_ptr + token).to(tl.int64)
@@ -135,6 +171,8 @@ def rotary_qkv(
     eps: float = 0.0,
     kv_cache: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
+    qk_squares: torch.Tensor | None = None,
+    norm_widths: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, H, D], k [T, KVH, D] and v [T, KVH, D] from qkv [T, (H + 2 KVH) D].
 
@@ -142,6 +180,10 @@ def rotary_qkv(
     full-width QK-norm when q_norm_weight ([H * D]) and k_norm_weight ([KVH * D]) are given. v is a
     view of qkv. With kv_cache ([2, NB, KVH, BS, D]), k and v are also stored at `slot_mapping`
     ([T]), negative slots skipped.
+
+    A sharded norm passes `qk_squares` ([T, 2] fp32: each token's sum of squares of q and of k
+    over every rank's heads) and `norm_widths` (q's and k's full widths), used instead of this
+    rank's own sums.
     """
     head_dim = cos_cache.shape[1]
     if qkv.dim() != 2 or not qkv.is_contiguous():
@@ -173,6 +215,18 @@ def rotary_qkv(
         )
     if not qk_norm and k_norm_weight is not None:
         raise ValueError("k_norm_weight without q_norm_weight")
+    squares_given = qk_squares is not None
+    if squares_given and (
+        not qk_norm
+        or norm_widths is None
+        or qk_squares.shape != (num_tokens, 2)
+        or qk_squares.dtype != torch.float32
+        or not qk_squares.is_contiguous()
+    ):
+        raise ValueError(
+            f"qk_squares: expected contiguous fp32 [{num_tokens}, 2] with the norm weights and "
+            "norm_widths"
+        )
     store_kv = kv_cache is not None
     if store_kv:
         check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
@@ -185,14 +239,12 @@ def rotary_qkv(
     v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
     if num_tokens == 0:
         return q, k, v
-    block_d = triton.next_power_of_2(head_dim)
-    block_heads = min(
-        triton.next_power_of_2(max(num_heads, num_kv_heads)), max(_TILE_ELEMENTS // block_d, 1)
-    )
+    block_d, block_heads = _tiles(num_heads, num_kv_heads, head_dim)
     _kernel[(num_tokens, 2)](
         qkv, qkv.stride(0),
         qk, qk.stride(0),
         q_norm_weight, k_norm_weight, eps,
+        qk_squares, *(norm_widths if squares_given else (1, 1)),
         positions, cos_cache, sin_cache, cos_cache.stride(0),
         kv_cache,
         *(kv_cache.stride()[:4] if store_kv else (0, 0, 0, 0)),
@@ -200,6 +252,36 @@ def rotary_qkv(
         num_heads, num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
         BLOCK_SIZE=kv_cache.shape[3] if store_kv else 1,
-        QK_NORM=qk_norm, STORE_KV=store_kv,
+        QK_NORM=qk_norm, SQUARES_GIVEN=squares_given, STORE_KV=store_kv,
     )  # fmt: skip
     return q, k, v
+
+
+def _tiles(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(head_dim)
+    block_heads = min(
+        triton.next_power_of_2(max(num_heads, num_kv_heads)), max(_TILE_ELEMENTS // block_d, 1)
+    )
+    return block_d, block_heads
+
+
+def qk_sum_squares(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, k_scale: float = 1.0
+) -> torch.Tensor:
+    """Each token's sum of squares of its q heads and of its k heads (the latter times k_scale),
+    in fp32, as the prologue's own norm sums them: [T, 2] from qkv [T, (H + 2 KVH) D]."""
+    if qkv.dim() != 2 or not qkv.is_contiguous():
+        raise ValueError(f"qkv: expected contiguous [T, (H + 2 KVH) D], got {tuple(qkv.shape)}")
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv: width {qkv.shape[1]} is not ({num_heads} + 2 * {num_kv_heads}) "
+                         f"heads of dim {head_dim}")  # fmt: skip
+    squares = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
+    if qkv.shape[0] == 0:
+        return squares
+    block_d, block_heads = _tiles(num_heads, num_kv_heads, head_dim)
+    _squares_kernel[(qkv.shape[0], 2)](
+        qkv, qkv.stride(0), squares, k_scale,
+        num_heads, num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
+    )  # fmt: skip
+    return squares

@@ -20,7 +20,7 @@ import kernels.rmsnorm
 import kernels.rope
 from kernels.activation import silu_and_mul
 from kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_add
-from kernels.rope import rotary_qkv
+from kernels.rope import qk_sum_squares, rotary_qkv
 from workers.attention import build_attention_metadata, get_backend
 from workers.layers import fused
 from workers.layers.norm import ShardedRMSNorm
@@ -167,6 +167,50 @@ def test_rotary_qkv_and_kv_store(dtype, num_heads, num_kv_heads, head_dim, num_t
         qkv, num_heads, num_kv_heads, positions, rotary.cos_cache, rotary.sin_cache, **norm_weights
     )
     assert torch.equal(q_only, q) and torch.equal(k_only, k)
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads", [(4, 2), (4, 1)], ids=["split-kv", "kv-replicated"]
+)
+def test_rotary_qkv_with_the_norm_sharded_over_two_ranks(num_heads, num_kv_heads):
+    """Each rank's heads, normalised with the squares summed over both ranks (the k squares of a
+    replicated k head halved), equal that rank's heads of the unsharded prologue."""
+    head_dim, num_tokens, tp = 16, 5, 2
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), device=DEVICE)
+    rotary = RotaryEmbedding(head_dim, MAX_POSITION, 10000.0).to(DEVICE)
+    q_weight = 1 + 0.2 * torch.randn(num_heads * head_dim, device=DEVICE)
+    k_weight = 1 + 0.2 * torch.randn(num_kv_heads * head_dim, device=DEVICE)
+    tables = (rotary.cos_cache, rotary.sin_cache)
+    want_q, want_k, _ = rotary_qkv(
+        qkv, num_heads, num_kv_heads, positions, *tables, q_weight, k_weight, EPS
+    )
+    q, k, v = qkv.split([num_heads * head_dim] + [num_kv_heads * head_dim] * 2, dim=-1)
+    rank_heads, rank_kv_heads = num_heads // tp, max(num_kv_heads // tp, 1)
+    replicas = tp // num_kv_heads if num_kv_heads < tp else 1
+    shards, squares = [], 0
+    for rank in range(tp):
+        q_cols = slice(rank * rank_heads * head_dim, (rank + 1) * rank_heads * head_dim)
+        kv_rank = rank // replicas
+        kv_cols = slice(
+            kv_rank * rank_kv_heads * head_dim, (kv_rank + 1) * rank_kv_heads * head_dim
+        )
+        shard = torch.cat((q[:, q_cols], k[:, kv_cols], v[:, kv_cols]), dim=-1).contiguous()
+        shards.append((shard, q_weight[q_cols], k_weight[kv_cols], kv_rank))
+        squares = squares + qk_sum_squares(shard, rank_heads, rank_kv_heads, head_dim, 1 / replicas)
+    widths = (num_heads * head_dim, num_kv_heads * head_dim)
+    for rank, (shard, q_part, k_part, kv_rank) in enumerate(shards):
+        got_q, got_k, _ = rotary_qkv(
+            shard, rank_heads, rank_kv_heads, positions, *tables, q_part, k_part, EPS,
+            qk_squares=squares, norm_widths=widths,
+        )  # fmt: skip
+        heads = slice(rank * rank_heads, (rank + 1) * rank_heads)
+        kv_heads = slice(kv_rank * rank_kv_heads, (kv_rank + 1) * rank_kv_heads)
+        assert_close(got_q, want_q[:, heads], FEW_ULPS[torch.float32])
+        assert_close(got_k, want_k[:, kv_heads], FEW_ULPS[torch.float32])
+    with pytest.raises(ValueError, match="qk_squares"):
+        rotary_qkv(shards[0][0], rank_heads, rank_kv_heads, positions, *tables,
+                   qk_squares=squares, norm_widths=widths)  # fmt: skip
 
 
 def test_rotary_qkv_rejects_a_wrong_width():

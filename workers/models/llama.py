@@ -57,8 +57,7 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: RotaryStep) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
         norms = self.qk_norms()
-        # the fused kernel normalises over this rank's width only: QK-norm across ranks stays here
-        if use_triton(qkv) and (norms is None or all(norm.unsharded for norm in norms)):
+        if use_triton(qkv):
             return self.o_proj(self.attn.forward_qkv(qkv, rope, norms))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if norms is not None:
