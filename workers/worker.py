@@ -9,7 +9,9 @@ smallest count, so a block id means the same slots everywhere.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 
 import torch
 
@@ -171,6 +173,16 @@ def follow(config: EngineConfig, rank: int, rendezvous: str) -> None:
             worker.runner.execute(schedule, ids)
     finally:
         destroy_tensor_parallel()
+
+
+def follow_child(config: EngineConfig, rank: int, rendezvous: str) -> None:
+    """`follow` in a process the engine spawned: it dies with the engine's process, however
+    that ends (a rank left behind would hold its GPU, perhaps inside a collective)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    follow(config, rank, rendezvous)
 
 
 def shutdown_followers() -> None:

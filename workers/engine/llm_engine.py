@@ -32,7 +32,7 @@ from workers.engine.scheduler import Scheduler
 from workers.worker import (
     ShardWorker,
     check_tensor_parallel,
-    follow,
+    follow_child,
     free_rendezvous,
     rank_device,
     shutdown_followers,
@@ -60,7 +60,7 @@ class LLMEngine:
                 context = multiprocessing.get_context("spawn")
                 for rank in range(1, config.tp):
                     process = context.Process(
-                        target=follow, args=(config, rank, rendezvous), daemon=True
+                        target=follow_child, args=(config, rank, rendezvous), daemon=True
                     )
                     process.start()
                     self._followers.append(process)
@@ -100,6 +100,8 @@ class LLMEngine:
             shutdown_followers()
             for process in self._followers:
                 process.join(30)
+                if process.is_alive():  # stuck (a collective its peer never joined): stop it
+                    process.kill()
             destroy_tensor_parallel()
 
     # -- requests --
