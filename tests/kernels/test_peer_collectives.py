@@ -3,6 +3,8 @@
 On CPU (Triton's interpreter) one process plays one rank of two: the other rank's buffer is a
 second tensor whose flags already announce its data, so the kernel passes its barrier and the
 test checks what it wrote (its result, its flag in the other buffer, its epoch) call by call.
+Then two processes run the real barrier against each other over shared CPU buffers: a
+sequence of sums and gathers of changing sizes, so both halves and every program's epochs turn.
 On two GPUs, two processes run them for real: against NCCL, eagerly and replayed from a CUDA
 graph, and the process group still tears down afterwards.
 """
@@ -24,6 +26,7 @@ from kernels.peer_collectives import (
 )
 
 CAPACITY = 4096
+DEVICE_IS_CUDA = torch.cuda.is_available()
 
 
 class OtherRank:
@@ -84,6 +87,45 @@ def test_bad_inputs_are_refused_before_any_launch():
         PeerBuffers.from_addresses(2, [0, 0], CAPACITY, torch.device("cpu"))
     with pytest.raises(ValueError, match="multiple of 16"):
         PeerBuffers.from_addresses(0, [0, 0], 100, torch.device("cpu"))
+
+
+_SHARED_CAPACITY = 1 << 18
+
+
+def _cpu_rank(rank: int, buffers: list[torch.Tensor], calls: list, results) -> None:
+    addresses = [buffer.data_ptr() for buffer in buffers]
+    peers = PeerBuffers.from_addresses(rank, addresses, _SHARED_CAPACITY, torch.device("cpu"))
+    out = []
+    for kind, inputs in calls:
+        x = inputs[rank].clone().view(1, -1)
+        y = all_reduce_(x, peers) if kind == "sum" else all_gather_last_dim(x, peers)
+        out.append(y.view(-1).tolist())
+    results.put((rank, out))
+
+
+@pytest.mark.skipif(DEVICE_IS_CUDA, reason="the interpreter's ranks are CPU processes")
+def test_two_processes_meet_at_every_barrier():
+    import torch.multiprocessing
+
+    size = PeerBuffers.buffer_bytes(_SHARED_CAPACITY)
+    buffers = [torch.zeros(size, dtype=torch.uint8).share_memory_() for _ in range(2)]
+    sizes = [1, 7, 300, 2048, 33, 40_000]  # 40 000: several chunks per program
+    calls = [
+        ("gather" if i % 3 == 2 else "sum", [torch.randn(sizes[i % len(sizes)]) for _ in range(2)])
+        for i in range(14)
+    ]
+    # spawned ranks map the shared buffers wherever they like: each passes its own addresses
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_cpu_rank, args=(r, buffers, calls, results)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    got = dict(results.get(timeout=240) for _ in ranks)
+    for process in ranks:
+        process.join(30)
+    for i, (kind, inputs) in enumerate(calls):
+        want = inputs[0] + inputs[1] if kind == "sum" else torch.cat(inputs)
+        assert got[0][i] == got[1][i] == want.tolist(), (i, kind)
 
 
 def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
