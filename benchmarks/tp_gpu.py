@@ -8,9 +8,12 @@
    tp = 2 run eagerly (NCCL).
 2. dummy:olmo2-7b (bf16): teacher-forced log-probabilities at 127 positions (prompt logprobs of a
    128-token sequence), tp = 2 against tp = 1: largest difference and top-1 agreement.
-3. At tp = 2, the time a decode step spends in collectives (rank 0, PyTorch profiler over 20
-   steps) at batch 1 and 64, beside the step's wall time: the peer kernels with graphs, NCCL
-   when run eagerly.
+3. At tp = 2, the time a decode step spends in collectives at batch 1 and 64. Eager steps (NCCL):
+   the PyTorch profiler's NCCL kernel time over 20 steps on rank 0, beside the step's wall time.
+   Graph steps (the peer kernels): each collective a 7B step makes, timed alone on two ranks as
+   100 calls replayed from one graph (and NCCL eagerly beside), times its count per step. (The
+   profiler is not used there: on the H200 a profiled tp = 2 engine replaying graphs with the
+   peer kernels stopped making progress.)
 4. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt), and
    at tp = 2 run eagerly and without asynchronous scheduling.
 The throughput workloads at tp = 1 and 2 are `bash benchmarks/gpu_suite.sh tp`.
@@ -182,13 +185,107 @@ def rates(result: dict, save, models: list[str]) -> None:
         save()
 
 
+# what one dummy:olmo2-7b decode step at tp = 2 sums or gathers, per row, and how many times
+STEP_COLLECTIVES = {
+    "qk_squares [B, 2] fp32": ((2,), torch.float32, "sum", 32),
+    "o_proj, down_proj [B, 4096] bf16": ((4096,), torch.bfloat16, "sum", 64),
+    "embedding [B, 4096] bf16": ((4096,), torch.bfloat16, "sum", 1),
+    "lm_head gather [B, 50176] bf16": ((100352 // 2,), torch.bfloat16, "gather", 1),
+}
+
+
+def _time_collectives(rank: int, init_method: str, batches: tuple, results) -> None:
+    from workers import distributed
+
+    device = torch.device("cuda", rank)
+    distributed.init_tensor_parallel(rank, 2, init_method, device)
+    try:
+        if not distributed.init_peer_collectives(64 << 20, device):
+            raise RuntimeError("peer buffers could not be mapped")
+        timings = {}
+        for batch in batches:
+            for name, (row, dtype, kind, count) in STEP_COLLECTIVES.items():
+                x = torch.ones(batch, *row, dtype=dtype, device=device)
+                op = (
+                    distributed.tp_all_reduce
+                    if kind == "sum"
+                    else distributed.tp_all_gather_last_dim
+                )
+                peer_us = _graph_us(lambda op=op, x=x: op(x), device)
+                peers = distributed.get_peer_buffers()
+                distributed.set_peer_buffers(None)  # the same calls over NCCL, eagerly
+                nccl_us = _eager_us(lambda op=op, x=x: op(x), device)
+                distributed.set_peer_buffers(peers)
+                timings[f"{name} @ B={batch}"] = {
+                    "batch": batch, "per_step": count, "peer_us": peer_us, "nccl_us": nccl_us,
+                }  # fmt: skip
+        if rank == 0:
+            results.put(timings)
+    finally:
+        distributed.destroy_tensor_parallel()
+
+
+def _graph_us(call, device: torch.device, calls: int = 100) -> float:
+    for _ in range(3):
+        call()  # compiled and warm before the capture
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / (5 * calls) * 1e6
+
+
+def _eager_us(call, device: torch.device, calls: int = 200) -> float:
+    for _ in range(10):
+        call()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def collectives(result: dict, save) -> None:
+    import torch.multiprocessing as mp
+
+    from workers.worker import free_rendezvous
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    init_method = free_rendezvous()
+    ranks = [
+        context.Process(target=_time_collectives, args=(r, init_method, (1, 64), results))
+        for r in (0, 1)
+    ]
+    for process in ranks:
+        process.start()
+    timings = results.get(timeout=180)
+    for process in ranks:
+        process.join(60)
+    result["tp2_collective_us"] = timings
+    for batch in (1, 64):
+        rows = [t for t in timings.values() if t["batch"] == batch]
+        result.setdefault("tp2_collectives_per_step_ms", {})[batch] = {
+            "peer": sum(t["peer_us"] * t["per_step"] for t in rows) / 1e3,
+            "nccl": sum(t["nccl_us"] * t["per_step"] for t in rows) / 1e3,
+        }
+    print(result["tp2_collectives_per_step_ms"], flush=True)
+    save()
     result["tp2_allreduce"] = []
-    for eager in (False, True):
-        for batch in (1, 64):
-            result["tp2_allreduce"].append(allreduce_share("dummy:olmo2-7b", batch, eager))
-            print(result["tp2_allreduce"][-1], flush=True)
-            save()
+    for batch in (1, 64):
+        result["tp2_allreduce"].append(allreduce_share("dummy:olmo2-7b", batch, eager=True))
+        print(result["tp2_allreduce"][-1], flush=True)
+        save()
 
 
 def report(result: dict) -> None:
@@ -197,10 +294,15 @@ def report(result: dict) -> None:
         print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: "
               f"{result['tiny_fp32_greedy_64_equal']}; "
               f"tp=2 graphs == eager: {result['tiny_fp32_tp2_graphs_equal_eager']}")  # fmt: skip
+    for name, row in result.get("tp2_collective_us", {}).items():
+        print(f"{name}: peer kernels in a graph {row['peer_us']:.1f} us, NCCL eager "
+              f"{row['nccl_us']:.1f} us, {row['per_step']} per 7B step")  # fmt: skip
+    for batch, row in result.get("tp2_collectives_per_step_ms", {}).items():
+        print(f"7B tp=2 batch {batch}: collectives {row['peer']:.2f} ms a step with the peer "
+              f"kernels, {row['nccl']:.2f} ms over NCCL")  # fmt: skip
     for row in result.get("tp2_allreduce", []):
-        kind = "graphs, peer kernels" if row["graphs"] else "eager, NCCL"
-        print(f"7B tp=2 batch {row['batch']} ({kind}): step {row['step_ms']:.2f} ms, "
-              f"collectives {row['allreduce_ms_per_step']:.2f} ms "
+        print(f"7B tp=2 batch {row['batch']} (eager, NCCL, profiled): step "
+              f"{row['step_ms']:.2f} ms, collectives {row['allreduce_ms_per_step']:.2f} ms "
               f"({row['allreduce_share']:.0%})")  # fmt: skip
     for model, by_tp in result.get("batch1_decode_tok_s", {}).items():
         if "2 sync" not in by_tp:

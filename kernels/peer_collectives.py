@@ -22,6 +22,11 @@ program's epoch counter counts every call):
     3. p reads its chunks from every rank's half and writes the result: the sum over ranks in
        rank order in fp32 (every rank gets bitwise the same value), or the gathered slices
 
+A rank that waits too long for another (`max_spins` polls of a flag; a rank that stopped, or the
+ranks' calls out of step) stops waiting, sets `status` to 1 and finishes the call with whatever
+the other buffers hold: the caller must read `status` and give up on the group, but no GPU is
+left spinning forever.
+
 Two halves make one barrier per call enough: a rank can only be one call ahead of another (it
 waits for the other's flag), so when it writes half h again, two calls later, the other rank has
 begun the call in between and so finished reading h. The kernels need all programs resident at
@@ -57,6 +62,11 @@ class PeerBuffers:
     """int64 [WORLD]: the address of each rank's data region (its first half)."""
     epochs: torch.Tensor
     """int32 [PROGRAMS]: calls made so far, per program (local to this rank)."""
+    status: torch.Tensor
+    """int32 [1]: 0, or 1 once a call gave up waiting for another rank."""
+    max_spins: int = 1 << 26
+    """Polls of a flag before a call gives up: tens of seconds on a GPU, far beyond any step (a
+    rank compiling a kernel for a new shape can be seconds behind)."""
 
     @staticmethod
     def buffer_bytes(capacity: int) -> int:
@@ -84,6 +94,7 @@ class PeerBuffers:
             flag_ptrs=base.to(device),
             data_ptrs=(base + _FLAG_BYTES).to(device),
             epochs=torch.zeros(PROGRAMS, dtype=torch.int32, device=device),
+            status=torch.zeros(1, dtype=torch.int32, device=device),
         )
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -92,8 +103,8 @@ class PeerBuffers:
 
 
 @triton.jit
-def _announce_and_wait(flag_ptrs, rank, program, epoch, WORLD: tl.constexpr,
-                       PROGRAMS: tl.constexpr):  # fmt: skip
+def _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins,
+                       WORLD: tl.constexpr, PROGRAMS: tl.constexpr):  # fmt: skip
     # every thread's stores to this rank's half come before the flag that announces them
     tl.debug_barrier()
     for peer in tl.static_range(WORLD):
@@ -102,8 +113,11 @@ def _announce_and_wait(flag_ptrs, rank, program, epoch, WORLD: tl.constexpr,
     own = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         flag = own + peer * PROGRAMS + program
-        while tl.atomic_add(flag, 0, sem="acquire", scope="sys") < epoch:
-            pass
+        spins = 0
+        while (tl.atomic_add(flag, 0, sem="acquire", scope="sys") < epoch) & (spins < max_spins):
+            spins += 1
+        if spins >= max_spins:
+            tl.atomic_xchg(status_ptr, 1)
     tl.debug_barrier()
 
 
@@ -117,7 +131,7 @@ def _next_epoch(epochs_ptr, program, HALF_ELEMENTS):
 @triton.jit
 def _all_reduce_kernel(
     x_ptr, out_ptr, N,
-    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS, status_ptr, max_spins,
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
@@ -132,7 +146,7 @@ def _all_reduce_kernel(
         tl.store(own + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
 
     # -- 2. barrier with the same program on every rank --
-    _announce_and_wait(flag_ptrs, rank, program, epoch, WORLD, PROGRAMS)
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
 
     # -- 3. the sum over ranks, in rank order, in fp32 --
     for start in range(program * BLOCK, N, PROGRAMS * BLOCK):
@@ -148,7 +162,7 @@ def _all_reduce_kernel(
 @triton.jit
 def _all_gather_kernel(
     x_ptr, out_ptr, ROWS, COLS,
-    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS, status_ptr, max_spins,
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
@@ -164,7 +178,7 @@ def _all_gather_kernel(
         tl.store(own + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
 
     # -- 2. barrier --
-    _announce_and_wait(flag_ptrs, rank, program, epoch, WORLD, PROGRAMS)
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
 
     # -- 3. rank r's slice into columns [r * COLS, (r + 1) * COLS) of out [ROWS, WORLD * COLS] --
     for peer in tl.static_range(WORLD):
@@ -192,6 +206,7 @@ def all_reduce_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     _all_reduce_kernel[(PROGRAMS,)](
         x, x, x.numel(),
         peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, half_elements,
+        peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK,
     )  # fmt: skip
     return x
@@ -207,6 +222,7 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     _all_gather_kernel[(PROGRAMS,)](
         x, out, rows, cols,
         peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, half_elements,
+        peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK,
     )  # fmt: skip
     return out

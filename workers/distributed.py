@@ -34,6 +34,8 @@ _PEERS = None
 buffer, else None (NCCL or gloo carry every collective)."""
 _PEER_MEMORY: list[torch.Tensor] = []
 """This rank's buffer and its mappings of the others', kept alive while the kernels use them."""
+_PEER_STATUS: dict = {}
+"""The last copy of the peer kernels' status on the host, and the event that says it landed."""
 
 
 def get_tp_group() -> TensorParallelGroup:
@@ -46,6 +48,17 @@ def get_tp_rank() -> int:
 
 def get_tp_size() -> int:
     return _TP.size
+
+
+def get_peer_buffers():
+    """kernels.peer_collectives.PeerBuffers of this rank, or None."""
+    return _PEERS
+
+
+def set_peer_buffers(peers) -> None:
+    """Install (or, with None, set aside) the peer buffers the collectives use."""
+    global _PEERS
+    _PEERS = peers
 
 
 def set_tp_group(group: TensorParallelGroup) -> None:
@@ -167,10 +180,65 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     return False
 
 
+class PeerCollectiveTimeout(RuntimeError):
+    """A peer collective gave up waiting for another rank: the group is out of step."""
+
+
+def _timed_out() -> PeerCollectiveTimeout:
+    return PeerCollectiveTimeout(
+        f"tensor-parallel rank {_TP.rank}: a collective waited past its limit for another rank; "
+        "the ranks are out of step and this replica must restart"
+    )
+
+
+def queue_peer_status() -> torch.Tensor | None:
+    """Queue a copy of the peer kernels' status to the host behind the work queued so far; read
+    it once that work is done (None without peer kernels on a GPU)."""
+    peers = _PEERS
+    if peers is None or peers.status.device.type != "cuda":
+        return None
+    if "ring" not in _PEER_STATUS:  # a step queued ahead keeps its copy while the next is made
+        ring = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(4)]
+        _PEER_STATUS["ring"] = ring
+        _PEER_STATUS["next"] = 0
+    index = _PEER_STATUS["next"]
+    _PEER_STATUS["next"] = (index + 1) % len(_PEER_STATUS["ring"])
+    host = _PEER_STATUS["ring"][index]
+    host.copy_(peers.status, non_blocking=True)
+    return host
+
+
+def raise_if_peers_timed_out(status: torch.Tensor | None) -> None:
+    """`status`: a copy from queue_peer_status whose work is done."""
+    if status is not None and int(status[0]):
+        raise _timed_out()
+
+
+def check_peer_collectives() -> None:
+    """Raise PeerCollectiveTimeout once a peer kernel on this rank has given up waiting, a step
+    or two late: it never waits for the GPU, reading the status copied at an earlier call once
+    that copy has landed, then queueing the next."""
+    peers = _PEERS
+    if peers is None:
+        return
+    if peers.status.device.type != "cuda":
+        if int(peers.status[0]):
+            raise _timed_out()
+        return
+    copied = _PEER_STATUS.get("copied")
+    if copied is not None and not copied.query():
+        return
+    raise_if_peers_timed_out(_PEER_STATUS.get("last"))
+    _PEER_STATUS["last"] = queue_peer_status()
+    _PEER_STATUS["copied"] = copied or torch.cuda.Event()
+    _PEER_STATUS["copied"].record()
+
+
 def destroy_tensor_parallel() -> None:
     global _PEERS
     _PEERS = None
     _PEER_MEMORY.clear()
+    _PEER_STATUS.clear()
     if _TP.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     set_tp_group(TensorParallelGroup(rank=0, size=1, group=None))

@@ -17,6 +17,7 @@ from torch import nn
 
 from workers.attention import AttentionBackend, build_attention_metadata
 from workers.decode_graphs import DecodeGraphs
+from workers.distributed import queue_peer_status, raise_if_peers_timed_out
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import SchedulerOutput
 from workers.forward_context import ForwardContext, forward_context
@@ -66,6 +67,8 @@ class StepInFlight:
     host_token_ids: torch.Tensor | None = None
     """[R] pinned host copy of token_ids, in flight until `copied` completes (CUDA)."""
     copied: torch.cuda.Event | None = None
+    peer_status: torch.Tensor | None = None
+    """Pinned host copy of the peer collectives' status behind this step (tp > 1 on GPUs)."""
 
 
 class ModelRunner:
@@ -178,6 +181,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             # a non-blocking copy to the host lands in pinned memory
             step.host_token_ids = result.token_ids.to("cpu", non_blocking=True)
+            step.peer_status = queue_peer_status()
             step.copied = torch.cuda.Event()
             step.copied.record()
         return step
@@ -192,6 +196,7 @@ class ModelRunner:
             token_ids = step.host_token_ids.tolist()
         else:
             token_ids = step.token_ids.tolist()
+        raise_if_peers_timed_out(step.peer_status)  # the draw came from a broken step
         for (request_id, state), token, logprobs in zip(
             step.sampled_states, token_ids, step.token_logprobs, strict=True
         ):

@@ -19,6 +19,7 @@ from workers.attention import get_backend
 from workers.config import EngineConfig
 from workers.decode_graphs import DecodeGraphs
 from workers.distributed import (
+    check_peer_collectives,
     destroy_tensor_parallel,
     divide,
     get_tp_size,
@@ -171,6 +172,7 @@ def follow(config: EngineConfig, rank: int, rendezvous: str) -> None:
                 ids = torch.empty(len(schedule.requests), dtype=torch.long, device=device)
                 tp_broadcast_tensor(ids)
             worker.runner.execute(schedule, ids)
+            check_peer_collectives()
     finally:
         destroy_tensor_parallel()
 

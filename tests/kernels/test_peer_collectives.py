@@ -92,40 +92,77 @@ def test_bad_inputs_are_refused_before_any_launch():
 _SHARED_CAPACITY = 1 << 18
 
 
-def _cpu_rank(rank: int, buffers: list[torch.Tensor], calls: list, results) -> None:
+def _cpu_rank(rank: int, buffers: list[torch.Tensor], calls: list, results, max_spins=None):
     addresses = [buffer.data_ptr() for buffer in buffers]
     peers = PeerBuffers.from_addresses(rank, addresses, _SHARED_CAPACITY, torch.device("cpu"))
+    if max_spins is not None:
+        peers.max_spins = max_spins
     out = []
     for kind, inputs in calls:
+        if rank >= len(inputs):  # this rank skips the call
+            continue
         x = inputs[rank].clone().view(1, -1)
         y = all_reduce_(x, peers) if kind == "sum" else all_gather_last_dim(x, peers)
         out.append(y.view(-1).tolist())
-    results.put((rank, out))
+    results.put((rank, out, int(peers.status[0])))
 
 
-@pytest.mark.skipif(DEVICE_IS_CUDA, reason="the interpreter's ranks are CPU processes")
-def test_two_processes_meet_at_every_barrier():
+def _run_cpu_ranks(calls: list, max_spins=None) -> dict:
     import torch.multiprocessing
 
     size = PeerBuffers.buffer_bytes(_SHARED_CAPACITY)
     buffers = [torch.zeros(size, dtype=torch.uint8).share_memory_() for _ in range(2)]
+    # spawned ranks map the shared buffers wherever they like: each passes its own addresses
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [
+        context.Process(target=_cpu_rank, args=(r, buffers, calls, results, max_spins))
+        for r in (0, 1)
+    ]
+    for process in ranks:
+        process.start()
+    got = {rank: (out, status) for rank, out, status in (results.get(timeout=240) for _ in ranks)}
+    for process in ranks:
+        process.join(30)
+    return got
+
+
+@pytest.mark.skipif(DEVICE_IS_CUDA, reason="the interpreter's ranks are CPU processes")
+def test_two_processes_meet_at_every_barrier():
     sizes = [1, 7, 300, 2048, 33, 40_000]  # 40 000: several chunks per program
     calls = [
         ("gather" if i % 3 == 2 else "sum", [torch.randn(sizes[i % len(sizes)]) for _ in range(2)])
         for i in range(14)
     ]
-    # spawned ranks map the shared buffers wherever they like: each passes its own addresses
-    context = torch.multiprocessing.get_context("spawn")
-    results = context.Queue()
-    ranks = [context.Process(target=_cpu_rank, args=(r, buffers, calls, results)) for r in (0, 1)]
-    for process in ranks:
-        process.start()
-    got = dict(results.get(timeout=240) for _ in ranks)
-    for process in ranks:
-        process.join(30)
+    got = _run_cpu_ranks(calls)
     for i, (kind, inputs) in enumerate(calls):
         want = inputs[0] + inputs[1] if kind == "sum" else torch.cat(inputs)
-        assert got[0][i] == got[1][i] == want.tolist(), (i, kind)
+        assert got[0][0][i] == got[1][0][i] == want.tolist(), (i, kind)
+    assert got[0][1] == got[1][1] == 0
+
+
+@pytest.mark.skipif(DEVICE_IS_CUDA, reason="the interpreter's ranks are CPU processes")
+def test_a_rank_left_waiting_gives_up_and_says_so():
+    """Rank 1 skips the last call: rank 0's call stops waiting after max_spins polls instead of
+    spinning forever, and its status says so; the calls before it are right."""
+    calls = [("sum", [torch.randn(64), torch.randn(64)]) for _ in range(3)]
+    calls.append(("sum", [torch.randn(64)]))  # rank 0 only
+    got = _run_cpu_ranks(calls, max_spins=200)
+    for i, (_, inputs) in enumerate(calls[:3]):
+        assert got[0][0][i] == got[1][0][i] == (inputs[0] + inputs[1]).tolist()
+    assert len(got[0][0]) == 4 and len(got[1][0]) == 3
+    assert (got[0][1], got[1][1]) == (1, 0)
+
+
+def test_a_timed_out_collective_stops_the_rank(monkeypatch):
+    from workers import distributed
+
+    group = OtherRank(0)
+    monkeypatch.setattr(distributed, "_PEERS", group.peers)
+    distributed.check_peer_collectives()  # status 0: nothing to say
+    group.peers.status.fill_(1)
+    with pytest.raises(distributed.PeerCollectiveTimeout, match="out of step"):
+        distributed.check_peer_collectives()
 
 
 def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
@@ -167,6 +204,13 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             assert torch.equal(y, expected), (step, y[0, 0].item())
         torch.cuda.synchronize(device)
         del graph
+        peers = distributed.get_peer_buffers()
+        assert int(peers.status[0]) == 0
+        if rank == 0:  # a call rank 1 never makes: it gives up instead of hanging
+            peers.max_spins = 1 << 14
+            distributed.tp_all_reduce(torch.ones(8, device=device))
+            torch.cuda.synchronize(device)
+            assert int(peers.status[0]) == 1
         distributed.destroy_tensor_parallel()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         failures.put(f"rank {rank}: {exc!r}")
