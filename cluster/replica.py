@@ -18,13 +18,14 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.actor import FollowerActor, NewWork, WorkerActor, rendezvous_here
+from workers.actor import FollowerActor, NewWork, WorkerActor, gpu_ids_here, rendezvous_here
 from workers.config import EngineConfig
 
 log = logging.getLogger(__name__)
 _RemoteWorker = ray.remote(WorkerActor)
 _RemoteFollower = ray.remote(FollowerActor)
 _rendezvous = ray.remote(rendezvous_here)
+_gpu_ids = ray.remote(gpu_ids_here)
 
 
 class Replica:
@@ -76,16 +77,24 @@ class Replica:
             return {"num_cpus": self.cpus, "num_gpus": self.gpus, "scheduling_strategy": strategy}
 
         rendezvous = await _rendezvous.options(**placed(0)).remote() if tp > 1 else None
+        replica_gpus = None
+        if tp > 1 and self.gpus == 1:
+            # each bundle's GPU, so that every rank can see all of them (peer collectives)
+            found = await asyncio.gather(
+                *(_gpu_ids.options(**placed(r)).remote() for r in range(tp))
+            )
+            if all(len(ids) == 1 for ids in found):
+                replica_gpus = [ids[0] for ids in found]
         incarnation = f"{self.replica_id}-{self.restarts}"
         self.followers = [
             _RemoteFollower.options(
                 name=f"afs-rank{rank}-{incarnation}", namespace="afs", **placed(rank)
-            ).remote(self.engine, rank, rendezvous)
+            ).remote(self.engine, rank, rendezvous, replica_gpus)
             for rank in range(1, tp)
         ]
         self.actor = _RemoteWorker.options(
             name=f"afs-worker-{incarnation}", namespace="afs", max_concurrency=4, **placed(0)
-        ).remote(self.engine, self.replica_id, rendezvous)
+        ).remote(self.engine, self.replica_id, rendezvous, replica_gpus)
         runs = [follower.run.remote() for follower in self.followers]
         try:
             self.info = await self.actor.info.remote()

@@ -30,10 +30,39 @@ class NewWork:
     resume_output_ids: list[int] = field(default_factory=list)
 
 
+def gpu_ids_here() -> list[str]:
+    """The GPUs Ray gave this task or actor (empty outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return []
+    if not ray.is_initialized():  # asking would start a Ray instance here
+        return []
+    return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
+def share_replica_gpus(replica_gpus: list[str] | None, rank: int, mine: list[str]) -> bool:
+    """Let this rank see every GPU of its replica, in rank order, before CUDA starts here: Ray
+    shows an actor only its own, and ranks that cannot see each other's GPUs cannot map each
+    other's memory (tensor-parallel decode then runs eagerly). `rank_device` then picks this
+    rank's GPU by its index. Only when Ray gave this rank exactly the GPU listed for it."""
+    if not replica_gpus or len(replica_gpus) < 2 or mine != [replica_gpus[rank]]:
+        return False
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(replica_gpus)
+    return True
+
+
 class WorkerActor:
     """Rank 0 of a replica: the engine and its step loop."""
 
-    def __init__(self, config: EngineConfig, replica_id: str, rendezvous: str | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        replica_id: str,
+        rendezvous: str | None = None,
+        replica_gpus: list[str] | None = None,
+    ):
+        share_replica_gpus(replica_gpus, 0, gpu_ids_here())
         self.replica_id = replica_id
         self.engine = LLMEngine(config, rendezvous=rendezvous)
         self._cond = threading.Condition()
@@ -131,7 +160,14 @@ class WorkerActor:
 class FollowerActor:
     """Rank 1..tp-1 of a replica: `run` follows rank 0's steps until the replica stops."""
 
-    def __init__(self, config: EngineConfig, rank: int, rendezvous: str) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        rank: int,
+        rendezvous: str,
+        replica_gpus: list[str] | None = None,
+    ) -> None:
+        share_replica_gpus(replica_gpus, rank, gpu_ids_here())
         self.config, self.rank, self.rendezvous = config, rank, rendezvous
 
     def run(self) -> None:

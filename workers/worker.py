@@ -151,7 +151,9 @@ class ShardWorker:
 
 
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
-    """CUDA ranks in one process tree take one GPU each; under Ray each sees its own as cuda:0."""
+    """CUDA ranks take one GPU each, rank r the r-th visible one: in one process tree all GPUs
+    are visible; under Ray a replica's ranks see its GPUs in rank order (`share_replica_gpus`),
+    or each only its own, as cuda:0."""
     device = config.resolved_device()
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         return torch.device("cuda", rank)
