@@ -95,12 +95,12 @@ _SHARED_CAPACITY = 1 << 18
 def _cpu_rank(rank: int, buffers: list[torch.Tensor], calls: list, results, max_spins=None):
     addresses = [buffer.data_ptr() for buffer in buffers]
     peers = PeerBuffers.from_addresses(rank, addresses, _SHARED_CAPACITY, torch.device("cpu"))
-    if max_spins is not None:
-        peers.max_spins = max_spins
     out = []
-    for kind, inputs in calls:
+    for i, (kind, inputs) in enumerate(calls):
         if rank >= len(inputs):  # this rank skips the call
             continue
+        if max_spins is not None and i == len(calls) - 1:
+            peers.max_spins = max_spins  # only the last call is left waiting
         x = inputs[rank].clone().view(1, -1)
         y = all_reduce_(x, peers) if kind == "sum" else all_gather_last_dim(x, peers)
         out.append(y.view(-1).tolist())
