@@ -22,10 +22,10 @@ CASES = {
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40)]
 
 
-def run(path, tp: int):
+def run(path, tp: int, max_tokens: int = 32):
     engine = LLMEngine(model=str(path), device="cpu", tp=tp, num_kv_blocks=64)
     try:
-        greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         tokens = [r.completions[0].token_ids for r in engine.generate(PROMPTS, greedy)]
         scored = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
         prompt_logprobs = [r.prompt_logprobs[1:] for r in engine.generate(PROMPTS, scored)]
@@ -34,22 +34,39 @@ def run(path, tp: int):
         engine.shutdown()
 
 
+def assert_same(want_run, got_run, what: str) -> None:
+    tokens, logprobs = want_run
+    tp_tokens, tp_logprobs = got_run
+    assert tp_tokens == tokens, what
+    for want, got in zip(
+        (e for seq in logprobs for e in seq),
+        (e for seq in tp_logprobs for e in seq),
+        strict=True,
+    ):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+        assert [v for _, v in got.top] == pytest.approx([v for _, v in want.top], abs=1e-4)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tp_2_and_4_match_tp_1(tmp_path, case):
     family, overrides = CASES[case]
     make_checkpoint(tmp_path, family, overrides)
-    tokens, logprobs = run(tmp_path, 1)
+    reference = run(tmp_path, 1)
     for tp in (2, 4):
-        tp_tokens, tp_logprobs = run(tmp_path, tp)
-        assert tp_tokens == tokens, f"tp={tp}"
-        for want, got in zip(
-            (e for seq in logprobs for e in seq),
-            (e for seq in tp_logprobs for e in seq),
-            strict=True,
-        ):
-            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
-            assert [t for t, _ in got.top] == [t for t, _ in want.top]
-            assert [v for _, v in got.top] == pytest.approx([v for _, v in want.top], abs=1e-4)
+        assert_same(reference, run(tmp_path, tp), f"tp={tp}")
+
+
+def test_olmo2_fused_kernels_at_tp_2_match_the_pytorch_path_at_tp_1(tmp_path, monkeypatch):
+    """The fused prologue with the QK-norm's sums of squares all-reduced over the ranks (the
+    kernels through the interpreter, on every rank) gives what one rank's PyTorch layers give."""
+    from workers.layers import fused
+
+    make_checkpoint(tmp_path, "Olmo2", CASES["olmo2-gqa"][1])
+    reference = run(tmp_path, 1, max_tokens=8)
+    monkeypatch.setenv("AFS_FORCE_TRITON", "1")  # for the spawned rank
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    assert_same(reference, run(tmp_path, 2, max_tokens=8), "tp=2, fused kernels")
 
 
 def test_a_tp_that_does_not_divide_the_heads_is_refused(tmp_path):
