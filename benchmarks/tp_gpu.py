@@ -15,7 +15,8 @@
    profiler is not used there: on the H200 a profiled tp = 2 engine replaying graphs with the
    peer kernels stopped making progress.)
 4. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt), and
-   at tp = 2 run eagerly and without asynchronous scheduling.
+   at tp = 2 with the peer kernels pushing (AFS_PEER_PUSH=1), run eagerly, and without
+   asynchronous scheduling.
 The throughput workloads at tp = 1 and 2 are `bash benchmarks/gpu_suite.sh tp`.
 Prints a table last; writes tp_gpu.json under --out after each part.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -179,6 +181,11 @@ def rates(result: dict, save, models: list[str]) -> None:
             rates[model][tp] = decode_rate(model, tp)
             print(model, rates[model], flush=True)
             save()
+        os.environ["AFS_PEER_PUSH"] = "1"  # the spawned rank takes it too
+        try:
+            rates[model]["2 push"] = decode_rate(model, 2)
+        finally:
+            del os.environ["AFS_PEER_PUSH"]
         rates[model]["2 eager"] = decode_rate(model, 2, enforce_eager=True)
         rates[model]["2 sync"] = decode_rate(model, 2, async_scheduling=False)
         print(model, rates[model], flush=True)
@@ -211,13 +218,18 @@ def _time_collectives(rank: int, init_method: str, batches: tuple, results) -> N
                     if kind == "sum"
                     else distributed.tp_all_gather_last_dim
                 )
-                peer_us = _graph_us(lambda op=op, x=x: op(x), device)
                 peers = distributed.get_peer_buffers()
+                peers.push = False
+                peer_us = _graph_us(lambda op=op, x=x: op(x), device)
+                peers.push = True
+                push_us = _graph_us(lambda op=op, x=x: op(x), device)
+                peers.push = False
                 distributed.set_peer_buffers(None)  # the same calls over NCCL, eagerly
                 nccl_us = _eager_us(lambda op=op, x=x: op(x), device)
                 distributed.set_peer_buffers(peers)
                 timings[f"{name} @ B={batch}"] = {
-                    "batch": batch, "per_step": count, "peer_us": peer_us, "nccl_us": nccl_us,
+                    "batch": batch, "per_step": count, "peer_us": peer_us, "push_us": push_us,
+                    "nccl_us": nccl_us,
                 }  # fmt: skip
         if rank == 0:
             results.put(timings)
@@ -276,8 +288,8 @@ def collectives(result: dict, save) -> None:
     for batch in (1, 64):
         rows = [t for t in timings.values() if t["batch"] == batch]
         result.setdefault("tp2_collectives_per_step_ms", {})[batch] = {
-            "peer": sum(t["peer_us"] * t["per_step"] for t in rows) / 1e3,
-            "nccl": sum(t["nccl_us"] * t["per_step"] for t in rows) / 1e3,
+            kind: sum(t[f"{kind}_us"] * t["per_step"] for t in rows) / 1e3
+            for kind in ("peer", "push", "nccl")
         }
     print(result["tp2_collectives_per_step_ms"], flush=True)
     save()
@@ -295,11 +307,12 @@ def report(result: dict) -> None:
               f"{result['tiny_fp32_greedy_64_equal']}; "
               f"tp=2 graphs == eager: {result['tiny_fp32_tp2_graphs_equal_eager']}")  # fmt: skip
     for name, row in result.get("tp2_collective_us", {}).items():
-        print(f"{name}: peer kernels in a graph {row['peer_us']:.1f} us, NCCL eager "
+        print(f"{name}: peer kernels in a graph {row['peer_us']:.1f} us (pushing "
+              f"{row['push_us']:.1f} us), NCCL eager "
               f"{row['nccl_us']:.1f} us, {row['per_step']} per 7B step")  # fmt: skip
     for batch, row in result.get("tp2_collectives_per_step_ms", {}).items():
         print(f"7B tp=2 batch {batch}: collectives {row['peer']:.2f} ms a step with the peer "
-              f"kernels, {row['nccl']:.2f} ms over NCCL")  # fmt: skip
+              f"kernels ({row['push']:.2f} pushing), {row['nccl']:.2f} ms over NCCL")  # fmt: skip
     for row in result.get("tp2_allreduce", []):
         print(f"7B tp=2 batch {row['batch']} (eager, NCCL, profiled): step "
               f"{row['step_ms']:.2f} ms, collectives {row['allreduce_ms_per_step']:.2f} ms "
@@ -308,7 +321,8 @@ def report(result: dict) -> None:
         if "2 sync" not in by_tp:
             continue
         print(f"{model}: tp=1 {by_tp[1]:.1f} tok/s, tp=2 {by_tp[2]:.1f} tok/s, "
-              f"x{by_tp[2] / by_tp[1]:.2f}; tp=2 eager {by_tp['2 eager']:.1f}, "
+              f"x{by_tp[2] / by_tp[1]:.2f}; pushing {by_tp['2 push']:.1f}; "
+              f"tp=2 eager {by_tp['2 eager']:.1f}, "
               f"synchronous {by_tp['2 sync']:.1f}")  # fmt: skip
 
 

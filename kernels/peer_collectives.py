@@ -10,17 +10,23 @@ Every rank owns one buffer that every rank has mapped (`PeerBuffers`):
 
     flags  int32 [WORLD, PROGRAMS]   flags[r, p]: the last call in which rank r's program p
                                      announced its data
-    data   two halves of CAPACITY bytes each; a call uses half (epoch % 2)
+    data   [2, WORLD] slots of CAPACITY bytes: a call uses half (epoch % 2), slot r for rank r's
+           data
 
 A call runs PROGRAMS programs on every rank (always that many, whatever the size, so every
 program's epoch counter counts every call):
 
-    1. program p copies its chunks of x into this rank's half
+    1. program p copies its chunks of x into slot `rank` of this rank's buffer (pull), or of
+       every rank's buffer (push)
     2. barrier: p writes its epoch into flags[rank, p] of every rank (a release at system scope,
        after the block's stores), then waits until flags[r, p] of its own buffer reaches the
        epoch for every r (an acquire)
-    3. p reads its chunks from every rank's half and writes the result: the sum over ranks in
-       rank order in fp32 (every rank gets bitwise the same value), or the gathered slices
+    3. p reads its chunks of every rank's slot (from the other buffers when pulling, from its
+       own when pushed) and writes the result: the sum over ranks in rank order in fp32 (every
+       rank gets bitwise the same value), or the gathered slices
+
+Pushing trades the reads over NVLink after the barrier, each a round trip, for posted writes
+before it.
 
 A rank that waits too long for another (`max_spins` polls of a flag; a rank that stopped, or the
 ranks' calls out of step) stops waiting, sets `status` to 1 and finishes the call with whatever
@@ -29,8 +35,9 @@ left spinning forever.
 
 Two halves make one barrier per call enough: a rank can only be one call ahead of another (it
 waits for the other's flag), so when it writes half h again, two calls later, the other rank has
-begun the call in between and so finished reading h. The kernels need all programs resident at
-once on every rank (they wait on each other), which PROGRAMS far below the SM count ensures.
+begun the call in between and so finished reading h, in either direction. The kernels need all
+programs resident at once on every rank (they wait on each other), which PROGRAMS far below the
+SM count ensures.
 """
 
 from __future__ import annotations
@@ -55,11 +62,11 @@ class PeerBuffers:
     rank: int
     world: int
     capacity: int
-    """Bytes in each half of the data region: the largest tensor one call moves."""
+    """Bytes in each slot: the largest tensor one call moves."""
     flag_ptrs: torch.Tensor
     """int64 [WORLD] on this rank's device: the address of each rank's flags."""
     data_ptrs: torch.Tensor
-    """int64 [WORLD]: the address of each rank's data region (its first half)."""
+    """int64 [WORLD]: the address of each rank's data region."""
     epochs: torch.Tensor
     """int32 [PROGRAMS]: calls made so far, per program (local to this rank)."""
     status: torch.Tensor
@@ -67,18 +74,22 @@ class PeerBuffers:
     max_spins: int = 1 << 26
     """Polls of a flag before a call gives up: tens of seconds on a GPU, far beyond any step (a
     rank compiling a kernel for a new shape can be seconds behind)."""
+    push: bool = False
+    """Write this rank's data into every rank's buffer before the barrier and read only local
+    memory after it, instead of writing locally and reading the others' buffers."""
 
     @staticmethod
-    def buffer_bytes(capacity: int) -> int:
-        """The size of the buffer each rank allocates and shares for a given capacity."""
-        return _FLAG_BYTES + 2 * capacity
+    def buffer_bytes(capacity: int, world: int) -> int:
+        """The size of the buffer each rank allocates and shares: flags, then two halves of
+        `world` slots of `capacity` bytes."""
+        return _FLAG_BYTES + 2 * world * capacity
 
     @classmethod
     def from_addresses(
         cls, rank: int, addresses: list[int], capacity: int, device: torch.device
     ) -> PeerBuffers:
-        """`addresses[r]`: where rank r's buffer (of buffer_bytes(capacity), its flags zeroed)
-        is mapped in this process."""
+        """`addresses[r]`: where rank r's buffer (of buffer_bytes(capacity, len(addresses)), its
+        flags zeroed) is mapped in this process."""
         world = len(addresses)
         if not 1 <= world <= _FLAG_BYTES // (4 * PROGRAMS):
             raise ValueError(f"peer collectives take 1 to 32 ranks, not {world}")
@@ -122,28 +133,64 @@ def _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins,
 
 
 @triton.jit
-def _next_epoch(epochs_ptr, program, HALF_ELEMENTS):
+def _next_epoch(epochs_ptr, program):
+    """This program's call number on this rank, and the half (0 or 1) the call uses."""
     epoch = tl.load(epochs_ptr + program) + 1
     tl.store(epochs_ptr + program, epoch)
-    return epoch, (epoch % 2).to(tl.int64) * HALF_ELEMENTS
+    return epoch, (epoch % 2).to(tl.int64)
+
+
+@triton.jit
+def _slot(data_ptrs, owner, slot, half, dtype: tl.constexpr, WORLD: tl.constexpr,
+          SLOT_ELEMENTS):  # fmt: skip
+    """Where `slot` of `half` starts in rank `owner`'s data region."""
+    base = tl.load(data_ptrs + owner).to(tl.pointer_type(dtype))
+    return base + (half * WORLD + slot) * SLOT_ELEMENTS
+
+
+@triton.jit
+def _publish(x_ptr, n, data_ptrs, rank, half, program, SLOT_ELEMENTS,
+             WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+             PUSH: tl.constexpr):  # fmt: skip
+    """This program's chunks of x into slot `rank`: of this rank's buffer (pull), or of every
+    rank's (push: posted writes, so that after the barrier every read is local)."""
+    dtype = x_ptr.dtype.element_ty
+    for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        value = tl.load(x_ptr + offsets, mask=mask)
+        if PUSH:
+            for owner in tl.static_range(WORLD):
+                dst = _slot(data_ptrs, owner, rank, half, dtype, WORLD, SLOT_ELEMENTS)
+                tl.store(dst + offsets, value, mask=mask)
+        else:
+            dst = _slot(data_ptrs, rank, rank, half, dtype, WORLD, SLOT_ELEMENTS)
+            tl.store(dst + offsets, value, mask=mask)
+
+
+@triton.jit
+def _source(data_ptrs, rank, peer, half, dtype: tl.constexpr, SLOT_ELEMENTS,
+            WORLD: tl.constexpr, PUSH: tl.constexpr):  # fmt: skip
+    """Where rank `peer`'s data of this call is: in this rank's buffer (push) or its own."""
+    if PUSH:
+        return _slot(data_ptrs, rank, peer, half, dtype, WORLD, SLOT_ELEMENTS)
+    else:
+        return _slot(data_ptrs, peer, peer, half, dtype, WORLD, SLOT_ELEMENTS)
 
 
 @triton.jit
 def _all_reduce_kernel(
     x_ptr, out_ptr, N,
-    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS, status_ptr, max_spins,
-    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
-    epoch, half = _next_epoch(epochs_ptr, program, HALF_ELEMENTS)
-    own = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype)) + half
+    epoch, half = _next_epoch(epochs_ptr, program)
 
-    # -- 1. this rank's chunks into its half --
-    for start in range(program * BLOCK, N, PROGRAMS * BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < N
-        tl.store(own + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+    # -- 1. this rank's chunks where the others will read them --
+    _publish(x_ptr, N, data_ptrs, rank, half, program, SLOT_ELEMENTS, WORLD, PROGRAMS, BLOCK,
+             PUSH)  # fmt: skip
 
     # -- 2. barrier with the same program on every rank --
     _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
@@ -154,7 +201,7 @@ def _all_reduce_kernel(
         mask = offsets < N
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in tl.static_range(WORLD):
-            data = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype)) + half
+            data = _source(data_ptrs, rank, peer, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
             total += tl.load(data + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, total.to(dtype), mask=mask)
 
@@ -162,27 +209,24 @@ def _all_reduce_kernel(
 @triton.jit
 def _all_gather_kernel(
     x_ptr, out_ptr, ROWS, COLS,
-    flag_ptrs, data_ptrs, epochs_ptr, rank, HALF_ELEMENTS, status_ptr, max_spins,
-    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
-    epoch, half = _next_epoch(epochs_ptr, program, HALF_ELEMENTS)
-    own = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype)) + half
+    epoch, half = _next_epoch(epochs_ptr, program)
     n = ROWS * COLS
 
-    # -- 1. this rank's slice [ROWS, COLS] into its half --
-    for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
-        tl.store(own + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+    # -- 1. this rank's slice [ROWS, COLS] where the others will read it --
+    _publish(x_ptr, n, data_ptrs, rank, half, program, SLOT_ELEMENTS, WORLD, PROGRAMS, BLOCK,
+             PUSH)  # fmt: skip
 
     # -- 2. barrier --
     _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
 
     # -- 3. rank r's slice into columns [r * COLS, (r + 1) * COLS) of out [ROWS, WORLD * COLS] --
     for peer in tl.static_range(WORLD):
-        data = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype)) + half
+        data = _source(data_ptrs, rank, peer, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
         for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
             offsets = start + tl.arange(0, BLOCK)
             mask = offsets < n
@@ -202,12 +246,12 @@ def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
 def all_reduce_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     """Sum x over the ranks, in place (every rank calls it with the same shape); returns x."""
     _check(x, peers)
-    half_elements = peers.capacity // x.element_size()
+    slot_elements = peers.capacity // x.element_size()
     _all_reduce_kernel[(PROGRAMS,)](
         x, x, x.numel(),
-        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, half_elements,
+        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, slot_elements,
         peers.status, peers.max_spins,
-        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK,
+        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK, PUSH=peers.push,
     )  # fmt: skip
     return x
 
@@ -218,11 +262,11 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     cols = x.shape[-1]
     out = torch.empty(*x.shape[:-1], peers.world * cols, dtype=x.dtype, device=x.device)
-    half_elements = peers.capacity // x.element_size()
+    slot_elements = peers.capacity // x.element_size()
     _all_gather_kernel[(PROGRAMS,)](
         x, out, rows, cols,
-        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, half_elements,
+        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, slot_elements,
         peers.status, peers.max_spins,
-        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK,
+        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK, PUSH=peers.push,
     )  # fmt: skip
     return out

@@ -132,7 +132,8 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     """Map every rank's peer buffer into every rank (CUDA IPC; the ranks' GPUs on one host and
     visible to each process), so all-reduces and gathers of up to `capacity` bytes run as the
     peer kernels, which a CUDA graph can capture. Collective over the group; True where every
-    rank managed it and a test sum came out right, else False and the group carries everything."""
+    rank managed it and a test sum came out right, else False and the group carries everything.
+    AFS_PEER_PUSH=1 in every rank's environment makes the kernels push (see the kernels)."""
     global _PEERS
     if _TP.size == 1 or device.type != "cuda":
         return False
@@ -142,7 +143,8 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     try:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        own = torch.zeros(PeerBuffers.buffer_bytes(capacity), dtype=torch.uint8, device=device)
+        size = PeerBuffers.buffer_bytes(capacity, _TP.size)
+        own = torch.zeros(size, dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)  # flags zeroed before any rank can see the buffer
         handle = reduce_tensor(own)
     except Exception as exc:  # no CUDA IPC here: the group carries everything
@@ -167,6 +169,7 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     if tp_min(ok) == 1:
         addresses = [buffer.data_ptr() for buffer in mapped]
         peers = PeerBuffers.from_addresses(_TP.rank, addresses, capacity, device)
+        peers.push = os.environ.get("AFS_PEER_PUSH") == "1"  # the same on every rank
         try:
             from kernels.peer_collectives import all_reduce_
 

@@ -32,28 +32,44 @@ DEVICE_IS_CUDA = torch.cuda.is_available()
 class OtherRank:
     """The buffers of a group of two seen from `rank`, the other rank simulated by the test."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank, self.other = rank, 1 - rank
-        size = PeerBuffers.buffer_bytes(CAPACITY)
+    def __init__(self, rank: int, push: bool = False) -> None:
+        self.rank, self.other, self.push = rank, 1 - rank, push
+        size = PeerBuffers.buffer_bytes(CAPACITY, 2)
         self.buffers = [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]
         addresses = [buffer.data_ptr() for buffer in self.buffers]
         self.peers = PeerBuffers.from_addresses(rank, addresses, CAPACITY, torch.device("cpu"))
+        self.peers.push = push
 
     def flags(self, owner: int) -> torch.Tensor:
         """flags[r, p] of `owner`'s buffer."""
         return self.buffers[owner][:_FLAG_BYTES].view(torch.int32)[: 2 * PROGRAMS].view(2, -1)
 
+    def slot(self, owner: int, slot: int, epoch: int, like: torch.Tensor) -> torch.Tensor:
+        """Slot `slot` of the half call `epoch` uses in `owner`'s buffer, as `like`'s elements."""
+        start = _FLAG_BYTES + ((epoch % 2) * 2 + slot) * CAPACITY
+        raw = self.buffers[owner][start : start + like.numel() * like.element_size()]
+        return raw.view(like.dtype).view(like.shape)
+
     def announce(self, epoch: int, data: torch.Tensor) -> None:
-        """The other rank's call number `epoch`: its data in half epoch % 2, its flags set."""
-        start = _FLAG_BYTES + (epoch % 2) * CAPACITY
-        raw = data.contiguous().view(-1).view(torch.uint8)
-        self.buffers[self.other][start : start + raw.numel()].copy_(raw)
+        """The other rank's call number `epoch`: its data in its slot (of its own buffer when
+        pulling, pushed into this rank's), its flags set."""
+        owner = self.rank if self.push else self.other
+        self.slot(owner, self.other, epoch, data).copy_(data)
         self.flags(self.rank)[self.other].fill_(epoch)
 
+    def published(self, epoch: int, like: torch.Tensor) -> torch.Tensor:
+        """What this rank left for the other in call `epoch`."""
+        owner = self.other if self.push else self.rank
+        return self.slot(owner, self.rank, epoch, like)
 
+
+PUSH = [pytest.param(False, id="pull"), pytest.param(True, id="push")]
+
+
+@pytest.mark.parametrize("push", PUSH)
 @pytest.mark.parametrize("rank", [0, 1])
-def test_all_reduce_sums_in_rank_order_and_announces_each_call(rank):
-    group = OtherRank(rank)
+def test_all_reduce_sums_in_rank_order_and_announces_each_call(rank, push):
+    group = OtherRank(rank, push)
     for epoch, (n, dtype) in enumerate(
         [(300, torch.float32), (5000 // 4, torch.float16), (1, torch.float32)], start=1
     ):
@@ -61,15 +77,18 @@ def test_all_reduce_sums_in_rank_order_and_announces_each_call(rank):
         parts = [theirs, x] if rank else [x, theirs]
         expected = (parts[0].float() + parts[1].float()).to(dtype)
         group.announce(epoch, theirs)
+        mine = x.clone()
         assert all_reduce_(x, group.peers) is x
         assert torch.equal(x, expected)
+        assert torch.equal(group.published(epoch, mine), mine)
         # its flag reached the other rank for every program, and each program counted the call
         assert group.flags(group.other)[rank].tolist() == [epoch] * PROGRAMS
         assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
 
 
-def test_all_gather_puts_each_rank_slice_in_its_columns():
-    group = OtherRank(1)
+@pytest.mark.parametrize("push", PUSH)
+def test_all_gather_puts_each_rank_slice_in_its_columns(push):
+    group = OtherRank(1, push)
     x, theirs = torch.randn(3, 70), torch.randn(3, 70)
     group.announce(1, theirs)
     out = all_gather_last_dim(x, group.peers)
@@ -92,9 +111,10 @@ def test_bad_inputs_are_refused_before_any_launch():
 _SHARED_CAPACITY = 1 << 18
 
 
-def _cpu_rank(rank: int, buffers: list[torch.Tensor], calls: list, results, max_spins=None):
+def _cpu_rank(rank: int, buffers, calls: list, results, max_spins=None, push=False) -> None:
     addresses = [buffer.data_ptr() for buffer in buffers]
     peers = PeerBuffers.from_addresses(rank, addresses, _SHARED_CAPACITY, torch.device("cpu"))
+    peers.push = push
     out = []
     for i, (kind, inputs) in enumerate(calls):
         if rank >= len(inputs):  # this rank skips the call
@@ -107,16 +127,16 @@ def _cpu_rank(rank: int, buffers: list[torch.Tensor], calls: list, results, max_
     results.put((rank, out, int(peers.status[0])))
 
 
-def _run_cpu_ranks(calls: list, max_spins=None) -> dict:
+def _run_cpu_ranks(calls: list, max_spins=None, push=False) -> dict:
     import torch.multiprocessing
 
-    size = PeerBuffers.buffer_bytes(_SHARED_CAPACITY)
+    size = PeerBuffers.buffer_bytes(_SHARED_CAPACITY, 2)
     buffers = [torch.zeros(size, dtype=torch.uint8).share_memory_() for _ in range(2)]
     # spawned ranks map the shared buffers wherever they like: each passes its own addresses
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
     ranks = [
-        context.Process(target=_cpu_rank, args=(r, buffers, calls, results, max_spins))
+        context.Process(target=_cpu_rank, args=(r, buffers, calls, results, max_spins, push))
         for r in (0, 1)
     ]
     for process in ranks:
@@ -128,13 +148,14 @@ def _run_cpu_ranks(calls: list, max_spins=None) -> dict:
 
 
 @pytest.mark.skipif(DEVICE_IS_CUDA, reason="the interpreter's ranks are CPU processes")
-def test_two_processes_meet_at_every_barrier():
+@pytest.mark.parametrize("push", PUSH)
+def test_two_processes_meet_at_every_barrier(push):
     sizes = [1, 7, 300, 2048, 33, 40_000]  # 40 000: several chunks per program
     calls = [
         ("gather" if i % 3 == 2 else "sum", [torch.randn(sizes[i % len(sizes)]) for _ in range(2)])
         for i in range(14)
     ]
-    got = _run_cpu_ranks(calls)
+    got = _run_cpu_ranks(calls, push=push)
     for i, (kind, inputs) in enumerate(calls):
         want = inputs[0] + inputs[1] if kind == "sum" else torch.cat(inputs)
         assert got[0][0][i] == got[1][0][i] == want.tolist(), (i, kind)
@@ -176,8 +197,11 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
         assert distributed.init_peer_collectives(1 << 20, device)
         group = distributed.get_tp_group().group
         gen = torch.Generator(device).manual_seed(rank)
-        for shape, dtype in [((1, 4096), torch.bfloat16), ((64, 4096), torch.bfloat16),
-                             ((5, 1), torch.float32), ((3, 1000), torch.float16)]:  # fmt: skip
+        cases = [((1, 4096), torch.bfloat16), ((64, 4096), torch.bfloat16),
+                 ((5, 1), torch.float32), ((3, 1000), torch.float16)]  # fmt: skip
+        peers = distributed.get_peer_buffers()
+        for push, (shape, dtype) in [(push, case) for push in (False, True) for case in cases]:
+            peers.push = push
             x = torch.randn(shape, generator=gen, device=device).to(dtype)
             ref = x.clone()
             dist.all_reduce(ref, group=group)
@@ -185,25 +209,26 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             parts = [torch.empty_like(x) for _ in range(2)]
             dist.all_gather(parts, x, group=group)
             assert torch.equal(distributed.tp_all_gather_last_dim(x), torch.cat(parts, -1))
-        # captured in a graph: ten chained sums, replayed three times
-        static = torch.zeros(8, 4096, dtype=torch.bfloat16, device=device)
-        distributed.tp_all_reduce(static * 0.5)  # compiled before the capture
-        torch.cuda.synchronize(device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            y = static
-            for _ in range(10):
-                y = distributed.tp_all_reduce(y * 0.5)
-        for step in range(3):
-            static.fill_(float(rank + step))
-            graph.replay()
-            # the first sum gives (rank 0's + rank 1's) / 2; each later one keeps it
-            expected = torch.full_like(static, float(2 * step + 1) / 2)
-            assert torch.equal(y, expected), (step, y[0, 0].item())
-        torch.cuda.synchronize(device)
-        del graph
+        for push in (False, True):  # captured in a graph: ten chained sums, replayed three times
+            peers.push = push
+            static = torch.zeros(8, 4096, dtype=torch.bfloat16, device=device)
+            distributed.tp_all_reduce(static * 0.5)  # compiled before the capture
+            torch.cuda.synchronize(device)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                y = static
+                for _ in range(10):
+                    y = distributed.tp_all_reduce(y * 0.5)
+            for step in range(3):
+                static.fill_(float(rank + step))
+                graph.replay()
+                # the first sum gives (rank 0's + rank 1's) / 2; each later one keeps it
+                expected = torch.full_like(static, float(2 * step + 1) / 2)
+                assert torch.equal(y, expected), (push, step, y[0, 0].item())
+            torch.cuda.synchronize(device)
+            del graph
         peers = distributed.get_peer_buffers()
         assert int(peers.status[0]) == 0
         if rank == 0:  # a call rank 1 never makes: it gives up instead of hanging
