@@ -6,11 +6,14 @@
 #                                             prompt, 256 new) and 7B at batch 64, transformers
 #                                             beside
 #   bash benchmarks/gpu_suite.sh throughput   the default offline workload on dummy:olmo2-1b
-#                                             (transformers beside) and -7b
+#                                             and -7b, transformers beside
 #   bash benchmarks/gpu_suite.sh tp           (2 GPUs) batch-1 latency and the default workload
 #                                             of dummy:olmo2-7b and -13b at tp = 1 and 2
 #   bash benchmarks/gpu_suite.sh tpcheck      (2 GPUs) benchmarks/tp_gpu.py: tp = 2 against
-#                                             tp = 1, batch-1 scaling, all-reduce time per step
+#                                             tp = 1 and 7B batch-1 scaling (TP_PARTS=check,rates,
+#                                             the default), then 13B scaling and the collectives'
+#                                             time per step (TP_PARTS=rates,collectives TP_MODELS=
+#                                             dummy:olmo2-13b); one call each
 #   bash benchmarks/gpu_suite.sh cluster      (2 GPUs) dummy:olmo2-7b served by one tp = 1 and
 #                                             one tp = 2 replica under the load test, the
 #                                             in-process engine beside; needs ray, jsonschema
@@ -48,7 +51,7 @@ case "$part" in
     ;;
   throughput)
     bench throughput --model dummy:olmo2-1b --workload default --num-requests 256 --peer hf
-    bench throughput --model dummy:olmo2-7b --workload default --num-requests 256
+    bench throughput --model dummy:olmo2-7b --workload default --num-requests 256 --peer hf
     ;;
   tp)
     for model in dummy:olmo2-7b dummy:olmo2-13b; do
@@ -59,7 +62,8 @@ case "$part" in
     done
     ;;
   tpcheck)
-    guard python3 benchmarks/tp_gpu.py --out "$out" --deadline $((step_timeout - 20))
+    guard python3 benchmarks/tp_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
+      --parts "${TP_PARTS:-check,rates}" --models "${TP_MODELS:-dummy:olmo2-7b}"
     ;;
   cluster)
     python3 -m protos.build || exit 1 # the gRPC stubs the load test's client imports
