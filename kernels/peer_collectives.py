@@ -235,6 +235,52 @@ def _all_gather_kernel(
             tl.store(out_ptr + rows * (WORLD * COLS) + peer * COLS + cols, value, mask=mask)
 
 
+@triton.jit
+def _all_reduce_rms_norm_add_kernel(
+    x_ptr, residual_ptr, out_ptr, weight_ptr, eps, ROWS, HIDDEN,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
+):  # fmt: skip
+    """out = residual + rms_norm(sum over ranks of x), row by row: program p owns rows p,
+    p + PROGRAMS, ... in both phases, each row one tile of BLOCK >= HIDDEN."""
+    program = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+
+    # -- 1. this rank's rows where the others will read them --
+    for row in range(program, ROWS, PROGRAMS):
+        offsets = row * HIDDEN + cols  # within the capacity: no int32 overflow
+        value = tl.load(x_ptr + offsets, mask=mask)
+        if PUSH:
+            for owner in tl.static_range(WORLD):
+                dst = _slot(data_ptrs, owner, rank, half, dtype, WORLD, SLOT_ELEMENTS)
+                tl.store(dst + offsets, value, mask=mask)
+        else:
+            dst = _slot(data_ptrs, rank, rank, half, dtype, WORLD, SLOT_ELEMENTS)
+            tl.store(dst + offsets, value, mask=mask)
+
+    # -- 2. barrier --
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+
+    # -- 3. the sum in rank order, rounded as the all-reduce rounds it; then what
+    #       kernels/rmsnorm.py's post-norm computes from it --
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    for row in range(program, ROWS, PROGRAMS):
+        offsets = row * HIDDEN + cols  # within the capacity: no int32 overflow
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for peer in tl.static_range(WORLD):
+            data = _source(data_ptrs, rank, peer, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
+            total += tl.load(data + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = total.to(dtype).to(tl.float32)
+        mean_square = tl.sum(x * x, axis=0) / HIDDEN
+        normed = (x * tl.rsqrt(mean_square + eps) * weight).to(dtype)
+        residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+        out = (residual.to(tl.float32) + normed.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + offsets, out, mask=mask)
+
+
 def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
     if not peers.fits(x):
         raise ValueError(
@@ -268,5 +314,32 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
         peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, slot_elements,
         peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK, PUSH=peers.push,
+    )  # fmt: skip
+    return out
+
+
+def all_reduce_rms_norm_add(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, peers: PeerBuffers
+) -> torch.Tensor:
+    """Olmo 2's post-norm after a row-parallel layer, with its all-reduce inside: x [T, hidden]
+    this rank's partial sums -> residual + rms_norm(sum over ranks of x), a new tensor. The
+    values are those of `all_reduce_` followed by kernels/rmsnorm.py's `rms_norm_add`."""
+    _check(x, peers)
+    if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"x, residual: expected two contiguous [T, hidden] of one dtype, got "
+            f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}"
+        )
+    rows, hidden = x.shape
+    if not residual.is_contiguous() or weight.shape != (hidden,) or not weight.is_contiguous():
+        raise ValueError(f"residual, weight: expected contiguous [T, {hidden}] and [{hidden}]")
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(hidden)
+    _all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
+        x, residual, out, weight, eps, rows, hidden,
+        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank,
+        peers.capacity // x.element_size(), peers.status, peers.max_spins,
+        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=block, PUSH=peers.push,
+        num_warps=min(max(block // 512, 1), 8),  # as kernels/rmsnorm.py: the same sum order
     )  # fmt: skip
     return out

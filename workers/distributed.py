@@ -90,6 +90,18 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_all_reduce_rms_norm_add(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor | None:
+    """residual + rms_norm(sum of x over the ranks) as one peer kernel, or None where that
+    kernel does not apply (one rank, no peer buffers, a tensor they cannot take)."""
+    if _TP.size == 1 or _PEERS is None or not x.is_cuda or not _PEERS.fits(x):
+        return None
+    from kernels.peer_collectives import all_reduce_rms_norm_add
+
+    return all_reduce_rms_norm_add(x, residual.contiguous(), weight, eps, _PEERS)
+
+
 def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns it. On GPUs
     it is queued on the stream like a kernel: no rank waits for it on the host."""

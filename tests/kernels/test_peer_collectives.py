@@ -23,7 +23,9 @@ from kernels.peer_collectives import (
     PeerBuffers,
     all_gather_last_dim,
     all_reduce_,
+    all_reduce_rms_norm_add,
 )
+from kernels.rmsnorm import rms_norm_add
 
 CAPACITY = 4096
 DEVICE_IS_CUDA = torch.cuda.is_available()
@@ -95,6 +97,22 @@ def test_all_gather_puts_each_rank_slice_in_its_columns(push):
     assert torch.equal(out, torch.cat([theirs, x], dim=-1))
 
 
+@pytest.mark.parametrize("push", PUSH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_all_reduce_with_the_post_norm_equals_the_two_kernels(push, dtype):
+    """One kernel gives bitwise what the all-reduce and then the post-norm kernel give."""
+    group = OtherRank(0, push)
+    rows, hidden = 3, 96  # 96: a row tile with masked lanes
+    x, theirs = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    residual = torch.randn(rows, hidden).to(dtype)
+    weight = (1 + 0.2 * torch.randn(hidden)).to(dtype)
+    expected = rms_norm_add((x.float() + theirs.float()).to(dtype), residual, weight, 1e-6)
+    group.announce(1, theirs)
+    got = all_reduce_rms_norm_add(x, residual, weight, 1e-6, group.peers)
+    assert torch.equal(got, expected)
+    assert group.flags(1)[0].tolist() == [1] * PROGRAMS
+
+
 def test_bad_inputs_are_refused_before_any_launch():
     group = OtherRank(0)
     with pytest.raises(ValueError, match="at most 4096 bytes"):
@@ -122,7 +140,13 @@ def _cpu_rank(rank: int, buffers, calls: list, results, max_spins=None, push=Fal
         if max_spins is not None and i == len(calls) - 1:
             peers.max_spins = max_spins  # only the last call is left waiting
         x = inputs[rank].clone().view(1, -1)
-        y = all_reduce_(x, peers) if kind == "sum" else all_gather_last_dim(x, peers)
+        if kind == "sum":
+            y = all_reduce_(x, peers)
+        elif kind == "gather":
+            y = all_gather_last_dim(x, peers)
+        else:  # the post-norm with its all-reduce, rows of 50
+            x = x.view(-1, 50)
+            y = all_reduce_rms_norm_add(x, torch.ones_like(x), torch.ones(50), 1e-6, peers)
         out.append(y.view(-1).tolist())
     results.put((rank, out, int(peers.status[0])))
 
@@ -141,23 +165,35 @@ def _run_cpu_ranks(calls: list, max_spins=None, push=False) -> dict:
     ]
     for process in ranks:
         process.start()
-    got = {rank: (out, status) for rank, out, status in (results.get(timeout=240) for _ in ranks)}
-    for process in ranks:
-        process.join(30)
-    return got
+    try:
+        replies = [results.get(timeout=240) for _ in ranks]
+    finally:
+        for process in ranks:
+            process.join(30 if process.exitcode is None else 0)
+            if process.is_alive():  # left waiting by a rank that failed
+                process.kill()
+    return {rank: (out, status) for rank, out, status in replies}
 
 
 @pytest.mark.skipif(DEVICE_IS_CUDA, reason="the interpreter's ranks are CPU processes")
 @pytest.mark.parametrize("push", PUSH)
 def test_two_processes_meet_at_every_barrier(push):
     sizes = [1, 7, 300, 2048, 33, 40_000]  # 40 000: several chunks per program
-    calls = [
-        ("gather" if i % 3 == 2 else "sum", [torch.randn(sizes[i % len(sizes)]) for _ in range(2)])
-        for i in range(14)
-    ]
+    kinds = ["sum", "gather", "sum", "norm"]
+    calls = []
+    for i in range(16):
+        kind, size = kinds[i % len(kinds)], sizes[i % len(sizes)]
+        size = 50 * (1 + size // 50) if kind == "norm" else size  # rows of 50
+        calls.append((kind, [torch.randn(size) for _ in range(2)]))
     got = _run_cpu_ranks(calls, push=push)
     for i, (kind, inputs) in enumerate(calls):
-        want = inputs[0] + inputs[1] if kind == "sum" else torch.cat(inputs)
+        if kind == "sum":
+            want = inputs[0] + inputs[1]
+        elif kind == "gather":
+            want = torch.cat(inputs)
+        else:
+            summed = (inputs[0] + inputs[1]).view(-1, 50)
+            want = rms_norm_add(summed, torch.ones_like(summed), torch.ones(50), 1e-6).view(-1)
         assert got[0][0][i] == got[1][0][i] == want.tolist(), (i, kind)
     assert got[0][1] == got[1][1] == 0
 
@@ -209,6 +245,14 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             parts = [torch.empty_like(x) for _ in range(2)]
             dist.all_gather(parts, x, group=group)
             assert torch.equal(distributed.tp_all_gather_last_dim(x), torch.cat(parts, -1))
+        for push, rows in [(push, rows) for push in (False, True) for rows in (1, 64)]:
+            peers.push = push  # the post-norm with its all-reduce against the two kernels
+            x = torch.randn(rows, 4096, generator=gen, device=device).to(torch.bfloat16)
+            residual = torch.randn(rows, 4096, device=device).to(torch.bfloat16)
+            weight = torch.ones(4096, device=device, dtype=torch.bfloat16)
+            fused = distributed.tp_all_reduce_rms_norm_add(x, residual, weight, 1e-6)
+            two = rms_norm_add(distributed.tp_all_reduce(x.clone()), residual, weight, 1e-6)
+            assert torch.equal(fused, two), (push, rows)
         for push in (False, True):  # captured in a graph: ten chained sums, replayed three times
             peers.push = push
             static = torch.zeros(8, 4096, dtype=torch.bfloat16, device=device)

@@ -144,6 +144,13 @@ class RowParallelLinear(LinearBase):
         cols = param.shape[1]
         copy_checked(param, loaded.narrow(1, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(self.matmul(x))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """`reduce=False` returns this rank's partial sum, for a caller that sums it over the
+        ranks itself (fused with what follows); only without a bias, which must come after."""
+        out = self.matmul(x)
+        if not reduce:
+            if self.bias is not None:
+                raise ValueError("a row-parallel layer with a bias must reduce its output")
+            return out
+        out = tp_all_reduce(out)
         return out if self.bias is None else out + self.bias

@@ -16,6 +16,7 @@ class GatedMLP(nn.Module):
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         # x: [T, hidden] -> gate_up [T, 2 * I / tp] -> [T, I / tp] -> [T, hidden]
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # (`reduce=False`: this rank's partial sum, see RowParallelLinear)
+        return self.down_proj(self.act(self.gate_up_proj(x)), reduce)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.distributed import tp_all_reduce
+from workers.distributed import tp_all_reduce, tp_all_reduce_rms_norm_add
 from workers.layers.fused import use_triton
 from workers.layers.linear import copy_checked
 
@@ -43,8 +43,20 @@ class RMSNorm(nn.Module):
         residual = x + residual
         return self(residual), residual
 
-    def norm_and_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Post-norm: residual + norm(x), norm(x) rounded to x's dtype before the add."""
+    def norm_and_add(
+        self, x: torch.Tensor, residual: torch.Tensor, reduce: bool = False
+    ) -> torch.Tensor:
+        """Post-norm: residual + norm(x), norm(x) rounded to x's dtype before the add.
+
+        `reduce`: x is this rank's partial sum (a row-parallel layer that left its all-reduce
+        here); it is summed over the ranks first, in the same kernel where the peer kernels
+        can take it."""
+        if reduce:
+            if use_triton(x):
+                fused = tp_all_reduce_rms_norm_add(x, residual, self.weight, self.eps)
+                if fused is not None:
+                    return fused
+            x = tp_all_reduce(x)
         if use_triton(x):
             from kernels.rmsnorm import rms_norm_add
 

@@ -54,11 +54,12 @@ class LlamaAttention(nn.Module):
         """Hook for models that normalise q and k before RoPE; Llama does not."""
         return None
 
-    def forward(self, hidden: torch.Tensor, rope: RotaryStep) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: RotaryStep, reduce: bool = True) -> torch.Tensor:
+        # (`reduce=False`: o_proj's partial sum on this rank, see RowParallelLinear)
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
         norms = self.qk_norms()
         if use_triton(qkv):
-            return self.o_proj(self.attn.forward_qkv(qkv, rope, norms))
+            return self.o_proj(self.attn.forward_qkv(qkv, rope, norms), reduce)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if norms is not None:
             q, k = norms[0](q), norms[1](k)  # over the whole width: [T, H * D], [T, KVH * D]
@@ -68,7 +69,7 @@ class LlamaAttention(nn.Module):
         )
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v), reduce)
 
 
 class LlamaDecoderLayer(nn.Module):

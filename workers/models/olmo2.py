@@ -7,7 +7,8 @@ q_norm and k_norm are RMSNorms over the full q and k projections (all heads at o
 head split and RoPE); under tensor parallelism that norm spans every rank's shard.
 
 hidden is the whole residual stream here, so a layer passes no separate residual (it stays None);
-each `h + norm(sublayer(h))` is one fused norm-and-add.
+each `h + norm(sublayer(h))` is one fused norm-and-add, and under tensor parallelism the
+sublayer's all-reduce joins that kernel too where the peer kernels can take it.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ class Olmo2DecoderLayer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, residual: None, rope: RotaryStep
     ) -> tuple[torch.Tensor, None]:
-        # hidden: the residual stream [T, hidden]
-        hidden = self.post_attention_layernorm.norm_and_add(self.self_attn(hidden, rope), hidden)
-        return self.post_feedforward_layernorm.norm_and_add(self.mlp(hidden), hidden), None
+        # hidden: the residual stream [T, hidden]; each sublayer's all-reduce is left to the norm
+        # after it, which fuses the two where it can
+        attn = self.self_attn(hidden, rope, reduce=False)
+        hidden = self.post_attention_layernorm.norm_and_add(attn, hidden, reduce=True)
+        mlp = self.mlp(hidden, reduce=False)
+        return self.post_feedforward_layernorm.norm_and_add(mlp, hidden, reduce=True), None
 
 
 class Olmo2ForCausalLM(CausalLM):
