@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.rope import qk_tiles, sum_squares
+
 PROGRAMS = 32
 """Programs per call, on every rank."""
 _BLOCK = 1024
@@ -281,6 +283,47 @@ def _all_reduce_rms_norm_add_kernel(
         tl.store(out_ptr + offsets, out, mask=mask)
 
 
+@triton.jit
+def _all_reduce_qk_squares_kernel(
+    qkv_ptr, stride_qkv_token, out_ptr, k_scale, TOKENS, NUM_HEADS, NUM_KV_HEADS,
+    flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, PUSH: tl.constexpr,
+):  # fmt: skip
+    """Each token's sums of squares of q and of k (k's times k_scale) over every rank's heads:
+    program p owns tokens p, p + PROGRAMS, ... in both phases."""
+    program = tl.program_id(0)
+    epoch, half = _next_epoch(epochs_ptr, program)
+
+    # -- 1. this rank's two sums per token where the others will read them --
+    for token in range(program, TOKENS, PROGRAMS):
+        row = qkv_ptr + token * stride_qkv_token
+        q_total = sum_squares(row, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+        k_row = row + NUM_HEADS * HEAD_DIM
+        k_total = sum_squares(k_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS) * k_scale
+        if PUSH:
+            for owner in tl.static_range(WORLD):
+                dst = _slot(data_ptrs, owner, rank, half, tl.float32, WORLD, SLOT_ELEMENTS)
+                tl.store(dst + token * 2, q_total)
+                tl.store(dst + token * 2 + 1, k_total)
+        else:
+            dst = _slot(data_ptrs, rank, rank, half, tl.float32, WORLD, SLOT_ELEMENTS)
+            tl.store(dst + token * 2, q_total)
+            tl.store(dst + token * 2 + 1, k_total)
+
+    # -- 2. barrier --
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+
+    # -- 3. the sums over ranks, in rank order --
+    parts = tl.arange(0, 2)
+    for token in range(program, TOKENS, PROGRAMS):
+        total = tl.zeros([2], dtype=tl.float32)
+        for peer in tl.static_range(WORLD):
+            data = _source(data_ptrs, rank, peer, half, tl.float32, SLOT_ELEMENTS, WORLD, PUSH)
+            total += tl.load(data + token * 2 + parts)
+        tl.store(out_ptr + token * 2 + parts, total)
+
+
 def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
     if not peers.fits(x):
         raise ValueError(
@@ -341,5 +384,34 @@ def all_reduce_rms_norm_add(
         peers.capacity // x.element_size(), peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=block, PUSH=peers.push,
         num_warps=min(max(block // 512, 1), 8),  # as kernels/rmsnorm.py: the same sum order
+    )  # fmt: skip
+    return out
+
+
+def all_reduce_qk_squares(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    k_scale: float,
+    peers: PeerBuffers,
+) -> torch.Tensor:
+    """Olmo 2's sharded QK-norm sums in one kernel: [T, 2] fp32, each token's sum of squares of
+    q and of k (times k_scale) summed over the ranks; bitwise what kernels/rope.py's
+    `qk_sum_squares` and then `all_reduce_` give."""
+    if qkv.dim() != 2 or not qkv.is_contiguous():
+        raise ValueError(f"qkv: expected contiguous [T, (H + 2 KVH) D], got {tuple(qkv.shape)}")
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv: width {qkv.shape[1]} is not ({num_heads} + 2 * {num_kv_heads}) "
+                         f"heads of dim {head_dim}")  # fmt: skip
+    out = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
+    _check(out, peers)
+    block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
+    _all_reduce_qk_squares_kernel[(PROGRAMS,)](
+        qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,
+        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank,
+        peers.capacity // 4, peers.status, peers.max_spins,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
+        WORLD=peers.world, PROGRAMS=PROGRAMS, PUSH=peers.push,
     )  # fmt: skip
     return out

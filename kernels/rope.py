@@ -16,8 +16,8 @@ negative slot stores nothing).
 
 Under tensor parallelism a rank holds some of the heads, and the norm spans every rank's: then
 `qk_sum_squares` gives each token's sum of squares of this rank's q and k ([T, 2] fp32), the
-caller sums those over the ranks, and the prologue normalises with the sums it is given (and
-the full widths) instead of its own.
+caller sums those over the ranks (kernels/peer_collectives.py does both in one kernel), and the
+prologue normalises with the sums it is given (and the full widths) instead of its own.
 
 Grid (T, 2): program (t, 0) does token t's H query heads, program (t, 1) its KVH key heads and,
 when storing, its keys and values into the slab. The norm spans all heads of q (or k), so a
@@ -42,7 +42,7 @@ _TILE_ELEMENTS = 2048  # heads per chunk: as many as fit this many elements
 
 
 @triton.jit
-def _sum_squares(row, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def sum_squares(row, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_HEADS: tl.constexpr):  # fmt: skip
     """The sum of squares of `num_heads` heads of HEAD_DIM values from `row`, in fp32."""
     heads = tl.arange(0, BLOCK_HEADS)
@@ -69,7 +69,7 @@ def _squares_kernel(
     first_head = tl.where(is_k, NUM_HEADS, 0)
     num_heads = tl.where(is_k, NUM_KV_HEADS, NUM_HEADS)
     row = qkv_ptr + token * stride_qkv_token + first_head * HEAD_DIM
-    total = _sum_squares(row, num_heads, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+    total = sum_squares(row, num_heads, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
     tl.store(squares_ptr + token * 2 + tl.program_id(1), total * tl.where(is_k, k_scale, 1.0))
 
 
@@ -105,7 +105,7 @@ def _kernel(
             total = tl.load(squares_ptr + token * 2 + tl.program_id(1))
             inv_rms = tl.rsqrt(total / tl.where(is_k, K_WIDTH, Q_WIDTH) + eps)
         else:
-            total = _sum_squares(row, num_heads, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+            total = sum_squares(row, num_heads, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
             inv_rms = tl.rsqrt(total / (num_heads * HEAD_DIM) + eps)
 
     # -- cos and signed sin at the token's position --
@@ -239,7 +239,7 @@ def rotary_qkv(
     v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
     if num_tokens == 0:
         return q, k, v
-    block_d, block_heads = _tiles(num_heads, num_kv_heads, head_dim)
+    block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
     _kernel[(num_tokens, 2)](
         qkv, qkv.stride(0),
         qk, qk.stride(0),
@@ -257,7 +257,7 @@ def rotary_qkv(
     return q, k, v
 
 
-def _tiles(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+def qk_tiles(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
     block_d = triton.next_power_of_2(head_dim)
     block_heads = min(
         triton.next_power_of_2(max(num_heads, num_kv_heads)), max(_TILE_ELEMENTS // block_d, 1)
@@ -278,7 +278,7 @@ def qk_sum_squares(
     squares = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     if qkv.shape[0] == 0:
         return squares
-    block_d, block_heads = _tiles(num_heads, num_kv_heads, head_dim)
+    block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
     _squares_kernel[(qkv.shape[0], 2)](
         qkv, qkv.stride(0), squares, k_scale,
         num_heads, num_kv_heads,

@@ -102,6 +102,20 @@ def tp_all_reduce_rms_norm_add(
     return all_reduce_rms_norm_add(x, residual.contiguous(), weight, eps, _PEERS)
 
 
+def tp_qk_sum_squares(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, k_scale: float
+) -> torch.Tensor:
+    """[T, 2] fp32: each token's sums of squares of q and of k (k's times k_scale) over every
+    rank's heads, as one peer kernel where the peer buffers can take it."""
+    if _TP.size > 1 and _PEERS is not None and qkv.is_cuda and qkv.shape[0] * 8 <= _PEERS.capacity:
+        from kernels.peer_collectives import all_reduce_qk_squares
+
+        return all_reduce_qk_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale, _PEERS)
+    from kernels.rope import qk_sum_squares
+
+    return tp_all_reduce(qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale))
+
+
 def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns it. On GPUs
     it is queued on the stream like a kernel: no rank waits for it on the host."""

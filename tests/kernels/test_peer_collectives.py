@@ -23,9 +23,11 @@ from kernels.peer_collectives import (
     PeerBuffers,
     all_gather_last_dim,
     all_reduce_,
+    all_reduce_qk_squares,
     all_reduce_rms_norm_add,
 )
 from kernels.rmsnorm import rms_norm_add
+from kernels.rope import qk_sum_squares
 
 CAPACITY = 4096
 DEVICE_IS_CUDA = torch.cuda.is_available()
@@ -113,6 +115,20 @@ def test_all_reduce_with_the_post_norm_equals_the_two_kernels(push, dtype):
     assert group.flags(1)[0].tolist() == [1] * PROGRAMS
 
 
+@pytest.mark.parametrize("push", PUSH)
+def test_qk_squares_summed_over_ranks_equal_the_two_kernels(push):
+    """The sharded QK-norm's sums in one kernel: bitwise each rank's qk_sum_squares, summed."""
+    group = OtherRank(1, push)
+    heads, kv_heads, head_dim, tokens = 4, 2, 16, 5
+    qkv, theirs = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim) for _ in range(2))
+    mine = qk_sum_squares(qkv, heads, kv_heads, head_dim, 0.5)
+    other = qk_sum_squares(theirs, heads, kv_heads, head_dim, 0.5)
+    group.announce(1, other)
+    got = all_reduce_qk_squares(qkv, heads, kv_heads, head_dim, 0.5, group.peers)
+    assert torch.equal(got, torch.zeros_like(mine) + other + mine)  # rank order: 0, then 1
+    assert torch.equal(group.published(1, mine), mine)
+
+
 def test_bad_inputs_are_refused_before_any_launch():
     group = OtherRank(0)
     with pytest.raises(ValueError, match="at most 4096 bytes"):
@@ -144,6 +160,8 @@ def _cpu_rank(rank: int, buffers, calls: list, results, max_spins=None, push=Fal
             y = all_reduce_(x, peers)
         elif kind == "gather":
             y = all_gather_last_dim(x, peers)
+        elif kind == "squares":  # tokens of 2 q heads and 1 k and v head of 16
+            y = all_reduce_qk_squares(x.view(-1, 64), 2, 1, 16, 0.5, peers)
         else:  # the post-norm with its all-reduce, rows of 50
             x = x.view(-1, 50)
             y = all_reduce_rms_norm_add(x, torch.ones_like(x), torch.ones(50), 1e-6, peers)
@@ -179,11 +197,13 @@ def _run_cpu_ranks(calls: list, max_spins=None, push=False) -> dict:
 @pytest.mark.parametrize("push", PUSH)
 def test_two_processes_meet_at_every_barrier(push):
     sizes = [1, 7, 300, 2048, 33, 40_000]  # 40 000: several chunks per program
-    kinds = ["sum", "gather", "sum", "norm"]
+    kinds = ["sum", "gather", "sum", "norm", "squares"]
+    rows = {"norm": 50, "squares": 64}
     calls = []
-    for i in range(16):
+    for i in range(20):
         kind, size = kinds[i % len(kinds)], sizes[i % len(sizes)]
-        size = 50 * (1 + size // 50) if kind == "norm" else size  # rows of 50
+        if kind in rows:  # whole rows
+            size = rows[kind] * (1 + size // rows[kind] % 40)
         calls.append((kind, [torch.randn(size) for _ in range(2)]))
     got = _run_cpu_ranks(calls, push=push)
     for i, (kind, inputs) in enumerate(calls):
@@ -191,6 +211,9 @@ def test_two_processes_meet_at_every_barrier(push):
             want = inputs[0] + inputs[1]
         elif kind == "gather":
             want = torch.cat(inputs)
+        elif kind == "squares":
+            parts = [qk_sum_squares(x.view(-1, 64), 2, 1, 16, 0.5) for x in inputs]
+            want = (torch.zeros_like(parts[0]) + parts[0] + parts[1]).view(-1)
         else:
             summed = (inputs[0] + inputs[1]).view(-1, 50)
             want = rms_norm_add(summed, torch.ones_like(summed), torch.ones(50), 1e-6).view(-1)
@@ -253,6 +276,12 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             fused = distributed.tp_all_reduce_rms_norm_add(x, residual, weight, 1e-6)
             two = rms_norm_add(distributed.tp_all_reduce(x.clone()), residual, weight, 1e-6)
             assert torch.equal(fused, two), (push, rows)
+        for push, tokens in [(push, tokens) for push in (False, True) for tokens in (1, 64)]:
+            peers.push = push  # the QK-norm sums in one kernel against the two
+            qkv = torch.randn(tokens, 32 * 128, generator=gen, device=device).to(torch.bfloat16)
+            fused = distributed.tp_qk_sum_squares(qkv, 16, 8, 128, 1.0)
+            two = distributed.tp_all_reduce(qk_sum_squares(qkv, 16, 8, 128, 1.0))
+            assert torch.equal(fused, two), (push, tokens)
         for push in (False, True):  # captured in a graph: ten chained sums, replayed three times
             peers.push = push
             static = torch.zeros(8, 4096, dtype=torch.bfloat16, device=device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.distributed import tp_all_reduce
+from workers.distributed import tp_qk_sum_squares
 from workers.forward_context import get_forward_context
 from workers.layers.norm import ShardedRMSNorm
 from workers.layers.rotary import RotaryStep
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         Sharded qk_norms (their width split over the ranks) take one all-reduce of each token's
         two sums of squares, the k sums divided by the ranks that hold the same k heads.
         """
-        from kernels.rope import qk_sum_squares, rotary_qkv
+        from kernels.rope import rotary_qkv
 
         context = get_forward_context()
         norm = {}
@@ -61,10 +61,9 @@ class Attention(nn.Module):
             q_norm, k_norm = qk_norms
             norm = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
             if not (q_norm.unsharded and k_norm.unsharded):
-                squares = qk_sum_squares(
+                norm["qk_squares"] = tp_qk_sum_squares(
                     qkv, self.num_heads, self.num_kv_heads, self.head_dim, 1.0 / k_norm.replicas
                 )
-                norm["qk_squares"] = tp_all_reduce(squares)
                 norm["norm_widths"] = (q_norm.full_width, k_norm.full_width)
         q, k, v = rotary_qkv(
             qkv,
