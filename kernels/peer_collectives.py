@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rope import qk_tiles, sum_squares
+from kernels.rmsnorm import add_rounded, norm_warps, rms_normalise
+from kernels.rope import check_qkv, qk_tiles, sum_squares
 
 PROGRAMS = 32
 """Programs per call, on every rank."""
@@ -110,9 +111,12 @@ class PeerBuffers:
             status=torch.zeros(1, dtype=torch.int32, device=device),
         )
 
-    def fits(self, x: torch.Tensor) -> bool:
-        """Whether one call can move x (its bytes on each rank; for a gather, the slice)."""
-        return x.is_contiguous() and x.numel() * x.element_size() <= self.capacity
+    def fits(self, x: torch.Tensor, nbytes: int | None = None) -> bool:
+        """Whether one call can move x (its bytes on each rank; for a gather, the slice), or
+        `nbytes` read from a contiguous x (what a fused kernel publishes)."""
+        if nbytes is None:
+            nbytes = x.numel() * x.element_size()
+        return x.is_contiguous() and nbytes <= self.capacity
 
 
 @triton.jit
@@ -151,23 +155,30 @@ def _slot(data_ptrs, owner, slot, half, dtype: tl.constexpr, WORLD: tl.constexpr
 
 
 @triton.jit
+def _store_own(value, offsets, mask, data_ptrs, rank, half, dtype: tl.constexpr, SLOT_ELEMENTS,
+               WORLD: tl.constexpr, PUSH: tl.constexpr):  # fmt: skip
+    """`value` at `offsets` of slot `rank`: of this rank's buffer (pull), or of every rank's
+    (push: posted writes, so that after the barrier every read is local)."""
+    if PUSH:
+        for owner in tl.static_range(WORLD):
+            dst = _slot(data_ptrs, owner, rank, half, dtype, WORLD, SLOT_ELEMENTS)
+            tl.store(dst + offsets, value, mask=mask)
+    else:
+        dst = _slot(data_ptrs, rank, rank, half, dtype, WORLD, SLOT_ELEMENTS)
+        tl.store(dst + offsets, value, mask=mask)
+
+
+@triton.jit
 def _publish(x_ptr, n, data_ptrs, rank, half, program, SLOT_ELEMENTS,
              WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
              PUSH: tl.constexpr):  # fmt: skip
-    """This program's chunks of x into slot `rank`: of this rank's buffer (pull), or of every
-    rank's (push: posted writes, so that after the barrier every read is local)."""
+    """This program's chunks of x into slot `rank` (see _store_own)."""
     dtype = x_ptr.dtype.element_ty
     for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
         value = tl.load(x_ptr + offsets, mask=mask)
-        if PUSH:
-            for owner in tl.static_range(WORLD):
-                dst = _slot(data_ptrs, owner, rank, half, dtype, WORLD, SLOT_ELEMENTS)
-                tl.store(dst + offsets, value, mask=mask)
-        else:
-            dst = _slot(data_ptrs, rank, rank, half, dtype, WORLD, SLOT_ELEMENTS)
-            tl.store(dst + offsets, value, mask=mask)
+        _store_own(value, offsets, mask, data_ptrs, rank, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
 
 
 @triton.jit
@@ -255,13 +266,7 @@ def _all_reduce_rms_norm_add_kernel(
     for row in range(program, ROWS, PROGRAMS):
         offsets = row * HIDDEN + cols  # within the capacity: no int32 overflow
         value = tl.load(x_ptr + offsets, mask=mask)
-        if PUSH:
-            for owner in tl.static_range(WORLD):
-                dst = _slot(data_ptrs, owner, rank, half, dtype, WORLD, SLOT_ELEMENTS)
-                tl.store(dst + offsets, value, mask=mask)
-        else:
-            dst = _slot(data_ptrs, rank, rank, half, dtype, WORLD, SLOT_ELEMENTS)
-            tl.store(dst + offsets, value, mask=mask)
+        _store_own(value, offsets, mask, data_ptrs, rank, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
 
     # -- 2. barrier --
     _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
@@ -275,12 +280,9 @@ def _all_reduce_rms_norm_add_kernel(
         for peer in tl.static_range(WORLD):
             data = _source(data_ptrs, rank, peer, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
             total += tl.load(data + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = total.to(dtype).to(tl.float32)
-        mean_square = tl.sum(x * x, axis=0) / HIDDEN
-        normed = (x * tl.rsqrt(mean_square + eps) * weight).to(dtype)
+        normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
         residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
-        out = (residual.to(tl.float32) + normed.to(tl.float32)).to(dtype)
-        tl.store(out_ptr + offsets, out, mask=mask)
+        tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
 
 
 @triton.jit
@@ -294,6 +296,7 @@ def _all_reduce_qk_squares_kernel(
     program p owns tokens p, p + PROGRAMS, ... in both phases."""
     program = tl.program_id(0)
     epoch, half = _next_epoch(epochs_ptr, program)
+    parts = tl.arange(0, 2)  # q, k
 
     # -- 1. this rank's two sums per token where the others will read them --
     for token in range(program, TOKENS, PROGRAMS):
@@ -301,21 +304,14 @@ def _all_reduce_qk_squares_kernel(
         q_total = sum_squares(row, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
         k_row = row + NUM_HEADS * HEAD_DIM
         k_total = sum_squares(k_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS) * k_scale
-        if PUSH:
-            for owner in tl.static_range(WORLD):
-                dst = _slot(data_ptrs, owner, rank, half, tl.float32, WORLD, SLOT_ELEMENTS)
-                tl.store(dst + token * 2, q_total)
-                tl.store(dst + token * 2 + 1, k_total)
-        else:
-            dst = _slot(data_ptrs, rank, rank, half, tl.float32, WORLD, SLOT_ELEMENTS)
-            tl.store(dst + token * 2, q_total)
-            tl.store(dst + token * 2 + 1, k_total)
+        value = tl.where(parts == 0, q_total, k_total)
+        _store_own(value, token * 2 + parts, parts < 2, data_ptrs, rank, half, tl.float32,
+                   SLOT_ELEMENTS, WORLD, PUSH)  # fmt: skip
 
     # -- 2. barrier --
     _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
 
     # -- 3. the sums over ranks, in rank order --
-    parts = tl.arange(0, 2)
     for token in range(program, TOKENS, PROGRAMS):
         total = tl.zeros([2], dtype=tl.float32)
         for peer in tl.static_range(WORLD):
@@ -383,7 +379,7 @@ def all_reduce_rms_norm_add(
         peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank,
         peers.capacity // x.element_size(), peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=block, PUSH=peers.push,
-        num_warps=min(max(block // 512, 1), 8),  # as kernels/rmsnorm.py: the same sum order
+        num_warps=norm_warps(block),  # as kernels/rmsnorm.py: the same sum order
     )  # fmt: skip
     return out
 
@@ -399,11 +395,7 @@ def all_reduce_qk_squares(
     """Olmo 2's sharded QK-norm sums in one kernel: [T, 2] fp32, each token's sum of squares of
     q and of k (times k_scale) summed over the ranks; bitwise what kernels/rope.py's
     `qk_sum_squares` and then `all_reduce_` give."""
-    if qkv.dim() != 2 or not qkv.is_contiguous():
-        raise ValueError(f"qkv: expected contiguous [T, (H + 2 KVH) D], got {tuple(qkv.shape)}")
-    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
-        raise ValueError(f"qkv: width {qkv.shape[1]} is not ({num_heads} + 2 * {num_kv_heads}) "
-                         f"heads of dim {head_dim}")  # fmt: skip
+    check_qkv(qkv, num_heads, num_kv_heads, head_dim)
     out = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     _check(out, peers)
     block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)

@@ -23,6 +23,24 @@ import triton.language as tl
 
 
 @triton.jit
+def rms_normalise(x, weight, eps, HIDDEN, dtype: tl.constexpr):
+    """A row x (fp32, zero past HIDDEN) normalised, scaled by weight (fp32), rounded to dtype."""
+    mean_square = tl.sum(x * x, axis=0) / HIDDEN
+    return (x * tl.rsqrt(mean_square + eps) * weight).to(dtype)
+
+
+@triton.jit
+def add_rounded(a, b, dtype: tl.constexpr):
+    """a + b summed in fp32 and rounded once to dtype: what PyTorch's add in that dtype gives."""
+    return (a.to(tl.float32) + b.to(tl.float32)).to(dtype)
+
+
+def norm_warps(block: int) -> int:
+    """Warps for a row tile of `block` elements (the reduction order depends on it)."""
+    return min(max(block // 512, 1), 8)
+
+
+@triton.jit
 def _kernel(
     x_ptr, stride_x_row,
     residual_ptr, stride_residual_row,
@@ -48,14 +66,13 @@ def _kernel(
         x = x.to(tl.float32)
 
     # -- normalise in fp32 --
-    mean_square = tl.sum(x * x, axis=0) / HIDDEN
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = (x * tl.rsqrt(mean_square + eps) * weight).to(dtype)
+    out = rms_normalise(x, weight, eps, HIDDEN, dtype)
 
     # -- epilogue: add the residual after the norm --
     if ADD_AFTER:
         residual = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0)
-        out = (residual.to(tl.float32) + out.to(tl.float32)).to(dtype)
+        out = add_rounded(residual, out, dtype)
     tl.store(out_ptr + row * stride_out_row + cols, out, mask=mask)
 
 
@@ -110,6 +127,6 @@ def _launch(
         hidden,
         ADD_BEFORE=add_before, ADD_AFTER=residual is not None and not add_before,
         BLOCK=block,
-        num_warps=min(max(block // 512, 1), 8),
+        num_warps=norm_warps(block),
     )  # fmt: skip
     return out

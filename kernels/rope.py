@@ -186,14 +186,10 @@ def rotary_qkv(
     rank's own sums.
     """
     head_dim = cos_cache.shape[1]
-    if qkv.dim() != 2 or not qkv.is_contiguous():
-        raise ValueError(f"qkv: expected contiguous [T, (H + 2 KVH) D], got {tuple(qkv.shape)}")
-    num_tokens, width = qkv.shape
-    if width != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
-        raise ValueError(
-            f"qkv: width {width} is not ({num_heads} + 2 * {num_kv_heads}) heads of even dim "
-            f"{head_dim}"
-        )
+    check_qkv(qkv, num_heads, num_kv_heads, head_dim)
+    if head_dim % 2:
+        raise ValueError(f"qkv: RoPE needs an even head dim, got {head_dim}")
+    num_tokens = qkv.shape[0]
     if (
         sin_cache.shape != cos_cache.shape
         or cos_cache.dtype != torch.float32
@@ -257,6 +253,15 @@ def rotary_qkv(
     return q, k, v
 
 
+def check_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """A clear error unless qkv is a contiguous [T, (H + 2 KVH) D]."""
+    if qkv.dim() != 2 or not qkv.is_contiguous():
+        raise ValueError(f"qkv: expected contiguous [T, (H + 2 KVH) D], got {tuple(qkv.shape)}")
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv: width {qkv.shape[1]} is not ({num_heads} + 2 * {num_kv_heads}) "
+                         f"heads of dim {head_dim}")  # fmt: skip
+
+
 def qk_tiles(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
     block_d = triton.next_power_of_2(head_dim)
     block_heads = min(
@@ -270,11 +275,7 @@ def qk_sum_squares(
 ) -> torch.Tensor:
     """Each token's sum of squares of its q heads and of its k heads (the latter times k_scale),
     in fp32, as the prologue's own norm sums them: [T, 2] from qkv [T, (H + 2 KVH) D]."""
-    if qkv.dim() != 2 or not qkv.is_contiguous():
-        raise ValueError(f"qkv: expected contiguous [T, (H + 2 KVH) D], got {tuple(qkv.shape)}")
-    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
-        raise ValueError(f"qkv: width {qkv.shape[1]} is not ({num_heads} + 2 * {num_kv_heads}) "
-                         f"heads of dim {head_dim}")  # fmt: skip
+    check_qkv(qkv, num_heads, num_kv_heads, head_dim)
     squares = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     if qkv.shape[0] == 0:
         return squares

@@ -66,10 +66,11 @@ def set_tp_group(group: TensorParallelGroup) -> None:
     _TP = group
 
 
-def _peer_fit(x: torch.Tensor) -> bool:
-    """Whether this collective on x goes through the peer kernels rather than the group. A CUDA
-    graph being captured must not hold an NCCL collective: past the buffers' capacity it fails."""
-    if _PEERS is not None and x.is_cuda and _PEERS.fits(x):
+def _peer_fit(x: torch.Tensor, nbytes: int | None = None) -> bool:
+    """Whether this collective on x (moving `nbytes`, by default x's) goes through the peer
+    kernels rather than the group. A CUDA graph being captured must not hold an NCCL
+    collective: past the buffers' capacity it fails."""
+    if _TP.size > 1 and _PEERS is not None and x.is_cuda and _PEERS.fits(x, nbytes):
         return True
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
@@ -95,7 +96,7 @@ def tp_all_reduce_rms_norm_add(
 ) -> torch.Tensor | None:
     """residual + rms_norm(sum of x over the ranks) as one peer kernel, or None where that
     kernel does not apply (one rank, no peer buffers, a tensor they cannot take)."""
-    if _TP.size == 1 or _PEERS is None or not x.is_cuda or not _PEERS.fits(x):
+    if not _peer_fit(x):
         return None
     from kernels.peer_collectives import all_reduce_rms_norm_add
 
@@ -107,7 +108,7 @@ def tp_qk_sum_squares(
 ) -> torch.Tensor:
     """[T, 2] fp32: each token's sums of squares of q and of k (k's times k_scale) over every
     rank's heads, as one peer kernel where the peer buffers can take it."""
-    if _TP.size > 1 and _PEERS is not None and qkv.is_cuda and qkv.shape[0] * 8 <= _PEERS.capacity:
+    if _peer_fit(qkv, nbytes=qkv.shape[0] * 2 * 4):  # it publishes [T, 2] fp32
         from kernels.peer_collectives import all_reduce_qk_squares
 
         return all_reduce_qk_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale, _PEERS)
@@ -271,8 +272,7 @@ def check_peer_collectives() -> None:
 
 
 def destroy_tensor_parallel() -> None:
-    global _PEERS
-    _PEERS = None
+    set_peer_buffers(None)
     _PEER_MEMORY.clear()
     _PEER_STATUS.clear()
     if _TP.size > 1 and dist.is_initialized():

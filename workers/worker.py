@@ -121,8 +121,7 @@ class ShardWorker:
         model_config = self.model_config
         vocab_slice = -(-model_config.vocab_size // self.config.tp)
         width = max(model_config.hidden_size, vocab_slice)
-        itemsize = torch.empty((), dtype=model_config.torch_dtype).element_size()
-        return -(-self.config.max_num_seqs * width * itemsize // 16) * 16
+        return -(-self.config.max_num_seqs * width * model_config.torch_dtype.itemsize // 16) * 16
 
     def _kv_blocks(self) -> int:
         config, model_config = self.config, self.model_config
