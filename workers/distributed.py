@@ -70,7 +70,9 @@ def _peer_fit(x: torch.Tensor, nbytes: int | None = None) -> bool:
     """Whether this collective on x (moving `nbytes`, by default x's) goes through the peer
     kernels rather than the group. A CUDA graph being captured must not hold an NCCL
     collective: past the buffers' capacity it fails."""
-    if _TP.size > 1 and _PEERS is not None and x.is_cuda and _PEERS.fits(x, nbytes):
+    if _TP.size == 1:
+        return False
+    if _PEERS is not None and x.is_cuda and _PEERS.fits(x, nbytes):
         return True
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(

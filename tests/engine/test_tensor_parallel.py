@@ -87,3 +87,23 @@ def test_embedded_gguf_split_three_ways_matches_one_rank():
         finally:
             engine.shutdown()
     assert results[0] == results[1]
+
+
+def test_a_captured_collective_needs_peer_buffers_only_across_ranks(monkeypatch):
+    # a stand-in for a CUDA tensor inside a graph being captured; no GPU needed to ask
+    import types
+
+    import torch
+
+    from workers import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    x = types.SimpleNamespace(is_cuda=True, shape=(8, 4096), dtype=torch.bfloat16)
+    one = distributed.TensorParallelGroup(rank=0, size=1, group=None)
+    monkeypatch.setattr(distributed, "_TP", one)
+    assert not distributed._peer_fit(x)  # one rank: nothing to reduce, nothing to refuse
+    two = distributed.TensorParallelGroup(rank=0, size=2, group=None)
+    monkeypatch.setattr(distributed, "_TP", two)
+    monkeypatch.setattr(distributed, "_PEERS", None)
+    with pytest.raises(RuntimeError, match="peer buffers"):
+        distributed._peer_fit(x)
