@@ -15,8 +15,8 @@
    profiler is not used there: on the H200 a profiled tp = 2 engine replaying graphs with the
    peer kernels stopped making progress.)
 4. Batch-1 decode tokens/s of dummy:olmo2-7b and -13b at tp = 1 and 2 (128-token prompt), and
-   at tp = 2 with the peer kernels pushing (AFS_PEER_PUSH=1), run eagerly, and without
-   asynchronous scheduling.
+   at tp = 2 with the peer kernels pulling (AFS_PEER_PUSH=0; they push by default), run eagerly,
+   and without asynchronous scheduling.
 The throughput workloads at tp = 1 and 2 are `bash benchmarks/gpu_suite.sh tp`.
 Prints a table last; writes tp_gpu.json under --out after each part.
 """
@@ -178,9 +178,9 @@ def rates(result: dict, save, models: list[str]) -> None:
             rates[model][tp] = decode_rate(model, tp)
             print(model, rates[model], flush=True)
             save()
-        os.environ["AFS_PEER_PUSH"] = "1"  # the spawned rank takes it too
+        os.environ["AFS_PEER_PUSH"] = "0"  # the spawned rank takes it too
         try:
-            rates[model]["2 push"] = decode_rate(model, 2)
+            rates[model]["2 pull"] = decode_rate(model, 2)
         finally:
             del os.environ["AFS_PEER_PUSH"]
         rates[model]["2 eager"] = decode_rate(model, 2, enforce_eager=True)
@@ -318,7 +318,7 @@ def report(result: dict) -> None:
         if "2 sync" not in by_tp:
             continue
         print(f"{model}: tp=1 {by_tp[1]:.1f} tok/s, tp=2 {by_tp[2]:.1f} tok/s, "
-              f"x{by_tp[2] / by_tp[1]:.2f}; pushing {by_tp['2 push']:.1f}; "
+              f"x{by_tp[2] / by_tp[1]:.2f}; pulling {by_tp.get('2 pull', float('nan')):.1f}; "
               f"tp=2 eager {by_tp['2 eager']:.1f}, "
               f"synchronous {by_tp['2 sync']:.1f}")  # fmt: skip
 

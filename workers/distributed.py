@@ -162,7 +162,8 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     visible to each process), so all-reduces and gathers of up to `capacity` bytes run as the
     peer kernels, which a CUDA graph can capture. Collective over the group; True where every
     rank managed it and a test sum came out right, else False and the group carries everything.
-    AFS_PEER_PUSH=1 in every rank's environment makes the kernels push (see the kernels)."""
+    The kernels push (see the kernels); AFS_PEER_PUSH=0 in every rank's environment makes them
+    pull instead."""
     global _PEERS
     if _TP.size == 1 or device.type != "cuda":
         return False
@@ -198,7 +199,7 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     if tp_min(ok) == 1:
         addresses = [buffer.data_ptr() for buffer in mapped]
         peers = PeerBuffers.from_addresses(_TP.rank, addresses, capacity, device)
-        peers.push = os.environ.get("AFS_PEER_PUSH") == "1"  # the same on every rank
+        peers.push = os.environ.get("AFS_PEER_PUSH", "1") != "0"  # the same on every rank
         try:
             from kernels.peer_collectives import all_reduce_
 
