@@ -107,3 +107,24 @@ def test_a_captured_collective_needs_peer_buffers_only_across_ranks(monkeypatch)
     monkeypatch.setattr(distributed, "_PEERS", None)
     with pytest.raises(RuntimeError, match="peer buffers"):
         distributed._peer_fit(x)
+
+
+def test_the_roofline_of_a_rank_counts_its_shard(tmp_path):
+    from workers.bench.ceilings import Roofline
+
+    # 8 query heads and 2 KV heads: at tp = 2 a rank holds 4 and 1, and half the layer weights
+    make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=8, num_key_value_heads=2))
+    ceilings = {"copy_gbps": 1.0}
+    floors = {}
+    for tp in (1, 2):
+        engine = LLMEngine(model=str(tmp_path), device="cpu", tp=tp, num_kv_blocks=16)
+        try:
+            floors[tp] = Roofline.for_model(engine.model, engine.model_config, ceilings)
+            config = engine.model_config
+        finally:
+            engine.shutdown()
+    assert floors[1].kv_bytes_per_token == config.kv_bytes_per_token()
+    assert floors[2].kv_bytes_per_token * 2 == floors[1].kv_bytes_per_token
+    assert floors[1].attention_width == config.num_hidden_layers * config.q_size
+    assert floors[2].attention_width * 2 == floors[1].attention_width
+    assert floors[2].linear_params * 2 == floors[1].linear_params

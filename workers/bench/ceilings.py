@@ -183,20 +183,25 @@ class Roofline:
     attention_width: int
     """layers × query heads × head_dim: the width of QKᵀ and PV per token and key."""
     kv_bytes_per_token: int
-    """K and V of one token over all layers."""
+    """K and V of one token over all layers (this rank's heads)."""
     bytes_per_second: float
     flops_per_second: float | None
     """The matmul rate in the model's dtype, when measured."""
 
     @classmethod
     def for_model(cls, model: nn.Module, config: ModelConfig, ceilings: dict[str, Any]) -> Roofline:
+        """The floor of one rank: `model` is the rank's shard (all of it at tp = 1), so its
+        weights, heads and K/V are the rank's; the ranks run side by side, each at `ceilings`."""
         tflops = ceilings.get(f"matmul_tflops_{dtype_name(config.torch_dtype)}")
+        attn = model.model.layers[0].self_attn  # this rank's heads
+        element = torch.empty((), dtype=config.torch_dtype).element_size()
+        layers = config.num_hidden_layers
         return cls(
             weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
             linear_params=sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2),
             lm_head_params=model.lm_head.weight.numel(),
-            attention_width=config.num_hidden_layers * config.q_size,
-            kv_bytes_per_token=config.kv_bytes_per_token(),
+            attention_width=layers * attn.num_heads * attn.head_dim,
+            kv_bytes_per_token=2 * layers * attn.num_kv_heads * attn.head_dim * element,
             bytes_per_second=ceilings["copy_gbps"] * 1e9,
             flops_per_second=tflops * 1e12 if tflops else None,
         )

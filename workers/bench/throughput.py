@@ -238,8 +238,13 @@ def run(args: argparse.Namespace) -> Path:
     model, model_config = engine.model, engine.model_config
     roofline = Roofline.for_model(model, model_config, ceilings)
     workload = make_workload(args, model_config.vocab_size)
-    warmup_rng = random.Random(args.seed + 1)  # prompts no request of the workload shares
-    warmup = [random_tokens(warmup_rng, 32, model_config.vocab_size) for _ in range(8)]
+    # prompts no request of the workload shares, at its first requests' lengths: the kernels a
+    # first mixed prefill of those lengths compiles are compiled before the clock starts
+    warmup_rng = random.Random(args.seed + 1)
+    warmup = [
+        random_tokens(warmup_rng, len(prompt), model_config.vocab_size)
+        for prompt, _ in workload[:8]
+    ]
     engine.generate(warmup, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     figures, floors = _afs_run(engine, workload, roofline)
     slab_bytes = engine.num_kv_blocks * engine.config.block_size * roofline.kv_bytes_per_token
