@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_reduce
+from workers.layers import fused
 from workers.layers.linear import copy_checked
 
 
@@ -47,5 +48,5 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> [R, vocab]
-        logits = tp_all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = tp_all_gather_last_dim(fused.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]

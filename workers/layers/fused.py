@@ -5,6 +5,8 @@ the kernels are tested against. `FORCE_TRITON` overrides the choice: tests set i
 the kernels on CPU through Triton's interpreter, or to False for the PyTorch path on a GPU. The
 environment variable AFS_FORCE_TRITON (1 or 0) sets it at import, so tensor-parallel ranks
 spawned as processes of their own make the same choice.
+AFS_SKINNY_MATMUL=1 makes the linear layers and the LM head multiply decode batches (up to 16
+rows) with `kernels/skinny_matmul.py` instead of cuBLAS, on the same terms; off by default.
 Layers import a kernel module only on the Triton path: Triton is not installed everywhere the
 engine runs (only on Linux x86-64).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 FORCE_TRITON: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_FORCE_TRITON", ""))
 
@@ -21,3 +24,16 @@ FORCE_TRITON: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_FORC
 def use_triton(x: torch.Tensor) -> bool:
     """True where the layers' fused kernels run on x: on CUDA, unless forced either way."""
     return x.is_cuda if FORCE_TRITON is None else FORCE_TRITON
+
+
+SKINNY_MATMUL = os.environ.get("AFS_SKINNY_MATMUL") == "1"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where
+    AFS_SKINNY_MATMUL=1 and the Triton path applies, anything else through F.linear."""
+    if SKINNY_MATMUL and use_triton(x) and x.dim() == 2 and 1 <= x.shape[0] <= 16:
+        from kernels.skinny_matmul import skinny_matmul
+
+        return skinny_matmul(x, weight)
+    return F.linear(x, weight)

@@ -9,10 +9,10 @@ input features and sum the partial products with an all-reduce.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from workers.layers import fused
 from workers.layers.quantization import Int4WeightOnly
 
 
@@ -42,7 +42,7 @@ class LinearBase(nn.Module):
         self.register_parameter("weight", None)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.int4(x) if self.int4 is not None else F.linear(x, self.weight)
+        return self.int4(x) if self.int4 is not None else fused.linear(x, self.weight)
 
 
 class ColumnParallelLinear(LinearBase):

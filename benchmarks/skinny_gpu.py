@@ -1,0 +1,228 @@
+"""The decode matmul (kernels/skinny_matmul.py) against cuBLAS on one GPU, in one call.
+
+    python3 benchmarks/skinny_gpu.py [--out DIR] [--deadline SECONDS] [--models 1b,7b]
+
+1. Correctness, bf16: every decode projection of dummy:olmo2-1b and -7b (and 7B's halves at tp = 2)
+   at 1 and 8 rows against F.linear: largest difference over the output's largest magnitude.
+2. Each projection alone: calls replayed from a CUDA graph, each call on another copy of the
+   weight (copies > 512 MiB in all, so the 50 MiB L2 never holds the next one): microseconds per
+   call and the read rate as a fraction of the copy rate measured here, cuBLAS beside.
+3. A step's chain: every layer's four projections in order (distinct weights, as in a model), then
+   the LM head, in one graph: GEMM time per decode step, cuBLAS against the kernel.
+4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new) with AFS_SKINNY_MATMUL off and on,
+   for each model; at tp = 2 as well where two GPUs are visible.
+Prints a table last; writes skinny_gpu.json under --out after each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.skinny_matmul import plan, skinny_matmul
+from workers.bench.ceilings import free_memory, measure_ceilings
+from workers.bench.latency import afs_times
+from workers.engine.llm_engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+from workers.layers import fused
+
+# (hidden, intermediate, layers, vocab) of the dummy Olmo 2 models
+MODELS = {"1b": (2048, 8192, 16, 100352), "7b": (4096, 11008, 32, 100352)}
+PROMPT = list(range(1000, 1128))
+
+
+def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of one rank's decode weights."""
+    return {
+        "qkv": (3 * hidden // tp, hidden),
+        "o_proj": (hidden, hidden // tp),
+        "gate_up": (2 * inter // tp, hidden),
+        "down": (hidden, inter // tp),
+        "lm_head": (vocab // tp, hidden),
+    }
+
+
+def _graph_us(calls: list, device: torch.device, repeats: int = 5) -> float:
+    """Microseconds per call of `calls` (thunks) captured in order in one graph and replayed."""
+    for call in calls[:3]:
+        call()  # compiled, workspace made, cuBLAS settled before the capture
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) * 1e3 / (repeats * len(calls))
+
+
+def check(result: dict, save, device: torch.device) -> None:
+    rows = {}
+    gen = torch.Generator(device).manual_seed(0)
+    for model, (hidden, inter, _, vocab) in MODELS.items():
+        for tp in (1, 2) if model == "7b" else (1,):
+            for name, (n, k) in projections(hidden, inter, vocab, tp).items():
+                w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16()
+                for m in (1, 8):
+                    x = torch.randn(m, k, device=device, generator=gen).bfloat16()
+                    want = (x.float() @ w.float().T).bfloat16().float()
+                    got = skinny_matmul(x, w).float()
+                    cublas = F.linear(x, w).float()
+                    scale = want.abs().max().item()
+                    rows[f"{model} tp{tp} {name} m{m}"] = {
+                        "ours": (got - want).abs().max().item() / scale,
+                        "cublas": (cublas - want).abs().max().item() / scale,
+                    }
+                del w
+    result["check_bf16_max_rel_diff"] = rows
+    worst = max(r["ours"] for r in rows.values())
+    result["check_ok"] = worst <= 1.6e-2
+    print(f"bf16 check: largest difference {worst:.2e} of the output's scale", flush=True)
+    save()
+
+
+def alone(result: dict, save, device: torch.device, copy_gbps: float) -> None:
+    rows = {}
+    for model, (hidden, inter, _, vocab) in MODELS.items():
+        for tp in (1, 2) if model == "7b" else (1,):
+            for name, (n, k) in projections(hidden, inter, vocab, tp).items():
+                nbytes = n * k * 2
+                copies = max(2, -(-(512 << 20) // nbytes))
+                weights = [torch.randn(n, k, device=device).bfloat16() for _ in range(copies)]
+                for m in (1, 8):
+                    x = torch.randn(m, k, device=device).bfloat16()
+                    row = {"n": n, "k": k, "m": m, "plan": plan(n, k, _sms(device))}
+                    for label, op in (("cublas", F.linear), ("ours", skinny_matmul)):
+                        calls = [lambda w=w, op=op, x=x: op(x, w) for w in weights]
+                        us = _graph_us(calls, device)
+                        row[f"{label}_us"] = us
+                        row[f"{label}_of_copy"] = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
+                    rows[f"{model} tp{tp} {name} m{m}"] = row
+                del weights
+                free_memory(device)
+                save()
+    result["alone"] = rows
+
+
+def chain(result: dict, save, device: torch.device) -> None:
+    rows = {}
+    for model, (hidden, inter, layers, vocab) in MODELS.items():
+        shapes = projections(hidden, inter, vocab)
+        weights = [
+            torch.randn(*shapes[name], device=device).bfloat16()
+            for _ in range(layers)
+            for name in ("qkv", "o_proj", "gate_up", "down")
+        ] + [torch.randn(*shapes["lm_head"], device=device).bfloat16()]
+        for m in (1, 8):
+            xs = {
+                k: torch.randn(m, k, device=device).bfloat16()
+                for k in {w.shape[1] for w in weights}
+            }
+            row = {}
+            for label, op in (("cublas", F.linear), ("ours", skinny_matmul)):
+                per_call = _graph_us(
+                    [lambda w=w, op=op, xs=xs: op(xs[w.shape[1]], w) for w in weights], device
+                )
+                row[f"{label}_ms_per_step"] = per_call * len(weights) / 1e3
+            rows[f"{model} m{m}"] = row
+            print(model, m, row, flush=True)
+        del weights
+        free_memory(device)
+        save()
+    result["chain"] = rows
+
+
+def decode_rate(model: str, tp: int, skinny: bool, new_tokens: int = 128) -> float:
+    fused.SKINNY_MATMUL = skinny
+    os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"  # a spawned rank reads it
+    free_memory(torch.device("cuda"))
+    eng = LLMEngine(model=model, device="cuda", tp=tp, gpu_memory_utilization=0.45, max_num_seqs=8)
+    try:
+        eng.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+        _, decode_s = afs_times(eng, PROMPT, new_tokens, None)
+        return (new_tokens - 1) / decode_s
+    finally:
+        eng.shutdown()
+
+
+def rates(result: dict, save, models: list[str]) -> None:
+    rows: dict = {}
+    result["batch1_decode_tok_s"] = rows
+    tps = (1, 2) if torch.cuda.device_count() >= 2 else (1,)
+    for model in models:
+        for tp in tps if model == "7b" else (1,):
+            key = f"dummy:olmo2-{model} tp{tp}"
+            rows[key] = {label: decode_rate(f"dummy:olmo2-{model}", tp, skinny)
+                         for label, skinny in (("cublas", False), ("ours", True))}  # fmt: skip
+            print(key, rows[key], flush=True)
+            save()
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--deadline", type=float, default=0)
+    parser.add_argument("--parts", default="check,alone,chain,rates")
+    parser.add_argument("--models", default="1b,7b")
+    args = parser.parse_args()
+    if args.deadline:
+        faulthandler.dump_traceback_later(args.deadline, exit=True)
+    device = torch.device("cuda")
+    parts = args.parts.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {
+        "gpu": torch.cuda.get_device_name(device),
+        "git_commit": os.environ.get("AFS_GIT_COMMIT"),
+    }
+    copy_gbps = measure_ceilings(device, dtypes=["bfloat16"], repeats=20)["copy_gbps"]
+    result["copy_gbps"] = copy_gbps
+
+    def save() -> None:
+        (out / "skinny_gpu.json").write_text(json.dumps(result, indent=2))
+
+    start = time.perf_counter()
+    if "check" in parts:
+        check(result, save, device)
+    if "alone" in parts:
+        alone(result, save, device, copy_gbps)
+    if "chain" in parts:
+        chain(result, save, device)
+    if "rates" in parts:
+        rates(result, save, args.models.split(","))
+    result["wall_s"] = time.perf_counter() - start
+    save()
+
+    print(f"\ncopy rate {copy_gbps:.0f} GB/s")
+    for key, row in result.get("alone", {}).items():
+        print(f"{key:24s} cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_of_copy']:.2f} of copy) "
+              f"ours {row['ours_us']:7.1f} us ({row['ours_of_copy']:.2f})")  # fmt: skip
+    for key, row in result.get("chain", {}).items():
+        print(f"chain {key}: cuBLAS {row['cublas_ms_per_step']:.3f} ms a step, "
+              f"ours {row['ours_ms_per_step']:.3f} ms")  # fmt: skip
+    for key, row in result.get("batch1_decode_tok_s", {}).items():
+        print(f"{key}: batch-1 decode cuBLAS {row['cublas']:.1f} tok/s, ours {row['ours']:.1f}")
+    if "check_ok" in result:
+        print("bf16 check:", "ok" if result["check_ok"] else "FAILED")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""y = x W^T for a few rows of x (a decode step's tokens): a weight-streaming matmul.
+
+At decode a linear layer multiplies M <= 16 rows by a weight of N x K: the FLOPs are nothing, the
+time is reading W once. What limits the read is how many bytes are in flight: a tile scheme made
+for large M gives a small matrix (a 2048 x 2048 o_proj, 8 MiB) only a few dozen tiles of N, so
+most of the GPU's SMs sit idle while those few stream their rows. Here the work is cut both ways:
+
+    grid = (N tiles of BLOCK_N, SPLIT slices of K)
+
+so every SM streams a share of W even when N is small. Each program loads [BLOCK_N, BLOCK_K]
+tiles of W (K contiguous, so each row of the tile is one coalesced read) with its [16, BLOCK_K]
+tile of x (rows past M masked to zero) and accumulates x W^T in fp32 with `tl.dot`. x's rows are
+always padded to 16, so a row's result does not depend on how many other rows came with it.
+
+With SPLIT > 1 the slices' fp32 partial sums meet without another launch: each program writes its
+[16, BLOCK_N] partial to a workspace and bumps its N tile's counter (acq_rel, GPU scope); the
+program that brings the counter to SPLIT sums the SPLIT partials in slice order (so the result
+does not depend on which program came last), writes y in x's dtype and sets the counter back to
+zero for the next call. The workspace is one per device, shared by every layer: a call's partials
+are consumed before the next kernel on the stream starts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16
+"""Rows of x one call takes (decode batches up to this size)."""
+_BLOCK_K = 128
+_WORKSPACE_FLOATS = 1 << 22  # 16 MiB of fp32 partials
+_COUNTERS = 1 << 16
+
+
+@triton.jit
+def _kernel(
+    x_ptr, stride_x, w_ptr, stride_w, y_ptr, stride_y,
+    part_ptr, count_ptr,
+    M, N, K, K_PER_SPLIT,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, 16)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+
+    # -- stream this program's slice of K: W [BLOCK_N, BLOCK_K] and x [16, BLOCK_K] tiles --
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k in range(k_start, k_end, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        w = tl.load(
+            w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+
+    out = y_ptr + rows[:, None] * stride_y + cols[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        # -- publish this slice's partial; the tile's last program sums them in slice order --
+        tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * 16 * BLOCK_N)
+        offsets = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(tile_parts + split * (16 * BLOCK_N) + offsets, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT):
+                # .cg: from L2, never an L1 line this SM may hold from an earlier call
+                total += tl.load(tile_parts + s * (16 * BLOCK_N) + offsets, cache_modifier=".cg")
+            tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+def plan(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
+    """(BLOCK_N, SPLIT, K_PER_SPLIT) for an N x K weight on a GPU of `num_sms` SMs: tiles of 64
+    output features, and K split until there are about four programs per SM, each streaming at
+    least two BLOCK_K steps. Depends on the shape only, never on M."""
+    block_n = 64
+    tiles = triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, _BLOCK_K)
+    split = max(1, min(steps // 2, round(4 * num_sms / tiles)))
+    k_per_split = triton.cdiv(steps, split) * _BLOCK_K
+    split = triton.cdiv(k, k_per_split)  # no empty slice
+    if split * MAX_ROWS * block_n * tiles > _WORKSPACE_FLOATS or tiles > _COUNTERS:
+        split = 1
+        k_per_split = steps * _BLOCK_K
+    return block_n, split, k_per_split
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This device's partials and counters (zeroed once; each call leaves its counters at 0)."""
+    if device not in _WORKSPACES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "skinny_matmul's workspace must exist before a CUDA graph is captured: run the "
+                "decode step once eagerly first"
+            )
+        parts = torch.empty(_WORKSPACE_FLOATS, dtype=torch.float32, device=device)
+        counters = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+        _WORKSPACES[device] = (parts, counters)
+    return _WORKSPACES[device]
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: any count gives the same sums
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, split: int | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
+    `split` overrides the plan's number of K slices (tests)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"skinny_matmul takes 1 to {MAX_ROWS} rows, got {m}")
+    if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("skinny_matmul: x and weight of one dtype, rows contiguous")
+    block_n, planned, k_per_split = plan(n, k, _num_sms(x.device))
+    if split is not None and split != planned:
+        k_per_split = triton.cdiv(triton.cdiv(k, _BLOCK_K), split) * _BLOCK_K
+        planned = triton.cdiv(k, k_per_split)
+    parts, counters = _workspace(x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), planned)
+    _kernel[grid](
+        x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
+        parts, counters,
+        m, n, k, k_per_split,
+        SPLIT=planned, BLOCK_N=block_n, BLOCK_K=_BLOCK_K, IEEE=x.dtype == torch.float32,
+        num_warps=4, num_stages=4,
+    )  # fmt: skip
+    return y

@@ -1,0 +1,101 @@
+"""The decode matmul (kernels/skinny_matmul.py) against x W^T in fp32.
+
+Tolerances: the kernel and the reference both sum in fp32 and round once, in another order:
+fp32 1e-5 relative to the row's scale; fp16 and bf16 one rounding of the output (2e-3, 1.6e-2)
+plus the interpreter's fp16 products (fp16 only runs there on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.skinny_matmul import MAX_ROWS, plan, skinny_matmul
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ w.double().T).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m, n, k, split",
+    [(1, 100, 300, None), (3, 130, 257, 1), (5, 64, 1024, 3), (16, 200, 640, None)],
+)
+def test_matches_x_w_transposed(dtype, m, n, k, split):
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    got = skinny_matmul(x, w, split=split)
+    want = _reference(x, w)
+    assert got.shape == (m, n) and got.dtype == dtype
+    scale = want.float().abs().max().item()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_a_row_does_not_depend_on_the_others_and_calls_repeat(split):
+    """Graphs pad a batch with rows: a row's result must be the same alone or with others, and a
+    second call (the tiles' counters back at zero) the same as the first."""
+    gen = torch.Generator().manual_seed(split)
+    x = torch.randn(7, 512, generator=gen).to(DEVICE)
+    w = torch.randn(96, 512, generator=gen).to(DEVICE)
+    together = skinny_matmul(x, w, split=split)
+    assert torch.equal(skinny_matmul(x[2:3], w, split=split)[0], together[2])
+    assert torch.equal(skinny_matmul(x, w, split=split), together)
+
+
+def test_bad_input_is_refused():
+    w = torch.randn(8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="rows"):
+        skinny_matmul(torch.randn(MAX_ROWS + 1, 32, device=DEVICE), w)
+    with pytest.raises(ValueError, match="weight"):
+        skinny_matmul(torch.randn(2, 31, device=DEVICE), w)
+    with pytest.raises(ValueError, match="dtype"):
+        skinny_matmul(torch.randn(2, 32, device=DEVICE, dtype=torch.float16), w)
+
+
+@pytest.mark.parametrize("n, k", [(2048, 2048), (6144, 2048), (2048, 8192), (100352, 4096)])
+def test_the_plan_spreads_small_matrices_and_leaves_no_empty_slice(n, k):
+    block_n, split, k_per_split = plan(n, k, num_sms=132)
+    assert (split - 1) * k_per_split < k <= split * k_per_split
+    tiles = -(-n // block_n)
+    if tiles < 132:  # a few dozen tiles of N: K is split (slices of two steps at least)
+        assert tiles * split >= min(2 * 132, tiles * (k // 128 // 2))
+    if tiles >= 4 * 132:
+        assert split == 1
+
+
+def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
+    """Decode steps' projections and LM head through the kernel (the interpreter on CPU) give the
+    tokens and log-probabilities of the same engine through F.linear."""
+    from checkpoints import make_checkpoint
+
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
+    from workers.layers import fused
+
+    make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=4, num_key_value_heads=2))
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
+    runs = {}
+    for skinny in (False, True):
+        monkeypatch.setattr(fused, "SKINNY_MATMUL", skinny)
+        engine = LLMEngine(model=str(tmp_path), device=DEVICE, dtype="float32", num_kv_blocks=64)
+        try:
+            runs[skinny] = [r.completions[0] for r in engine.generate(prompts, params)]
+        finally:
+            engine.shutdown()
+    for want, got in zip(runs[False], runs[True], strict=True):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(want.logprobs, got.logprobs, strict=True):
+            assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
