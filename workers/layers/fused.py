@@ -32,7 +32,15 @@ SKINNY_MATMUL = os.environ.get("AFS_SKINNY_MATMUL") == "1"
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where
     AFS_SKINNY_MATMUL=1 and the Triton path applies, anything else through F.linear."""
-    if SKINNY_MATMUL and use_triton(x) and x.dim() == 2 and 1 <= x.shape[0] <= 16:
+    if (
+        SKINNY_MATMUL
+        and use_triton(x)
+        and x.dim() == 2
+        and 1 <= x.shape[0] <= 16
+        and x.dtype == weight.dtype
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+    ):
         from kernels.skinny_matmul import skinny_matmul
 
         return skinny_matmul(x, weight)
