@@ -14,6 +14,9 @@
 #                                             the default), then 13B scaling and the collectives'
 #                                             time per step (TP_PARTS=rates,collectives TP_MODELS=
 #                                             dummy:olmo2-13b); one call each
+#   bash benchmarks/gpu_suite.sh skinny       benchmarks/skinny_gpu.py: the decode matmul kernel
+#                                             against cuBLAS (check, each projection, a step's
+#                                             chain) and batch-1 decode with it off and on
 #   bash benchmarks/gpu_suite.sh cluster      (2 GPUs) dummy:olmo2-7b served by one tp = 1 and
 #                                             one tp = 2 replica under the load test, the
 #                                             in-process engine beside; needs ray, jsonschema
@@ -22,7 +25,7 @@
 # Each run is stopped after STEP_TIMEOUT seconds (default 300) and the part goes on with the next,
 # so a hang costs one run, not the part; the runs that failed are listed at the end.
 set -uo pipefail
-part=${1:?kernels, decode, throughput, tp, tpcheck or cluster}
+part=${1:?kernels, decode, throughput, tp, tpcheck, skinny or cluster}
 out=${OUT:-benchmarks/results}
 runs=${OUT:+$OUT/runs.md}
 runs=${runs:-benchmarks/BENCHMARKS.md}
@@ -64,6 +67,9 @@ case "$part" in
   tpcheck)
     guard python3 benchmarks/tp_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
       --parts "${TP_PARTS:-check,rates}" --models "${TP_MODELS:-dummy:olmo2-7b}"
+    ;;
+  skinny)
+    guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20))
     ;;
   cluster)
     python3 -m protos.build || exit 1 # the gRPC stubs the load test's client imports
