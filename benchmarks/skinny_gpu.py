@@ -3,12 +3,15 @@
     python3 benchmarks/skinny_gpu.py [--out DIR] [--deadline SECONDS] [--models 1b,7b]
 
 1. Correctness, bf16: every decode projection of dummy:olmo2-1b and -7b (and 7B's halves at tp = 2)
-   at 1 and 8 rows against F.linear: largest difference over the output's largest magnitude.
+   at 1 and 8 rows against the fp32 product rounded to bf16 (cuBLAS's difference beside), and
+   down_proj with SwiGLU inside against the activation kernel then that product: the largest
+   difference over the output's largest magnitude.
 2. Each projection alone: calls replayed from a CUDA graph, each call on another copy of the
    weight (copies > 512 MiB in all, so the 50 MiB L2 never holds the next one): microseconds per
    call and the read rate as a fraction of the copy rate measured here, cuBLAS beside.
-3. A step's chain: every layer's four projections in order (distinct weights, as in a model), then
-   the LM head, in one graph: GEMM time per decode step, cuBLAS against the kernel.
+3. A step's chain: every layer's four projections in order (distinct weights, as in a model; the
+   SwiGLU activation before down_proj: its own kernel beside cuBLAS, inside ours), then the LM
+   head, in one graph: time per decode step, cuBLAS against the kernel.
 4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new) with AFS_SKINNY_MATMUL off and on,
    for each model; at tp = 2 as well where two GPUs are visible.
 Prints a table last; writes skinny_gpu.json under --out after each part.
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.activation import silu_and_mul
 from kernels.skinny_matmul import plan, skinny_matmul
 from workers.bench.ceilings import free_memory, measure_ceilings
 from workers.bench.latency import afs_times
@@ -88,6 +92,19 @@ def check(result: dict, save, device: torch.device) -> None:
                         "cublas": (cublas - want).abs().max().item() / scale,
                     }
                 del w
+        # down_proj with SwiGLU inside against the activation kernel then the fp32 product
+        n, k = projections(hidden, inter, vocab)["down"]
+        w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16()
+        for m in (1, 8):
+            gate_up = torch.randn(m, 2 * k, device=device, generator=gen).bfloat16()
+            act = silu_and_mul(gate_up)
+            want = (act.float() @ w.float().T).bfloat16().float()
+            got = skinny_matmul(gate_up, w, swiglu=True).float()
+            scale = want.abs().max().item()
+            rows[f"{model} swiglu+down m{m}"] = {
+                "ours": (got - want).abs().max().item() / scale,
+                "cublas": (F.linear(act, w).float() - want).abs().max().item() / scale,
+            }
     result["check_bf16_max_rel_diff"] = rows
     worst = max(r["ours"] for r in rows.values())
     result["check_ok"] = worst <= 1.6e-2
@@ -119,25 +136,36 @@ def alone(result: dict, save, device: torch.device, copy_gbps: float) -> None:
 
 
 def chain(result: dict, save, device: torch.device) -> None:
+    """Each layer's qkv, o_proj, gate_up, then SwiGLU and down_proj (cuBLAS: the activation
+    kernel and F.linear; ours: the activation inside the matmul), then the LM head."""
     rows = {}
     for model, (hidden, inter, layers, vocab) in MODELS.items():
         shapes = projections(hidden, inter, vocab)
         weights = [
-            torch.randn(*shapes[name], device=device).bfloat16()
+            (name, torch.randn(*shapes[name], device=device).bfloat16())
             for _ in range(layers)
             for name in ("qkv", "o_proj", "gate_up", "down")
-        ] + [torch.randn(*shapes["lm_head"], device=device).bfloat16()]
+        ] + [("lm_head", torch.randn(*shapes["lm_head"], device=device).bfloat16())]
         for m in (1, 8):
-            xs = {
-                k: torch.randn(m, k, device=device).bfloat16()
-                for k in {w.shape[1] for w in weights}
-            }
+            x = torch.randn(m, hidden, device=device).bfloat16()
+            attn = torch.randn(m, hidden, device=device).bfloat16()
+            gate_up = torch.randn(m, 2 * inter, device=device).bfloat16()
+            inputs = {"qkv": x, "o_proj": attn, "gate_up": x, "lm_head": x}
+
+            def cublas(name, w, inputs=inputs, gate_up=gate_up):
+                if name == "down":
+                    return F.linear(silu_and_mul(gate_up), w)
+                return F.linear(inputs[name], w)
+
+            def ours(name, w, inputs=inputs, gate_up=gate_up):
+                if name == "down":
+                    return skinny_matmul(gate_up, w, swiglu=True)
+                return skinny_matmul(inputs[name], w)
+
             row = {}
-            for label, op in (("cublas", F.linear), ("ours", skinny_matmul)):
-                per_call = _graph_us(
-                    [lambda w=w, op=op, xs=xs: op(xs[w.shape[1]], w) for w in weights], device
-                )
-                row[f"{label}_ms_per_step"] = per_call * len(weights) / 1e3
+            for label, op in (("cublas", cublas), ("ours", ours)):
+                calls = [lambda n=n, w=w, op=op: op(n, w) for n, w in weights]
+                row[f"{label}_ms_per_step"] = _graph_us(calls, device) * len(calls) / 1e3
             rows[f"{model} m{m}"] = row
             print(model, m, row, flush=True)
         del weights

@@ -39,6 +39,7 @@ def _kernel(
     part_ptr, count_ptr,
     M, N, K, K_PER_SPLIT,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    SWIGLU: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -59,11 +60,14 @@ def _kernel(
             mask=col_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_x + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+        x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        if SWIGLU:  # x holds gate | up: silu(gate) * up in fp32, rounded as kernels/activation.py
+            gate = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_tile + K, mask=x_ok, other=0.0).to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(w.dtype)
+        else:
+            x = tl.load(x_tile, mask=x_ok, other=0.0)
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
@@ -128,13 +132,18 @@ def _num_sms(device: torch.device) -> int:
     return 8  # the interpreter: any count gives the same sums
 
 
-def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, split: int | None = None) -> torch.Tensor:
+def skinny_matmul(
+    x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, split: int | None = None
+) -> torch.Tensor:
     """x [M, K] (M <= 16) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
-    `split` overrides the plan's number of K slices (tests)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+
+    `swiglu`: x is a gate/up projection's output [M, 2K] (gate first) and the rows multiplied are
+    silu(gate) * up, computed on the way in exactly as `kernels.activation.silu_and_mul` does
+    (one launch and one [M, K] round trip fewer). `split` overrides the plan's K slices (tests)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    m, k = x.shape
-    n = weight.shape[0]
+    m = x.shape[0]
+    n, k = weight.shape
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"skinny_matmul takes 1 to {MAX_ROWS} rows, got {m}")
     if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
@@ -151,6 +160,6 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, split: int | None = Non
         parts, counters,
         m, n, k, k_per_split,
         SPLIT=planned, BLOCK_N=block_n, BLOCK_K=_BLOCK_K, IEEE=x.dtype == torch.float32,
-        num_warps=4, num_stages=4,
+        SWIGLU=swiglu, num_warps=4, num_stages=4,
     )  # fmt: skip
     return y

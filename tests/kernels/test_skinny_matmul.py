@@ -53,6 +53,19 @@ def test_a_row_does_not_depend_on_the_others_and_calls_repeat(split):
     assert torch.equal(skinny_matmul(x, w, split=split), together)
 
 
+@pytest.mark.parametrize("split", [1, 3])
+def test_swiglu_on_the_way_in_is_bitwise_the_activation_kernel_then_the_matmul(split):
+    from kernels.activation import silu_and_mul
+
+    gen = torch.Generator().manual_seed(split)
+    gate_up = torch.randn(5, 2 * 300, generator=gen).to(DEVICE, torch.float16)
+    w = (torch.randn(70, 300, generator=gen) / 300**0.5).to(DEVICE, torch.float16)
+    fused = skinny_matmul(gate_up, w, swiglu=True, split=split)
+    assert torch.equal(fused, skinny_matmul(silu_and_mul(gate_up), w, split=split))
+    with pytest.raises(ValueError, match="weight"):
+        skinny_matmul(gate_up[:, :500], w, swiglu=True)
+
+
 def test_bad_input_is_refused():
     w = torch.randn(8, 32, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
@@ -75,8 +88,9 @@ def test_the_plan_spreads_small_matrices_and_leaves_no_empty_slice(n, k):
 
 
 def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
-    """Decode steps' projections and LM head through the kernel (the interpreter on CPU) give the
-    tokens and log-probabilities of the same engine through F.linear."""
+    """Decode steps' projections (down_proj with SwiGLU inside) and LM head through the kernel
+    (the interpreter on CPU) give the tokens and log-probabilities of the engine through
+    F.linear; batches past 16 rows (the prompts) still take F.linear."""
     from checkpoints import make_checkpoint
 
     from workers.engine.llm_engine import LLMEngine
@@ -85,6 +99,16 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
 
     make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=4, num_key_value_heads=2))
     monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    import kernels.skinny_matmul as module
+
+    calls = {"swiglu": 0, "plain": 0}
+    real = module.skinny_matmul
+
+    def counted(x, weight, swiglu=False, split=None):
+        calls["swiglu" if swiglu else "plain"] += 1
+        return real(x, weight, swiglu, split)
+
+    monkeypatch.setattr(module, "skinny_matmul", counted)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
     runs = {}
@@ -95,6 +119,7 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
             runs[skinny] = [r.completions[0] for r in engine.generate(prompts, params)]
         finally:
             engine.shutdown()
+    assert calls["swiglu"] and calls["plain"]  # the kernel ran, both ways
     for want, got in zip(runs[False], runs[True], strict=True):
         assert got.token_ids == want.token_ids
         for a, b in zip(want.logprobs, got.logprobs, strict=True):

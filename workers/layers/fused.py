@@ -29,10 +29,8 @@ def use_triton(x: torch.Tensor) -> bool:
 SKINNY_MATMUL = os.environ.get("AFS_SKINNY_MATMUL") == "1"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where
-    AFS_SKINNY_MATMUL=1 and the Triton path applies, anything else through F.linear."""
-    if (
+def _skinny_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
         SKINNY_MATMUL
         and use_triton(x)
         and x.dim() == 2
@@ -40,8 +38,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         and x.dtype == weight.dtype
         and x.stride(1) == 1
         and weight.stride(1) == 1
-    ):
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where
+    AFS_SKINNY_MATMUL=1 and the Triton path applies, anything else through F.linear."""
+    if _skinny_applies(x, weight):
         from kernels.skinny_matmul import skinny_matmul
 
         return skinny_matmul(x, weight)
     return F.linear(x, weight)
+
+
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """(silu(gate) * up) W^T from gate_up [T, 2K] in one skinny matmul launch, or None where that
+    kernel does not apply (the caller runs the activation and its matmul apart)."""
+    if not _skinny_applies(gate_up, weight) or gate_up.shape[1] != 2 * weight.shape[1]:
+        return None
+    from kernels.skinny_matmul import skinny_matmul
+
+    return skinny_matmul(gate_up, weight, swiglu=True)

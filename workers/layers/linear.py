@@ -147,7 +147,11 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """`reduce=False` returns this rank's partial sum, for a caller that sums it over the
         ranks itself (fused with what follows); only without a bias, which must come after."""
-        out = self.matmul(x)
+        return self.finish(self.matmul(x), reduce)
+
+    def finish(self, out: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """This rank's product `out` summed over the ranks (unless `reduce=False`), plus the bias:
+        what forward does after its matmul, for a caller that made the product itself."""
         if not reduce:
             if self.bias is not None:
                 raise ValueError("a row-parallel layer with a bias must reduce its output")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.layers import fused
 from workers.layers.activation import SiluAndMul
 from workers.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
@@ -19,4 +20,10 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         # x: [T, hidden] -> gate_up [T, 2 * I / tp] -> [T, I / tp] -> [T, hidden]
         # (`reduce=False`: this rank's partial sum, see RowParallelLinear)
-        return self.down_proj(self.act(self.gate_up_proj(x)), reduce)
+        gate_up = self.gate_up_proj(x)
+        down = self.down_proj
+        if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
+            out = fused.swiglu_linear(gate_up, down.weight)
+            if out is not None:
+                return down.finish(out, reduce)
+        return down(self.act(gate_up), reduce)
