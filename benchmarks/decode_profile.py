@@ -30,7 +30,8 @@ from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
 # The profiler names a Triton kernel by its function (`_kernel` in every file of kernels/,
-# `_combine_kernel` for decode's second pass), so ours are told apart from cuBLAS's by that.
+# `_combine_kernel` for decode's second pass), so ours are told apart from cuBLAS's by that;
+# the skinny matmul's `_matmul_kernel` counts with the GEMMs.
 KINDS = [
     ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|splitk"),
     ("ours (Triton)", r"^_(combine_)?kernel$"),

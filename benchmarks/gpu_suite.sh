@@ -15,8 +15,10 @@
 #                                             time per step (TP_PARTS=rates,collectives TP_MODELS=
 #                                             dummy:olmo2-13b); one call each
 #   bash benchmarks/gpu_suite.sh skinny       benchmarks/skinny_gpu.py: the decode matmul kernel
-#                                             against cuBLAS (check, each projection, a step's
-#                                             chain) and batch-1 decode with it off and on
+#                                             against cuBLAS (check, a step's chain) and batch-1
+#                                             decode with it and PDL off and on (SKINNY_PARTS=
+#                                             check,chain,rates and SKINNY_MODELS=1b,7b, the
+#                                             defaults; the part "alone" times each projection)
 #   bash benchmarks/gpu_suite.sh cluster      (2 GPUs) dummy:olmo2-7b served by one tp = 1 and
 #                                             one tp = 2 replica under the load test, the
 #                                             in-process engine beside; needs ray, jsonschema
@@ -69,7 +71,8 @@ case "$part" in
       --parts "${TP_PARTS:-check,rates}" --models "${TP_MODELS:-dummy:olmo2-7b}"
     ;;
   skinny)
-    guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20))
+    guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
+      --parts "${SKINNY_PARTS:-check,chain,rates}" --models "${SKINNY_MODELS:-1b,7b}"
     ;;
   cluster)
     python3 -m protos.build || exit 1 # the gRPC stubs the load test's client imports

@@ -1,6 +1,7 @@
 """The decode matmul (kernels/skinny_matmul.py) against cuBLAS on one GPU, in one call.
 
     python3 benchmarks/skinny_gpu.py [--out DIR] [--deadline SECONDS] [--models 1b,7b]
+                                     [--parts check,alone,chain,rates]
 
 1. Correctness, bf16: every decode projection of dummy:olmo2-1b and -7b (and 7B's halves at tp = 2)
    at 1 and 8 rows against the fp32 product rounded to bf16 (cuBLAS's difference beside), and
@@ -11,10 +12,11 @@
    call and the read rate as a fraction of the copy rate measured here, cuBLAS beside.
 3. A step's chain: every layer's four projections in order (distinct weights, as in a model; the
    SwiGLU activation before down_proj: its own kernel beside cuBLAS, inside ours), then the LM
-   head, in one graph: time per decode step, cuBLAS against the kernel.
-4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new) with AFS_SKINNY_MATMUL off and on,
-   for each model; at tp = 2 as well where two GPUs are visible.
-Prints a table last; writes skinny_gpu.json under --out after each part.
+   head, in one graph: time per decode step, cuBLAS against the kernel, without and with PDL.
+4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new) with AFS_SKINNY_MATMUL and
+   AFS_PDL (programmatic dependent launch of our kernels) off and on, for each model; 7B at tp = 2
+   as well where two GPUs are visible. A variant that fails is recorded with its error.
+Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels import launch
 from kernels.activation import silu_and_mul
 from kernels.skinny_matmul import plan, skinny_matmul
 from workers.bench.ceilings import free_memory, measure_ceilings
@@ -40,6 +43,13 @@ from workers.layers import fused
 # (hidden, intermediate, layers, vocab) of the dummy Olmo 2 models
 MODELS = {"1b": (2048, 8192, 16, 100352), "7b": (4096, 11008, 32, 100352)}
 PROMPT = list(range(1000, 1128))
+# label, AFS_SKINNY_MATMUL, AFS_PDL
+RATE_VARIANTS = (
+    ("cublas", False, False),
+    ("cublas_pdl", False, True),
+    ("ours", True, False),
+    ("ours_pdl", True, True),
+)
 
 
 def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, tuple[int, int]]:
@@ -162,10 +172,17 @@ def chain(result: dict, save, device: torch.device) -> None:
                     return skinny_matmul(gate_up, w, swiglu=True)
                 return skinny_matmul(inputs[name], w)
 
+            variants = (("cublas", cublas, False), ("ours", ours, False), ("ours_pdl", ours, True))
             row = {}
-            for label, op in (("cublas", cublas), ("ours", ours)):
+            for label, op, pdl in variants:
+                launch.PDL = pdl  # read at each launch, so the capture takes it
                 calls = [lambda n=n, w=w, op=op: op(n, w) for n, w in weights]
-                row[f"{label}_ms_per_step"] = _graph_us(calls, device) * len(calls) / 1e3
+                try:
+                    row[f"{label}_ms_per_step"] = _graph_us(calls, device) * len(calls) / 1e3
+                except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
+                    row[f"{label}_error"] = repr(exc)
+                finally:
+                    launch.PDL = False
             rows[f"{model} m{m}"] = row
             print(model, m, row, flush=True)
         del weights
@@ -174,9 +191,10 @@ def chain(result: dict, save, device: torch.device) -> None:
     result["chain"] = rows
 
 
-def decode_rate(model: str, tp: int, skinny: bool, new_tokens: int = 128) -> float:
-    fused.SKINNY_MATMUL = skinny
-    os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"  # a spawned rank reads it
+def decode_rate(model: str, tp: int, skinny: bool, pdl: bool, new_tokens: int = 128) -> float:
+    fused.SKINNY_MATMUL, launch.PDL = skinny, pdl
+    os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"  # a spawned rank reads them
+    os.environ["AFS_PDL"] = "1" if pdl else "0"
     free_memory(torch.device("cuda"))
     eng = LLMEngine(model=model, device="cuda", tp=tp, gpu_memory_utilization=0.45, max_num_seqs=8)
     try:
@@ -194,8 +212,14 @@ def rates(result: dict, save, models: list[str]) -> None:
     for model in models:
         for tp in tps if model == "7b" else (1,):
             key = f"dummy:olmo2-{model} tp{tp}"
-            rows[key] = {label: decode_rate(f"dummy:olmo2-{model}", tp, skinny)
-                         for label, skinny in (("cublas", False), ("ours", True))}  # fmt: skip
+            rows[key] = {}
+            for label, skinny, pdl in RATE_VARIANTS:
+                try:
+                    rows[key][label] = decode_rate(f"dummy:olmo2-{model}", tp, skinny, pdl)
+                except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
+                    rows[key][label] = repr(exc)
+                finally:
+                    fused.SKINNY_MATMUL, launch.PDL = False, False
             print(key, rows[key], flush=True)
             save()
 
@@ -225,7 +249,7 @@ def main() -> None:
     result["copy_gbps"] = copy_gbps
 
     def save() -> None:
-        (out / "skinny_gpu.json").write_text(json.dumps(result, indent=2))
+        (out / f"skinny_gpu_{'_'.join(parts)}.json").write_text(json.dumps(result, indent=2))
 
     start = time.perf_counter()
     if "check" in parts:
@@ -244,10 +268,9 @@ def main() -> None:
         print(f"{key:24s} cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_of_copy']:.2f} of copy) "
               f"ours {row['ours_us']:7.1f} us ({row['ours_of_copy']:.2f})")  # fmt: skip
     for key, row in result.get("chain", {}).items():
-        print(f"chain {key}: cuBLAS {row['cublas_ms_per_step']:.3f} ms a step, "
-              f"ours {row['ours_ms_per_step']:.3f} ms")  # fmt: skip
+        print(f"chain {key} (ms a step):", row)
     for key, row in result.get("batch1_decode_tok_s", {}).items():
-        print(f"{key}: batch-1 decode cuBLAS {row['cublas']:.1f} tok/s, ours {row['ours']:.1f}")
+        print(f"{key} batch-1 decode tok/s:", row)
     if "check_ok" in result:
         print("bf16 check:", "ok" if result["check_ok"] else "FAILED")
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_options, wait_for_previous
+
 _BLOCK = 1024
 
 
@@ -24,8 +26,9 @@ def _kernel(
     gate_up_ptr, stride_gate_up_row,
     out_ptr, stride_out_row,
     INTERMEDIATE,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTERMEDIATE
@@ -55,6 +58,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up, gate_up.stride(0),
         out, out.stride(0),
         intermediate,
-        BLOCK=block,
+        BLOCK=block, **pdl_options(gate_up.device),
     )  # fmt: skip
     return out

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_options, wait_for_previous
 from kernels.paged_checks import check_paged_attention
 
 _DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
@@ -70,9 +71,10 @@ def _kernel(
     qk_scale, num_splits,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: one (sequence, KV head, split) over its run of key tiles."""
+    wait_for_previous(PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -136,9 +138,10 @@ def _combine_kernel(
     partial_out_ptr, lse_ptr,
     out_ptr, stride_out_batch, stride_out_head,
     num_splits,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: one (sequence, query head), its splits merged by their log-sum-exps."""
+    wait_for_previous(PDL)
     batch = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -244,11 +247,13 @@ def decode_attention(
         **config,
         # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **pdl_options(q.device),
     )  # fmt: skip
     _combine_kernel[(batch, num_heads)](
         partial_out, lse,
         out, out.stride(0), out.stride(1),
         num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        **pdl_options(q.device),
     )  # fmt: skip
     return out

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_options, wait_for_previous
+
 
 @triton.jit
 def rms_normalise(x, weight, eps, HIDDEN, dtype: tl.constexpr):
@@ -48,8 +50,9 @@ def _kernel(
     weight_ptr, eps,
     HIDDEN,
     ADD_BEFORE: tl.constexpr, ADD_AFTER: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -127,6 +130,6 @@ def _launch(
         hidden,
         ADD_BEFORE=add_before, ADD_AFTER=residual is not None and not add_before,
         BLOCK=block,
-        num_warps=norm_warps(block),
+        num_warps=norm_warps(block), **pdl_options(x.device),
     )  # fmt: skip
     return out

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_store import store_slot
+from kernels.launch import pdl_options, wait_for_previous
 from kernels.paged_checks import check_kv_slab
 
 _TILE_ELEMENTS = 2048  # heads per chunk: as many as fit this many elements
@@ -86,7 +87,9 @@ def _kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr, STORE_KV: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1) == 1  # else q
     # this program's heads: the first NUM_HEADS (q) or the next NUM_KV_HEADS (k) of the row
@@ -249,6 +252,7 @@ def rotary_qkv(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
         BLOCK_SIZE=kv_cache.shape[3] if store_kv else 1,
         QK_NORM=qk_norm, SQUARES_GIVEN=squares_given, STORE_KV=store_kv,
+        **pdl_options(qkv.device),
     )  # fmt: skip
     return q, k, v
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_options, wait_for_previous
+
 MAX_ROWS = 16
 """Rows of x one call takes (decode batches up to this size)."""
 _BLOCK_K = 128
@@ -34,13 +36,14 @@ _COUNTERS = 1 << 16
 
 
 @triton.jit
-def _kernel(
+def _matmul_kernel(
     x_ptr, stride_x, w_ptr, stride_w, y_ptr, stride_y,
     part_ptr, count_ptr,
     M, N, K, K_PER_SPLIT,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    SWIGLU: tl.constexpr,
+    SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, 16)
@@ -155,11 +158,11 @@ def skinny_matmul(
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), planned)
-    _kernel[grid](
+    _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
         m, n, k, k_per_split,
         SPLIT=planned, BLOCK_N=block_n, BLOCK_K=_BLOCK_K, IEEE=x.dtype == torch.float32,
-        SWIGLU=swiglu, num_warps=4, num_stages=4,
+        SWIGLU=swiglu, num_warps=4, num_stages=4, **pdl_options(x.device),
     )  # fmt: skip
     return y

@@ -124,3 +124,49 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
         assert got.token_ids == want.token_ids
         for a, b in zip(want.logprobs, got.logprobs, strict=True):
             assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+
+
+def test_programmatic_dependent_launch_is_opt_in_and_gpu_only(monkeypatch):
+    from kernels import launch
+
+    monkeypatch.setattr(launch, "PDL", False)
+    assert launch.pdl_options(torch.device(DEVICE)) == {"PDL": False}
+    monkeypatch.setattr(launch, "PDL", True)
+    assert launch.pdl_options(torch.device("cpu")) == {"PDL": False}  # the interpreter: never
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
+        assert launch.pdl_options(torch.device("cuda")) == {"PDL": True, "launch_pdl": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs a Hopper or later GPU",
+)
+def test_chained_launches_with_pdl_give_what_they_give_without(monkeypatch):
+    """Each kernel waits for the one before it: a chain of dependent matmuls (and the activation)
+    replayed from a graph gives bitwise what it gives launched plainly."""
+    from kernels import launch
+    from kernels.activation import silu_and_mul
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    weights = [
+        torch.randn(512, 256, device="cuda", generator=gen).bfloat16() / 16 for _ in range(6)
+    ]
+    down = torch.randn(256, 256, device="cuda", generator=gen).bfloat16() / 16
+    x = torch.randn(3, 256, device="cuda", generator=gen).bfloat16()
+
+    def chain():
+        y = x
+        for w in weights:
+            y = silu_and_mul(skinny_matmul(y, w))  # [3, 512] -> [3, 256]
+        return skinny_matmul(y, down)
+
+    plain = chain()
+    monkeypatch.setattr(launch, "PDL", True)
+    eager = chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, plain) and torch.equal(captured, plain)

@@ -1,0 +1,37 @@
+"""Programmatic dependent launch (Hopper and later), opt-in with AFS_PDL=1.
+
+A kernel launched this way may start while the kernel before it on the stream is finishing: its
+programs become resident and wait at `griddepcontrol.wait` until the previous grid has completed
+and its writes are visible, instead of the launch starting only then. A decode step at batch 1 is
+hundreds of short kernels in a row, so the launch and ramp-up between each pair is a large part
+of it. Every kernel that takes `PDL` calls `wait_for_previous` before it reads or writes global
+memory, so nothing it touches can race with the kernel before it; it then lets the next kernel
+launch early in turn.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+PDL = os.environ.get("AFS_PDL") == "1"
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Launch keywords for a kernel with a `PDL` constexpr: on with AFS_PDL=1 on a Hopper or later
+    GPU, else off (the interpreter, older GPUs)."""
+    if PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel has finished and its writes are visible, then let
+    the next kernel launch. Called first, before any global memory access."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
