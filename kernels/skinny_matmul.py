@@ -43,18 +43,22 @@ def _matmul_kernel(
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    wait_for_previous(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, 16)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PDL:
+        # launched early: while the kernel before finishes, pull this program's first two W
+        # tiles into L2 (weights, which no kernel writes), then wait for it
+        prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
+    wait_for_previous(PDL)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
 
     # -- stream this program's slice of K: W [BLOCK_N, BLOCK_K] and x [16, BLOCK_K] tiles --
-    k_start = split * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k in range(k_start, k_end, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
@@ -94,6 +98,24 @@ def _matmul_kernel(
                 total += tl.load(tile_parts + s * (16 * BLOCK_N) + offsets, cache_modifier=".cg")
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K: tl.constexpr):
+    """`prefetch.global.L2` of every 128-byte line of W's rows `cols`, columns k_start to
+    k_start + 2 * BLOCK_K (within k_end): one instruction per line, no registers filled."""
+    lines: tl.constexpr = 2 * BLOCK_K * 2 // 128  # 16-bit weights
+    offsets = k_start + tl.arange(0, lines) * 64  # elements
+    pointers = w_ptr + cols[:, None].to(tl.int64) * stride_w + offsets[None, :]
+    ok = col_ok[:, None] & (offsets < k_end)[None, :]
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r",
+        [pointers, ok.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 def plan(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
