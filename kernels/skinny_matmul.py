@@ -17,7 +17,11 @@ With SPLIT > 1 the slices' fp32 partial sums meet without another launch: each p
 program that brings the counter to SPLIT sums the SPLIT partials in slice order (so the result
 does not depend on which program came last), writes y in x's dtype and sets the counter back to
 zero for the next call. The workspace is one per device, shared by every layer: a call's partials
-are consumed before the next kernel on the stream starts.
+are consumed before the next kernel on the stream starts (with PDL too: nothing is read or written
+before the wait for the kernel before).
+
+With programmatic dependent launch (kernels/launch.py, AFS_PDL=1) a program starts while the
+kernel before it finishes; it spends that time prefetching its first two W tiles into L2.
 """
 
 from __future__ import annotations
