@@ -1,0 +1,140 @@
+"""The decode step's kernels compile for Hopper (sm_90) with and without programmatic dependent
+launch, here without a GPU: Triton lowers them to PTX and its bundled ptxas assembles them. With
+PDL the wait for the kernel before comes ahead of every global load and store, the skinny
+matmul's L2 prefetches before it."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels.activation  # noqa: E402
+import kernels.decode_attention  # noqa: E402
+import kernels.rmsnorm  # noqa: E402
+import kernels.rope  # noqa: E402
+import kernels.skinny_matmul  # noqa: E402
+
+POINTERS = {
+    "positions_ptr": "*i64",
+    "slot_mapping_ptr": "*i64",
+    "block_tables_ptr": "*i32",
+    "seq_lens_ptr": "*i32",
+    "count_ptr": "*i32",
+    "cos_ptr": "*fp32",
+    "sin_ptr": "*fp32",
+    "squares_ptr": "*fp32",
+    "partial_out_ptr": "*fp32",
+    "lse_ptr": "*fp32",
+    "part_ptr": "*fp32",
+}
+FLOATS = {"eps", "qk_scale", "k_scale"}
+CASES = {
+    "rmsnorm": (kernels.rmsnorm._kernel, dict(ADD_BEFORE=False, ADD_AFTER=True, BLOCK=4096)),
+    "activation": (kernels.activation._kernel, dict(BLOCK=1024)),
+    "rope": (
+        kernels.rope._kernel,
+        dict(
+            HEAD_DIM=128,
+            BLOCK_D=128,
+            BLOCK_HEADS=16,
+            BLOCK_SIZE=16,
+            QK_NORM=True,
+            SQUARES_GIVEN=False,
+            STORE_KV=True,
+        ),
+    ),  # fmt: skip
+    "decode_attention": (
+        kernels.decode_attention._kernel,
+        dict(
+            GROUP_SIZE=1,
+            GROUP_PAD=16,
+            BLOCK_SIZE=16,
+            HEAD_DIM=128,
+            BLOCK_N=64,
+            DOT_PRECISION="tf32",
+        ),
+    ),  # fmt: skip
+    "decode_combine": (kernels.decode_attention._combine_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128)),
+    "skinny_matmul": (
+        kernels.skinny_matmul._matmul_kernel,
+        dict(SPLIT=8, BLOCK_N=64, BLOCK_K=128, IEEE=False, SWIGLU=True),
+    ),
+}
+
+
+def _ptx(kernel, constants: dict, pdl: bool) -> str:
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constants or name == "PDL":
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTERS.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constants, PDL=pdl))
+    options = {"num_warps": 4, "launch_pdl": pdl}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def _report() -> dict:
+    """name -> what the PTX shows, or the error; run in a process of its own (below)."""
+    report = {}
+    for name, (kernel, constants) in CASES.items():
+        try:
+            plain = _ptx(kernel, constants, pdl=False)
+            lines = _ptx(kernel, constants, pdl=True).splitlines()
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        report[name] = {
+            "plain_has_griddepcontrol": "griddepcontrol" in plain,
+            "wait": [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line],
+            "launch_dependents": any("launch_dependents" in line for line in lines),
+            "memory": [
+                i
+                for i, line in enumerate(lines)
+                if any(op in line for op in ("ld.global", "st.global", "cp.async", "atom.global"))
+            ],
+            "prefetch": [i for i, line in enumerate(lines) if "prefetch.global.L2" in line],
+        }
+    return report
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    # the compiler needs the kernels as Triton functions, not the interpreter's wrappers
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiles_for_sm90_and_waits_before_touching_memory(report, name):
+    got = report[name]
+    if "ptxas" in got.get("error", ""):
+        pytest.skip(f"cannot assemble for sm_90 here: {got['error']}")
+    assert "error" not in got, got.get("error")
+    assert not got["plain_has_griddepcontrol"]
+    assert len(got["wait"]) == 1 and got["launch_dependents"]
+    assert got["memory"] and min(got["memory"]) > got["wait"][0]
+    assert all(i < got["wait"][0] for i in got["prefetch"])
+    assert bool(got["prefetch"]) == (name == "skinny_matmul")
+
+
+if __name__ == "__main__":
+    print(json.dumps(_report()))
