@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_options, wait_for_previous
 from kernels.rmsnorm import add_rounded, norm_warps, rms_normalise
 from kernels.rope import check_qkv, qk_tiles, sum_squares
 
@@ -197,7 +198,9 @@ def _all_reduce_kernel(
     x_ptr, out_ptr, N,
     flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     epoch, half = _next_epoch(epochs_ptr, program)
@@ -225,7 +228,9 @@ def _all_gather_kernel(
     x_ptr, out_ptr, ROWS, COLS,
     flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     epoch, half = _next_epoch(epochs_ptr, program)
@@ -254,9 +259,11 @@ def _all_reduce_rms_norm_add_kernel(
     x_ptr, residual_ptr, out_ptr, weight_ptr, eps, ROWS, HIDDEN,
     flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """out = residual + rms_norm(sum over ranks of x), row by row: program p owns rows p,
     p + PROGRAMS, ... in both phases, each row one tile of BLOCK >= HIDDEN."""
+    wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     epoch, half = _next_epoch(epochs_ptr, program)
@@ -291,10 +298,11 @@ def _all_reduce_qk_squares_kernel(
     qkv_ptr, stride_qkv_token, out_ptr, k_scale, TOKENS, NUM_HEADS, NUM_KV_HEADS,
     flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, PUSH: tl.constexpr,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, PUSH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Each token's sums of squares of q and of k (k's times k_scale) over every rank's heads:
     program p owns tokens p, p + PROGRAMS, ... in both phases."""
+    wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
     epoch, half = _next_epoch(epochs_ptr, program)
     parts = tl.arange(0, 2)  # q, k
@@ -338,6 +346,7 @@ def all_reduce_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
         peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, slot_elements,
         peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK, PUSH=peers.push,
+        **pdl_options(peers.status.device),
     )  # fmt: skip
     return x
 
@@ -354,6 +363,7 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
         peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, slot_elements,
         peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK, PUSH=peers.push,
+        **pdl_options(peers.status.device),
     )  # fmt: skip
     return out
 
@@ -380,6 +390,7 @@ def all_reduce_rms_norm_add(
         peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank,
         peers.capacity // x.element_size(), peers.status, peers.max_spins,
         WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=block, PUSH=peers.push,
+        **pdl_options(peers.status.device),
         num_warps=norm_warps(block),  # as kernels/rmsnorm.py: the same sum order
     )  # fmt: skip
     return out
@@ -406,5 +417,6 @@ def all_reduce_qk_squares(
         peers.capacity // 4, peers.status, peers.max_spins,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
         WORLD=peers.world, PROGRAMS=PROGRAMS, PUSH=peers.push,
+        **pdl_options(peers.status.device),
     )  # fmt: skip
     return out

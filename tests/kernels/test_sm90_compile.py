@@ -1,7 +1,7 @@
-"""The decode step's kernels compile for Hopper (sm_90) with and without programmatic dependent
-launch, here without a GPU: Triton lowers them to PTX and its bundled ptxas assembles them. With
-PDL the wait for the kernel before comes ahead of every global load and store, the skinny
-matmul's L2 prefetches before it."""
+"""The decode step's kernels, the peer collectives among them, compile for Hopper (sm_90) with
+and without programmatic dependent launch, here without a GPU: Triton lowers them to PTX and its
+bundled ptxas assembles them. With PDL the wait for the kernel before comes ahead of every global
+load and store, the skinny matmul's L2 prefetches before it."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.activation  # noqa: E402
 import kernels.decode_attention  # noqa: E402
+import kernels.peer_collectives  # noqa: E402
 import kernels.rmsnorm  # noqa: E402
 import kernels.rope  # noqa: E402
 import kernels.skinny_matmul  # noqa: E402
@@ -36,6 +37,11 @@ POINTERS = {
     "partial_out_ptr": "*fp32",
     "lse_ptr": "*fp32",
     "part_ptr": "*fp32",
+    "flag_ptrs": "*i64",
+    "data_ptrs": "*i64",
+    "epochs_ptr": "*i32",
+    "status_ptr": "*i32",
+    "out_ptr": "*bf16",
 }
 FLOATS = {"eps", "qk_scale", "k_scale"}
 CASES = {
@@ -65,6 +71,22 @@ CASES = {
         ),
     ),  # fmt: skip
     "decode_combine": (kernels.decode_attention._combine_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128)),
+    "peer_all_reduce": (
+        kernels.peer_collectives._all_reduce_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PUSH=True),
+    ),
+    "peer_all_gather": (
+        kernels.peer_collectives._all_gather_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PUSH=False),
+    ),
+    "peer_post_norm": (
+        kernels.peer_collectives._all_reduce_rms_norm_add_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PUSH=True),
+    ),
+    "peer_qk_squares": (
+        kernels.peer_collectives._all_reduce_qk_squares_kernel,
+        dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32, PUSH=True),
+    ),
     "skinny_matmul": (
         kernels.skinny_matmul._matmul_kernel,
         dict(SPLIT=8, BLOCK_N=64, BLOCK_K=128, IEEE=False, SWIGLU=True),
@@ -77,7 +99,7 @@ def _ptx(kernel, constants: dict, pdl: bool) -> str:
     for name in inspect.signature(kernel.fn).parameters:
         if name in constants or name == "PDL":
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name.endswith(("_ptr", "_ptrs")):
             signature[name] = POINTERS.get(name, "*bf16")
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
