@@ -75,7 +75,8 @@ case "$part" in
   skinny)
     # the GPU tests of the kernel, and graphs on against off, with both switched on
     guard env AFS_SKINNY_MATMUL=1 AFS_PDL=1 python3 -m pytest -q -m gpu \
-      tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py
+      tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py \
+      tests/kernels/test_peer_collectives.py
     guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
       --parts "${SKINNY_PARTS:-check,chain,rates}" --models "${SKINNY_MODELS:-1b,7b}"
     ;;
