@@ -30,19 +30,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import tp_gpu
 
 from kernels import launch
 from kernels.activation import silu_and_mul
 from kernels.skinny_matmul import plan, skinny_matmul
 from workers.bench.ceilings import free_memory, measure_ceilings
-from workers.bench.latency import afs_times
-from workers.engine.llm_engine import LLMEngine
-from workers.engine.sampling_params import SamplingParams
+from workers.bench.results import git_commit
 from workers.layers import fused
 
 # (hidden, intermediate, layers, vocab) of the dummy Olmo 2 models
 MODELS = {"1b": (2048, 8192, 16, 100352), "7b": (4096, 11008, 32, 100352)}
-PROMPT = list(range(1000, 1128))
 # label, AFS_SKINNY_MATMUL, AFS_PDL
 RATE_VARIANTS = (
     ("cublas", False, False),
@@ -61,6 +59,19 @@ def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, t
         "down": (hidden, inter // tp),
         "lm_head": (vocab // tp, hidden),
     }
+
+
+def rank_projections():
+    """(label, N, K) of every decode weight of a rank: 1B, 7B, and 7B's halves at tp = 2."""
+    for model, (hidden, inter, _, vocab) in MODELS.items():
+        for tp in (1, 2) if model == "7b" else (1,):
+            for name, (n, k) in projections(hidden, inter, vocab, tp).items():
+                yield f"{model} tp{tp} {name}", n, k
+
+
+def _max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest |got - want| over want's largest magnitude."""
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
 
 
 def _graph_us(calls: list, device: torch.device, repeats: int = 5) -> float:
@@ -87,34 +98,25 @@ def _graph_us(calls: list, device: torch.device, repeats: int = 5) -> float:
 def check(result: dict, save, device: torch.device) -> None:
     rows = {}
     gen = torch.Generator(device).manual_seed(0)
-    for model, (hidden, inter, _, vocab) in MODELS.items():
-        for tp in (1, 2) if model == "7b" else (1,):
-            for name, (n, k) in projections(hidden, inter, vocab, tp).items():
-                w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16()
-                for m in (1, 8):
-                    x = torch.randn(m, k, device=device, generator=gen).bfloat16()
-                    want = (x.float() @ w.float().T).bfloat16().float()
-                    got = skinny_matmul(x, w).float()
-                    cublas = F.linear(x, w).float()
-                    scale = want.abs().max().item()
-                    rows[f"{model} tp{tp} {name} m{m}"] = {
-                        "ours": (got - want).abs().max().item() / scale,
-                        "cublas": (cublas - want).abs().max().item() / scale,
-                    }
-                del w
-        # down_proj with SwiGLU inside against the activation kernel then the fp32 product
-        n, k = projections(hidden, inter, vocab)["down"]
+    for label, n, k in rank_projections():
         w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16()
         for m in (1, 8):
-            gate_up = torch.randn(m, 2 * k, device=device, generator=gen).bfloat16()
-            act = silu_and_mul(gate_up)
-            want = (act.float() @ w.float().T).bfloat16().float()
-            got = skinny_matmul(gate_up, w, swiglu=True).float()
-            scale = want.abs().max().item()
-            rows[f"{model} swiglu+down m{m}"] = {
-                "ours": (got - want).abs().max().item() / scale,
-                "cublas": (F.linear(act, w).float() - want).abs().max().item() / scale,
+            x = torch.randn(m, k, device=device, generator=gen).bfloat16()
+            want = (x.float() @ w.float().T).bfloat16().float()
+            rows[f"{label} m{m}"] = {
+                "ours": _max_rel_diff(skinny_matmul(x, w), want),
+                "cublas": _max_rel_diff(F.linear(x, w), want),
             }
+            if label.endswith("tp1 down"):
+                # with SwiGLU inside, against the activation kernel then the fp32 product
+                gate_up = torch.randn(m, 2 * k, device=device, generator=gen).bfloat16()
+                act = silu_and_mul(gate_up)
+                want = (act.float() @ w.float().T).bfloat16().float()
+                rows[f"{label} swiglu m{m}"] = {
+                    "ours": _max_rel_diff(skinny_matmul(gate_up, w, swiglu=True), want),
+                    "cublas": _max_rel_diff(F.linear(act, w), want),
+                }
+        del w
     result["check_bf16_max_rel_diff"] = rows
     worst = max(r["ours"] for r in rows.values())
     result["check_ok"] = worst <= 1.6e-2
@@ -124,24 +126,22 @@ def check(result: dict, save, device: torch.device) -> None:
 
 def alone(result: dict, save, device: torch.device, copy_gbps: float) -> None:
     rows = {}
-    for model, (hidden, inter, _, vocab) in MODELS.items():
-        for tp in (1, 2) if model == "7b" else (1,):
-            for name, (n, k) in projections(hidden, inter, vocab, tp).items():
-                nbytes = n * k * 2
-                copies = max(2, -(-(512 << 20) // nbytes))
-                weights = [torch.randn(n, k, device=device).bfloat16() for _ in range(copies)]
-                for m in (1, 8):
-                    x = torch.randn(m, k, device=device).bfloat16()
-                    row = {"n": n, "k": k, "m": m, "plan": plan(n, k, _sms(device))}
-                    for label, op in (("cublas", F.linear), ("ours", skinny_matmul)):
-                        calls = [lambda w=w, op=op, x=x: op(x, w) for w in weights]
-                        us = _graph_us(calls, device)
-                        row[f"{label}_us"] = us
-                        row[f"{label}_of_copy"] = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
-                    rows[f"{model} tp{tp} {name} m{m}"] = row
-                del weights
-                free_memory(device)
-                save()
+    for shape, n, k in rank_projections():
+        nbytes = n * k * 2
+        copies = max(2, -(-(512 << 20) // nbytes))
+        weights = [torch.randn(n, k, device=device).bfloat16() for _ in range(copies)]
+        for m in (1, 8):
+            x = torch.randn(m, k, device=device).bfloat16()
+            row = {"n": n, "k": k, "m": m, "plan": plan(n, k, launch.num_sms(device))}
+            for label, op in (("cublas", F.linear), ("ours", skinny_matmul)):
+                calls = [lambda w=w, op=op, x=x: op(x, w) for w in weights]
+                us = _graph_us(calls, device)
+                row[f"{label}_us"] = us
+                row[f"{label}_of_copy"] = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
+            rows[f"{shape} m{m}"] = row
+        del weights
+        free_memory(device)
+        save()
     result["alone"] = rows
 
 
@@ -191,18 +191,12 @@ def chain(result: dict, save, device: torch.device) -> None:
     result["chain"] = rows
 
 
-def decode_rate(model: str, tp: int, skinny: bool, pdl: bool, new_tokens: int = 128) -> float:
+def decode_rate(model: str, tp: int, skinny: bool, pdl: bool) -> float:
+    """tp_gpu's batch-1 decode rate with the decode matmul and PDL on or off."""
     fused.SKINNY_MATMUL, launch.PDL = skinny, pdl
     os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"  # a spawned rank reads them
     os.environ["AFS_PDL"] = "1" if pdl else "0"
-    free_memory(torch.device("cuda"))
-    eng = LLMEngine(model=model, device="cuda", tp=tp, gpu_memory_utilization=0.45, max_num_seqs=8)
-    try:
-        eng.generate([PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
-        _, decode_s = afs_times(eng, PROMPT, new_tokens, None)
-        return (new_tokens - 1) / decode_s
-    finally:
-        eng.shutdown()
+    return tp_gpu.decode_rate(model, tp)
 
 
 def rates(result: dict, save, models: list[str]) -> None:
@@ -224,10 +218,6 @@ def rates(result: dict, save, models: list[str]) -> None:
             save()
 
 
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -243,7 +233,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {
         "gpu": torch.cuda.get_device_name(device),
-        "git_commit": os.environ.get("AFS_GIT_COMMIT"),
+        "git_commit": git_commit(),
     }
     copy_gbps = measure_ceilings(device, dtypes=["bfloat16"], repeats=20)["copy_gbps"]
     result["copy_gbps"] = copy_gbps

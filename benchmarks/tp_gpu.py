@@ -207,6 +207,7 @@ def _time_collectives(rank: int, init_method: str, batches: tuple, results) -> N
         if not distributed.init_peer_collectives(64 << 20, device):
             raise RuntimeError("peer buffers could not be mapped")
         timings = {}
+        peers = distributed.get_peer_buffers()
         for batch in batches:
             for name, (row, dtype, kind, count) in STEP_COLLECTIVES.items():
                 x = torch.ones(batch, *row, dtype=dtype, device=device)
@@ -215,7 +216,6 @@ def _time_collectives(rank: int, init_method: str, batches: tuple, results) -> N
                     if kind == "sum"
                     else distributed.tp_all_gather_last_dim
                 )
-                peers = distributed.get_peer_buffers()
                 peers.push = False
                 peer_us = _graph_us(lambda op=op, x=x: op(x), device)
                 peers.push = True

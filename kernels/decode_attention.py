@@ -43,16 +43,13 @@ without a device sync (and which a captured CUDA graph keeps fixed).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import pdl_options, wait_for_previous
+from kernels.launch import num_sms, pdl_options, wait_for_previous
 from kernels.paged_checks import check_paged_attention
 
-_DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
 _MAX_SPLITS = 64
 # Pass 1's launch: key tile (tokens, whole blocks), warps, pipeline stages, and how many programs
 # per SM the split heuristic aims for. Module-level so that a benchmark can sweep them.
@@ -183,13 +180,6 @@ def choose_num_splits(
     return max(1, min(to_fill, worth_splitting, _MAX_SPLITS))
 
 
-@functools.lru_cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -222,7 +212,7 @@ def decode_attention(
             batch,
             num_kv_heads,
             block_tables.shape[1] * block_size,
-            _num_sms(q.device),
+            num_sms(q.device),
             tile_tokens,
         )
     if num_splits < 1:

@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (Hopper and later), opt-in with AFS_PDL=1.
+"""How the kernels launch: the SM count their grids are sized by, and programmatic dependent
+launch (Hopper and later), opt-in with AFS_PDL=1.
 
 A kernel launched this way may start while the kernel before it on the stream is finishing: its
 programs become resident and wait at `griddepcontrol.wait` until the previous grid has completed
@@ -11,6 +12,7 @@ launch early in turn.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -18,12 +20,26 @@ import triton
 import triton.language as tl
 
 PDL = os.environ.get("AFS_PDL") == "1"
+_DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
+
+
+@functools.lru_cache
+def num_sms(device: torch.device) -> int:
+    """The device's SM count (the H200's in the interpreter), asked once per device."""
+    if device.type != "cuda":
+        return _DEFAULT_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache
+def _hopper_or_later(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pdl_options(device: torch.device) -> dict:
     """Launch keywords for a kernel with a `PDL` constexpr: on with AFS_PDL=1 on a Hopper or later
     GPU, else off (the interpreter, older GPUs)."""
-    if PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+    if PDL and _hopper_or_later(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

@@ -113,6 +113,20 @@ class PeerBuffers:
             status=torch.zeros(1, dtype=torch.int32, device=device),
         )
 
+    def args(self, element_size: int) -> tuple:
+        """The arguments every peer kernel takes after its own, for data of `element_size`
+        bytes: flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins."""
+        return (
+            self.flag_ptrs, self.data_ptrs, self.epochs, self.rank,
+            self.capacity // element_size, self.status, self.max_spins,
+        )  # fmt: skip
+
+    def constants(self) -> dict:
+        """The constexprs and launch options every peer kernel takes."""
+        return dict(
+            WORLD=self.world, PROGRAMS=PROGRAMS, PUSH=self.push, **pdl_options(self.status.device)
+        )
+
     def fits(self, x: torch.Tensor, nbytes: int | None = None) -> bool:
         """Whether one call can move x (its bytes on each rank; for a gather, the slice), or
         `nbytes` read from a contiguous x (what a fused kernel publishes)."""
@@ -171,16 +185,21 @@ def _store_own(value, offsets, mask, data_ptrs, rank, half, dtype: tl.constexpr,
 
 
 @triton.jit
-def _publish(x_ptr, n, data_ptrs, rank, half, program, SLOT_ELEMENTS,
-             WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
-             PUSH: tl.constexpr):  # fmt: skip
-    """This program's chunks of x into slot `rank` (see _store_own)."""
+def _publish_and_wait(x_ptr, n, program,
+                      flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
+                      WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+                      PUSH: tl.constexpr):  # fmt: skip
+    """Steps 1 and 2 for a flat x of n elements: this program's chunks of x into slot `rank`
+    (see _store_own), then the barrier. Returns the half this call used."""
+    epoch, half = _next_epoch(epochs_ptr, program)
     dtype = x_ptr.dtype.element_ty
     for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
         value = tl.load(x_ptr + offsets, mask=mask)
         _store_own(value, offsets, mask, data_ptrs, rank, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+    return half
 
 
 @triton.jit
@@ -203,14 +222,12 @@ def _all_reduce_kernel(
     wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
-    epoch, half = _next_epoch(epochs_ptr, program)
 
-    # -- 1. this rank's chunks where the others will read them --
-    _publish(x_ptr, N, data_ptrs, rank, half, program, SLOT_ELEMENTS, WORLD, PROGRAMS, BLOCK,
-             PUSH)  # fmt: skip
-
-    # -- 2. barrier with the same program on every rank --
-    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+    # -- 1, 2. this rank's chunks where the others will read them; the barrier --
+    half = _publish_and_wait(
+        x_ptr, N, program, flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr,
+        max_spins, WORLD, PROGRAMS, BLOCK, PUSH,
+    )  # fmt: skip
 
     # -- 3. the sum over ranks, in rank order, in fp32 --
     for start in range(program * BLOCK, N, PROGRAMS * BLOCK):
@@ -233,15 +250,13 @@ def _all_gather_kernel(
     wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
-    epoch, half = _next_epoch(epochs_ptr, program)
     n = ROWS * COLS
 
-    # -- 1. this rank's slice [ROWS, COLS] where the others will read it --
-    _publish(x_ptr, n, data_ptrs, rank, half, program, SLOT_ELEMENTS, WORLD, PROGRAMS, BLOCK,
-             PUSH)  # fmt: skip
-
-    # -- 2. barrier --
-    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+    # -- 1, 2. this rank's slice [ROWS, COLS] where the others will read it; the barrier --
+    half = _publish_and_wait(
+        x_ptr, n, program, flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr,
+        max_spins, WORLD, PROGRAMS, BLOCK, PUSH,
+    )  # fmt: skip
 
     # -- 3. rank r's slice into columns [r * COLS, (r + 1) * COLS) of out [ROWS, WORLD * COLS] --
     for peer in tl.static_range(WORLD):
@@ -340,14 +355,9 @@ def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
 def all_reduce_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     """Sum x over the ranks, in place (every rank calls it with the same shape); returns x."""
     _check(x, peers)
-    slot_elements = peers.capacity // x.element_size()
     _all_reduce_kernel[(PROGRAMS,)](
-        x, x, x.numel(),
-        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, slot_elements,
-        peers.status, peers.max_spins,
-        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK, PUSH=peers.push,
-        **pdl_options(peers.status.device),
-    )  # fmt: skip
+        x, x, x.numel(), *peers.args(x.element_size()), BLOCK=_BLOCK, **peers.constants()
+    )
     return x
 
 
@@ -357,14 +367,9 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     cols = x.shape[-1]
     out = torch.empty(*x.shape[:-1], peers.world * cols, dtype=x.dtype, device=x.device)
-    slot_elements = peers.capacity // x.element_size()
     _all_gather_kernel[(PROGRAMS,)](
-        x, out, rows, cols,
-        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank, slot_elements,
-        peers.status, peers.max_spins,
-        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=_BLOCK, PUSH=peers.push,
-        **pdl_options(peers.status.device),
-    )  # fmt: skip
+        x, out, rows, cols, *peers.args(x.element_size()), BLOCK=_BLOCK, **peers.constants()
+    )
     return out
 
 
@@ -386,11 +391,8 @@ def all_reduce_rms_norm_add(
     out = torch.empty_like(x)
     block = triton.next_power_of_2(hidden)
     _all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
-        x, residual, out, weight, eps, rows, hidden,
-        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank,
-        peers.capacity // x.element_size(), peers.status, peers.max_spins,
-        WORLD=peers.world, PROGRAMS=PROGRAMS, BLOCK=block, PUSH=peers.push,
-        **pdl_options(peers.status.device),
+        x, residual, out, weight, eps, rows, hidden, *peers.args(x.element_size()),
+        BLOCK=block, **peers.constants(),
         num_warps=norm_warps(block),  # as kernels/rmsnorm.py: the same sum order
     )  # fmt: skip
     return out
@@ -413,10 +415,7 @@ def all_reduce_qk_squares(
     block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
     _all_reduce_qk_squares_kernel[(PROGRAMS,)](
         qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,
-        peers.flag_ptrs, peers.data_ptrs, peers.epochs, peers.rank,
-        peers.capacity // 4, peers.status, peers.max_spins,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
-        WORLD=peers.world, PROGRAMS=PROGRAMS, PUSH=peers.push,
-        **pdl_options(peers.status.device),
+        *peers.args(out.element_size()),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads, **peers.constants(),
     )  # fmt: skip
     return out

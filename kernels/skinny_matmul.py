@@ -26,11 +26,13 @@ kernel before it finishes; it spends that time prefetching its first two W tiles
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import pdl_options, wait_for_previous
+from kernels.launch import num_sms, pdl_options, wait_for_previous
 
 MAX_ROWS = 16
 """Rows of x one call takes (decode batches up to this size)."""
@@ -122,14 +124,17 @@ def prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K: tl.const
     )
 
 
-def plan(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
+@functools.lru_cache
+def plan(n: int, k: int, num_sms: int, split: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, SPLIT, K_PER_SPLIT) for an N x K weight on a GPU of `num_sms` SMs: tiles of 64
     output features, and K split until there are about four programs per SM, each streaming at
-    least two BLOCK_K steps. Depends on the shape only, never on M."""
+    least two BLOCK_K steps (or into about `split` slices, when given). Depends on the shape
+    only, never on M."""
     block_n = 64
     tiles = triton.cdiv(n, block_n)
     steps = triton.cdiv(k, _BLOCK_K)
-    split = max(1, min(steps // 2, round(4 * num_sms / tiles)))
+    if split is None:
+        split = max(1, min(steps // 2, round(4 * num_sms / tiles)))
     k_per_split = triton.cdiv(steps, split) * _BLOCK_K
     split = triton.cdiv(k, k_per_split)  # no empty slice
     if split * MAX_ROWS * block_n * tiles > _WORKSPACE_FLOATS or tiles > _COUNTERS:
@@ -155,12 +160,6 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _WORKSPACES[device]
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any count gives the same sums
-
-
 def skinny_matmul(
     x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, split: int | None = None
 ) -> torch.Tensor:
@@ -177,10 +176,7 @@ def skinny_matmul(
         raise ValueError(f"skinny_matmul takes 1 to {MAX_ROWS} rows, got {m}")
     if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("skinny_matmul: x and weight of one dtype, rows contiguous")
-    block_n, planned, k_per_split = plan(n, k, _num_sms(x.device))
-    if split is not None and split != planned:
-        k_per_split = triton.cdiv(triton.cdiv(k, _BLOCK_K), split) * _BLOCK_K
-        planned = triton.cdiv(k, k_per_split)
+    block_n, planned, k_per_split = plan(n, k, num_sms(x.device), split)
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), planned)

@@ -35,7 +35,8 @@ buffer, else None (NCCL or gloo carry every collective)."""
 _PEER_MEMORY: list[torch.Tensor] = []
 """This rank's buffer and its mappings of the others', kept alive while the kernels use them."""
 _PEER_STATUS: dict = {}
-"""The last copy of the peer kernels' status on the host, and the event that says it landed."""
+"""A follower's last copy of the peer kernels' status on the host ("last") and the event that
+says it landed ("copied")."""
 
 
 def get_tp_group() -> TensorParallelGroup:
@@ -184,9 +185,9 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     mapped, ok = [], 0
     try:
         if None not in handles:
+            # opened on this rank's device, so this device gets access to the peers' memory
+            index = device.index if device.index is not None else torch.cuda.current_device()
             for rank, (rebuild, args) in enumerate(handles):
-                # opened on this rank's device, so this device gets access to the peer's memory
-                index = device.index if device.index is not None else torch.cuda.current_device()
                 args = (*args[:6], index, *args[7:])  # the storage's device
                 mapped.append(own if rank == _TP.rank else rebuild(*args))
             probe = torch.empty(16, dtype=torch.uint8, device=device)
@@ -237,15 +238,7 @@ def queue_peer_status() -> torch.Tensor | None:
     peers = _PEERS
     if peers is None or peers.status.device.type != "cuda":
         return None
-    if "ring" not in _PEER_STATUS:  # a step queued ahead keeps its copy while the next is made
-        ring = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(4)]
-        _PEER_STATUS["ring"] = ring
-        _PEER_STATUS["next"] = 0
-    index = _PEER_STATUS["next"]
-    _PEER_STATUS["next"] = (index + 1) % len(_PEER_STATUS["ring"])
-    host = _PEER_STATUS["ring"][index]
-    host.copy_(peers.status, non_blocking=True)
-    return host
+    return peers.status.to("cpu", non_blocking=True)  # into pinned memory, as the sampled ids
 
 
 def raise_if_peers_timed_out(status: torch.Tensor | None) -> None:
@@ -262,8 +255,7 @@ def check_peer_collectives() -> None:
     if peers is None:
         return
     if peers.status.device.type != "cuda":
-        if int(peers.status[0]):
-            raise _timed_out()
+        raise_if_peers_timed_out(peers.status)
         return
     copied = _PEER_STATUS.get("copied")
     if copied is not None and not copied.query():
