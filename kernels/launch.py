@@ -1,5 +1,5 @@
 """How the kernels launch: the SM count their grids are sized by, and programmatic dependent
-launch (Hopper and later), opt-in with AFS_PDL=1.
+launch (Hopper and later), on by default (AFS_PDL=0 turns it off).
 
 A kernel launched this way may start while the kernel before it on the stream is finishing: its
 programs become resident and wait at `griddepcontrol.wait` until the previous grid has completed
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-PDL = os.environ.get("AFS_PDL") == "1"
+PDL = os.environ.get("AFS_PDL", "1") != "0"
 _DEFAULT_NUM_SMS = 132  # H200; the CPU interpreter has no SM count
 
 
@@ -32,14 +32,15 @@ def num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache
-def _hopper_or_later(device: torch.device) -> bool:
+def hopper_or_later(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9 or more."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pdl_options(device: torch.device) -> dict:
-    """Launch keywords for a kernel with a `PDL` constexpr: on with AFS_PDL=1 on a Hopper or later
-    GPU, else off (the interpreter, older GPUs)."""
-    if PDL and _hopper_or_later(device):
+    """Launch keywords for a kernel with a `PDL` constexpr: on for a Hopper or later GPU unless
+    AFS_PDL=0, else off (the interpreter, older GPUs)."""
+    if PDL and hopper_or_later(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 
