@@ -16,8 +16,8 @@
 4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new) with AFS_SKINNY_MATMUL and
    AFS_PDL (programmatic dependent launch of our kernels) off and on, for each model; 7B at tp = 2
    as well where two GPUs are visible. A variant that fails is recorded with its error.
-5. (part "prefetch") Batch-1 decode tok/s with cuBLAS and PDL, asking L2 for the first 0, 8, 16,
-   32 or 64 MiB of each upcoming weight (kernels/l2_prefetch.py, AFS_L2_PREFETCH_MB).
+5. (part "prefetch") Batch-1 decode tok/s with cuBLAS and PDL, asking L2 for the first 0, 8 or
+   32 MiB of each upcoming weight (kernels/l2_prefetch.py, AFS_L2_PREFETCH_MB).
 Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
 
@@ -220,7 +220,7 @@ def rates(result: dict, save, models: list[str]) -> None:
             save()
 
 
-PREFETCH_MIB = (0, 8, 16, 32, 64)
+PREFETCH_MIB = (0, 8, 32)
 
 
 def prefetch_rates(result: dict, save, models: list[str]) -> None:

@@ -3,10 +3,9 @@
 At batch 1 a decode step alternates between weight-streaming matmuls, which keep DRAM busy, and
 small kernels (QK-norm and RoPE, attention, norms, the activation) that barely touch it. Each of
 those gaps is time the next matmul's weight could already be on its way. `l2_prefetch(weight,
-max_bytes)` is one small kernel, put on the stream ahead of those small kernels: each of its
-threads asks the copy engine of its SM for one chunk of the weight
-(`cp.async.bulk.prefetch.L2`, a hint that fills L2 and no register or shared memory) and the
-kernel ends; the reads go on while the small kernels run, and the matmul finds those lines in L2.
+max_bytes)` is one small kernel, put on the stream ahead of those small kernels: its programs,
+spread over many SMs, ask for the weight's 128-byte lines (`prefetch.global.L2`, a hint that
+fills L2 and no register) and end; the reads go on while the small kernels run, and the matmul finds those lines in L2.
 Only the first `max_bytes` of the weight (its first rows) are asked for, so what was fetched is
 still in the 50 MB L2 when the matmul reads it.
 
@@ -26,25 +25,22 @@ import triton.language as tl
 
 from kernels.launch import hopper_or_later, pdl_options
 
-CHUNK = 32 * 1024
-"""Bytes one thread asks for."""
-_THREADS = 128
+_LINES = 1024
+"""128-byte lines one program asks for (128 KiB: eight a thread), so many SMs share the asking."""
 BUDGET = int(float(os.environ.get("AFS_L2_PREFETCH_MB", "0")) * (1 << 20))
 """Bytes of each upcoming weight to ask for (AFS_L2_PREFETCH_MB; 0: none)."""
 
 
 @triton.jit
-def _prefetch_kernel(byte_ptr, nbytes, CHUNK: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _prefetch_kernel(byte_ptr, nbytes, LINES: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    chunk = tl.program_id(0) * THREADS + tl.arange(0, THREADS)
-    start = chunk.to(tl.int64) * CHUNK
-    size = tl.minimum(nbytes - start, CHUNK)
+    line = tl.program_id(0) * LINES + tl.arange(0, LINES)
+    start = line.to(tl.int64) * 128
     tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-        "mov.b32 $0, 0; }",
-        "=r,l,r,r",
-        [byte_ptr + start, size.to(tl.int32), size.to(tl.int32)],
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r",
+        [byte_ptr + start, (start < nbytes).to(tl.int32)],
         dtype=tl.int32,
         is_pure=False,
         pack=1,
@@ -54,17 +50,17 @@ def _prefetch_kernel(byte_ptr, nbytes, CHUNK: tl.constexpr, THREADS: tl.constexp
 
 
 def l2_prefetch(weight: torch.Tensor, max_bytes: int) -> None:
-    """Ask L2 for the first `max_bytes` of `weight` (contiguous), rounded down to 16 bytes; no-op
+    """Ask L2 for the first `max_bytes` of `weight` (contiguous), whole lines; no-op
     where the hint cannot be given (not a Hopper or later GPU, or the interpreter)."""
     if max_bytes <= 0 or not hopper_or_later(weight.device) or os.environ.get("TRITON_INTERPRET"):
         return
     if not weight.is_contiguous():
         raise ValueError("l2_prefetch takes a contiguous tensor")
-    nbytes = min(weight.numel() * weight.element_size(), max_bytes) // 16 * 16
+    nbytes = min(weight.numel() * weight.element_size(), max_bytes)
     if nbytes == 0:
         return
-    grid = (triton.cdiv(nbytes, CHUNK * _THREADS),)
+    grid = (triton.cdiv(nbytes, 128 * _LINES),)
     _prefetch_kernel[grid](
-        weight.view(-1).view(torch.uint8), nbytes, CHUNK=CHUNK, THREADS=_THREADS, num_warps=4,
+        weight.view(-1).view(torch.uint8), nbytes, LINES=_LINES, num_warps=4,
         **pdl_options(weight.device),
     )  # fmt: skip
