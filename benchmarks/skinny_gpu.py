@@ -16,8 +16,6 @@
 4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new) with AFS_SKINNY_MATMUL and
    AFS_PDL (programmatic dependent launch of our kernels) off and on, for each model; 7B at tp = 2
    as well where two GPUs are visible. A variant that fails is recorded with its error.
-5. (part "prefetch") Batch-1 decode tok/s with cuBLAS and PDL, asking L2 for the first 0, 8 or
-   32 MiB of each upcoming weight (kernels/l2_prefetch.py, AFS_L2_PREFETCH_MB).
 Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
 
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import tp_gpu
 
-from kernels import l2_prefetch, launch
+from kernels import launch
 from kernels.activation import silu_and_mul
 from kernels.skinny_matmul import plan, skinny_matmul
 from workers.bench.ceilings import free_memory, measure_ceilings
@@ -220,30 +218,6 @@ def rates(result: dict, save, models: list[str]) -> None:
             save()
 
 
-PREFETCH_MIB = (0, 8, 32)
-
-
-def prefetch_rates(result: dict, save, models: list[str]) -> None:
-    rows: dict = {}
-    result["prefetch_batch1_decode_tok_s"] = rows
-    tps = (1, 2) if torch.cuda.device_count() >= 2 else (1,)
-    for model in models:
-        for tp in tps if model == "7b" else (1,):
-            key = f"dummy:olmo2-{model} tp{tp}"
-            rows[key] = {}
-            for mib in PREFETCH_MIB:
-                l2_prefetch.BUDGET = mib << 20
-                os.environ["AFS_L2_PREFETCH_MB"] = str(mib)  # a spawned rank reads it
-                try:
-                    rows[key][f"{mib}MiB"] = decode_rate(f"dummy:olmo2-{model}", tp, False, True)
-                except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
-                    rows[key][f"{mib}MiB"] = repr(exc)
-                finally:
-                    fused.SKINNY_MATMUL, launch.PDL, l2_prefetch.BUDGET = False, False, 0
-            print(key, rows[key], flush=True)
-            save()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -276,8 +250,6 @@ def main() -> None:
         chain(result, save, device)
     if "rates" in parts:
         rates(result, save, args.models.split(","))
-    if "prefetch" in parts:
-        prefetch_rates(result, save, args.models.split(","))
     result["wall_s"] = time.perf_counter() - start
     save()
 
@@ -289,8 +261,6 @@ def main() -> None:
         print(f"chain {key} (ms a step):", row)
     for key, row in result.get("batch1_decode_tok_s", {}).items():
         print(f"{key} batch-1 decode tok/s:", row)
-    for key, row in result.get("prefetch_batch1_decode_tok_s", {}).items():
-        print(f"{key} batch-1 decode tok/s by L2 prefetch:", row)
     if "check_ok" in result:
         print("bf16 check:", "ok" if result["check_ok"] else "FAILED")
 

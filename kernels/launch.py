@@ -32,7 +32,7 @@ def num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache
-def hopper_or_later(device: torch.device) -> bool:
+def _hopper_or_later(device: torch.device) -> bool:
     """A CUDA device of compute capability 9 or more."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -40,7 +40,7 @@ def hopper_or_later(device: torch.device) -> bool:
 def pdl_options(device: torch.device) -> dict:
     """Launch keywords for a kernel with a `PDL` constexpr: on for a Hopper or later GPU unless
     AFS_PDL=0, else off (the interpreter, older GPUs)."""
-    if PDL and hopper_or_later(device):
+    if PDL and _hopper_or_later(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

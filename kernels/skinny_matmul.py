@@ -20,7 +20,7 @@ zero for the next call. The workspace is one per device, shared by every layer: 
 are consumed before the next kernel on the stream starts (with PDL too: nothing is read or written
 before the wait for the kernel before).
 
-With programmatic dependent launch (kernels/launch.py, AFS_PDL=1) a program starts while the
+With programmatic dependent launch (kernels/launch.py, on by default) a program starts while the
 kernel before it finishes; it spends that time prefetching its first two W tiles into L2.
 """
 

@@ -6,10 +6,8 @@ the kernels on CPU through Triton's interpreter, or to False for the PyTorch pat
 environment variable AFS_FORCE_TRITON (1 or 0) sets it at import, so tensor-parallel ranks
 spawned as processes of their own make the same choice.
 AFS_SKINNY_MATMUL=1 makes the linear layers and the LM head multiply decode batches (up to 16
-rows) with `kernels/skinny_matmul.py` instead of cuBLAS, on the same terms; off by default.
-AFS_L2_PREFETCH_MB=n has decode batches ask L2 for the first n MiB of each upcoming weight while
-the small kernels before its matmul run (`prefetch`, `kernels/l2_prefetch.py`); 0, the default,
-asks for nothing.
+rows) with `kernels/skinny_matmul.py` instead of cuBLAS, on the same terms; off by default (on the
+H200 cuBLAS still reads every decode projection but the LM head faster: benchmarks/BENCHMARKS.md).
 Layers import a kernel module only on the Triton path: Triton is not installed everywhere the
 engine runs (only on Linux x86-64).
 """
@@ -62,19 +60,3 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor |
     from kernels.skinny_matmul import skinny_matmul
 
     return skinny_matmul(gate_up, weight, swiglu=True)
-
-
-PREFETCH_MAX_ROWS = 64
-"""Batches of up to this many tokens prefetch weights (decode steps: their matmuls stream W)."""
-
-
-def prefetch(x: torch.Tensor, module: torch.nn.Module) -> None:
-    """Where x is a decode batch on the Triton path: start reading `module`'s weight into L2, so
-    the matmul after the kernels about to run finds it there. A hint; changes no result."""
-    if x.shape[0] > PREFETCH_MAX_ROWS or not use_triton(x) or not x.is_cuda:
-        return
-    from kernels import l2_prefetch
-
-    weight = getattr(module, "weight", None)
-    if l2_prefetch.BUDGET and isinstance(weight, torch.Tensor) and weight.is_contiguous():
-        l2_prefetch.l2_prefetch(weight, l2_prefetch.BUDGET)

@@ -22,7 +22,6 @@ class GatedMLP(nn.Module):
         # (`reduce=False`: this rank's partial sum, see RowParallelLinear)
         gate_up = self.gate_up_proj(x)
         down = self.down_proj
-        fused.prefetch(gate_up, down)  # while the activation runs
         if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
             out = fused.swiglu_linear(gate_up, down.weight)
             if out is not None:

@@ -37,9 +37,6 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
-        for layer, after in zip(self.layers, self.layers[1:]):
-            if hasattr(layer, "next_layer"):  # a layer that prefetches the next one's weights
-                layer.next_layer.append(after)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling

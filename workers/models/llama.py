@@ -18,7 +18,6 @@ from torch import nn
 
 from workers.config import ModelConfig
 from workers.layers.attention import Attention
-from workers.layers import fused
 from workers.layers.fused import use_triton
 from workers.layers.linear import QKVParallelLinear, RowParallelLinear
 from workers.layers.mlp import GatedMLP
@@ -60,7 +59,6 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
         norms = self.qk_norms()
         if use_triton(qkv):
-            fused.prefetch(qkv, self.o_proj)  # while QK-norm, RoPE and attention run
             return self.o_proj(self.attn.forward_qkv(qkv, rope, norms), reduce)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if norms is not None:
@@ -87,13 +85,11 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # hidden: the last sublayer's output [T, hidden]; residual: the stream before it (None in
         # the first layer, whose hidden is the embedding) -> (this layer's MLP output, stream)
-        fused.prefetch(hidden, self.self_attn.qkv_proj)  # while the norm runs
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
         hidden = self.self_attn(hidden, rope)
-        fused.prefetch(hidden, self.mlp.gate_up_proj)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp(hidden), residual
 

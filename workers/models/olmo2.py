@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from workers.config import ModelConfig
-from workers.layers import fused
 from workers.layers.mlp import GatedMLP
 from workers.layers.norm import RMSNorm, ShardedRMSNorm
 from workers.layers.rotary import RotaryStep
@@ -51,20 +50,15 @@ class Olmo2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.next_layer: list[nn.Module] = []  # set by the stack; a list, not a submodule
 
     def forward(
         self, hidden: torch.Tensor, residual: None, rope: RotaryStep
     ) -> tuple[torch.Tensor, None]:
         # hidden: the residual stream [T, hidden]; each sublayer's all-reduce is left to the norm
         # after it, which fuses the two where it can
-        # (with each norm, L2 prefetches of the next matmul's weight: kernels/l2_prefetch.py)
         attn = self.self_attn(hidden, rope, reduce=False)
-        fused.prefetch(attn, self.mlp.gate_up_proj)
         hidden = self.post_attention_layernorm.norm_and_add(attn, hidden, reduce=True)
         mlp = self.mlp(hidden, reduce=False)
-        for layer in self.next_layer:
-            fused.prefetch(mlp, layer.self_attn.qkv_proj)
         return self.post_feedforward_layernorm.norm_and_add(mlp, hidden, reduce=True), None
 
 
