@@ -14,13 +14,16 @@
 #                                             the default), then 13B scaling and the collectives'
 #                                             time per step (TP_PARTS=rates,collectives TP_MODELS=
 #                                             dummy:olmo2-13b); one call each
-#   bash benchmarks/gpu_suite.sh skinny       the decode matmul kernel and PDL: their GPU tests
-#                                             and graphs on against off with both on, then
-#                                             benchmarks/skinny_gpu.py: a check, a step's chain
-#                                             against cuBLAS, batch-1 decode with each off and on
-#                                             (SKINNY_PARTS=check,chain,rates and SKINNY_MODELS=
-#                                             1b,7b, the defaults; the part "alone" times each
-#                                             projection); STEP_TIMEOUT=560 for the defaults
+#   bash benchmarks/gpu_suite.sh skinny       the decode matmul kernel: its GPU tests and graphs
+#                                             on against off with it on everywhere, then
+#                                             benchmarks/skinny_gpu.py: the sweep of its cuts
+#                                             against cuBLAS, which writes the measured table
+#                                             (kernels/skinny_matmul_configs.json, a copy under
+#                                             $OUT), then a step's chain (SKINNY_PARTS=sweep,
+#                                             chain, the default; STEP_TIMEOUT=560); in the next
+#                                             call SKINNY_PARTS=check,rates (SKINNY_MODELS=1b,7b)
+#                                             with that table in place: batch-1 decode with
+#                                             cuBLAS, the table, the kernel everywhere
 #   bash benchmarks/gpu_suite.sh cluster      (2 GPUs) dummy:olmo2-7b served by one tp = 1 and
 #                                             one tp = 2 replica under the load test, the
 #                                             in-process engine beside; needs ray, jsonschema
@@ -73,12 +76,12 @@ case "$part" in
       --parts "${TP_PARTS:-check,rates}" --models "${TP_MODELS:-dummy:olmo2-7b}"
     ;;
   skinny)
-    # the GPU tests of the kernel, and graphs on against off, with both switched on
-    guard env AFS_SKINNY_MATMUL=1 AFS_PDL=1 python3 -m pytest -q -m gpu \
+    # the GPU tests of the kernel, and graphs on against off, with it on everywhere
+    guard env AFS_SKINNY_MATMUL=1 python3 -m pytest -q -m gpu \
       tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py \
       tests/kernels/test_peer_collectives.py
     guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
-      --parts "${SKINNY_PARTS:-check,chain,rates}" --models "${SKINNY_MODELS:-1b,7b}"
+      --parts "${SKINNY_PARTS:-sweep,chain}" --models "${SKINNY_MODELS:-1b,7b}"
     ;;
   cluster)
     python3 -m protos.build || exit 1 # the gRPC stubs the load test's client imports

@@ -1,8 +1,15 @@
 """The decode matmul (kernels/skinny_matmul.py) against cuBLAS on one GPU, in one call.
 
     python3 benchmarks/skinny_gpu.py [--out DIR] [--deadline SECONDS] [--models 1b,7b]
-                                     [--parts check,alone,chain,rates]
+                                     [--parts sweep,check,alone,chain,rates]
 
+0. (part "sweep") For every decode weight shape of dummy:olmo2-1b, -7b and -13b (7B's and 13B's
+   halves at tp = 2 too), at 1 row and at 8, and for down_proj with SwiGLU inside: each candidate
+   cut (`Config`: tile width, K step, slices, warps, stages; one-row calls on the CUDA cores as
+   well) checked against the fp32 product and timed as in 2; the fastest re-timed beside cuBLAS
+   (and the activation kernel, for SwiGLU). Shapes where it beats cuBLAS by 3% or more go into
+   kernels/skinny_matmul_configs.json under this GPU's name (here and under --out), which the
+   layers then follow (fused.py) and the later parts take.
 1. Correctness, bf16: every decode projection of dummy:olmo2-1b and -7b (and 7B's halves at tp = 2)
    at 1 and 8 rows against the fp32 product rounded to bf16 (cuBLAS's difference beside), and
    down_proj with SwiGLU inside against the activation kernel then that product: the largest
@@ -12,10 +19,12 @@
    call and the read rate as a fraction of the copy rate measured here, cuBLAS beside.
 3. A step's chain: every layer's four projections in order (distinct weights, as in a model; the
    SwiGLU activation before down_proj: its own kernel beside cuBLAS, inside ours), then the LM
-   head, in one graph: time per decode step, cuBLAS against the kernel, without and with PDL.
-4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new) with AFS_SKINNY_MATMUL and
-   AFS_PDL (programmatic dependent launch of our kernels) off and on, for each model; 7B at tp = 2
-   as well where two GPUs are visible. A variant that fails is recorded with its error.
+   head, in one graph: time per decode step, cuBLAS against the kernel's default plan (without
+   and with PDL) and against the layers' choice (measured configs where listed, else cuBLAS).
+4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new), PDL on: cuBLAS only
+   (AFS_SKINNY_MATMUL=0), the measured shapes through the kernel (unset, the default), every
+   projection through it (=1); for each model, 7B at tp = 2 as well where two GPUs are visible.
+   A variant that fails is recorded with its error.
 Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
 
@@ -33,21 +42,21 @@ import torch.nn.functional as F
 import tp_gpu
 
 from kernels import launch
+from kernels import skinny_matmul as skinny_module
 from kernels.activation import silu_and_mul
-from kernels.skinny_matmul import plan, skinny_matmul
+from kernels.skinny_matmul import Config, plan, skinny_matmul, table_key
 from workers.bench.ceilings import free_memory, measure_ceilings
 from workers.bench.results import git_commit
 from workers.layers import fused
 
 # (hidden, intermediate, layers, vocab) of the dummy Olmo 2 models
-MODELS = {"1b": (2048, 8192, 16, 100352), "7b": (4096, 11008, 32, 100352)}
-# label, AFS_SKINNY_MATMUL, AFS_PDL
-RATE_VARIANTS = (
-    ("cublas", False, False),
-    ("cublas_pdl", False, True),
-    ("ours", True, False),
-    ("ours_pdl", True, True),
-)
+MODELS = {
+    "1b": (2048, 8192, 16, 100352),
+    "7b": (4096, 11008, 32, 100352),
+    "13b": (5120, 13824, 40, 100352),
+}
+# label, AFS_SKINNY_MATMUL (None: unset, the measured shapes only); PDL on
+RATE_VARIANTS = (("cublas", False), ("table", None), ("ours", True))
 
 
 def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, tuple[int, int]]:
@@ -61,10 +70,11 @@ def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, t
     }
 
 
-def rank_projections():
-    """(label, N, K) of every decode weight of a rank: 1B, 7B, and 7B's halves at tp = 2."""
-    for model, (hidden, inter, _, vocab) in MODELS.items():
-        for tp in (1, 2) if model == "7b" else (1,):
+def rank_projections(models=("1b", "7b")):
+    """(label, N, K) of every decode weight of a rank: 1B, 7B (13B), their halves at tp = 2."""
+    for model in models:
+        hidden, inter, _, vocab = MODELS[model]
+        for tp in (1,) if model == "1b" else (1, 2):
             for name, (n, k) in projections(hidden, inter, vocab, tp).items():
                 yield f"{model} tp{tp} {name}", n, k
 
@@ -93,6 +103,114 @@ def _graph_us(calls: list, device: torch.device, repeats: int = 5) -> float:
     end.record()
     torch.cuda.synchronize(device)
     return start.elapsed_time(end) * 1e3 / (repeats * len(calls))
+
+
+def candidates(n: int, k: int, m: int, num_sms: int) -> list[Config]:
+    """The cuts a sweep tries for an N x K weight at m rows: the default plan; tl.dot tiles of 32
+    to 128 features with K steps of 64 to 256, each unsplit and split about as the plan would,
+    half and twice that, with 3 or 5 stages; for one row, narrow tiles on the CUDA cores too."""
+    found = [plan(n, k, num_sms)]
+
+    def splits(block_n: int, block_k: int, per_sm: int) -> set[int]:
+        steps = -(-k // block_k)
+        auto = max(1, min(steps // 2, round(per_sm * num_sms / -(-n // block_n))))
+        return {1, auto, max(1, auto // 2), min(steps, 2 * auto)}
+
+    for block_n, block_k in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256), (128, 64)):
+        for split in sorted(splits(block_n, block_k, 4)):
+            for stages in (3, 5):
+                found.append(Config(block_n, block_k, split, 4, stages))
+    if m == 1:
+        for block_n, block_k in ((4, 512), (8, 512), (16, 256), (32, 256), (8, 1024)):
+            for split in sorted(splits(block_n, block_k, 8)):
+                for warps in (2, 4):
+                    found.append(Config(block_n, block_k, split, warps, 2, True))
+    return list(dict.fromkeys(found))
+
+
+def sweep(result: dict, save, device: torch.device, out: Path) -> None:
+    num_sms = launch.num_sms(device)
+    gpu = torch.cuda.get_device_name(device)
+    rows: dict = {}
+    result["sweep"] = rows
+    table: dict = {}
+    shapes = []
+    for label, n, k in rank_projections(("1b", "7b", "13b")):
+        shapes.append((label, n, k, False))
+        if label.endswith(" down"):
+            shapes.append((label + " swiglu", n, k, True))
+    for label, n, k, swiglu in shapes:
+        nbytes = n * k * 2
+        copies = max(2, -(-(256 << 20) // nbytes))
+        weights = [(torch.randn(n, k, device=device) / k**0.5).bfloat16() for _ in range(copies)]
+        for m in (1, 8):
+            key = table_key(n, k, m, swiglu)
+            if key in table or f"{key} (slower)" in rows:
+                continue  # the same shape from another model
+            x = torch.randn(m, 2 * k if swiglu else k, device=device).bfloat16()
+            act = silu_and_mul(x) if swiglu else x
+            want = (act.float() @ weights[0].float().T).bfloat16().float()
+
+            def cublas(w, x=x, swiglu=swiglu):
+                return F.linear(silu_and_mul(x) if swiglu else x, w)
+
+            timed = []
+            for config in candidates(n, k, m, num_sms):
+                try:
+                    got = skinny_matmul(x, weights[0], swiglu=swiglu, config=config)
+                    if _max_rel_diff(got, want) > 1.6e-2:
+                        continue
+                    calls = [
+                        lambda w=w, c=config, x=x, s=swiglu: skinny_matmul(x, w, swiglu=s, config=c)
+                        for w in weights
+                    ]
+                    timed.append((_graph_us(calls, device), config))
+                except Exception as exc:  # noqa: BLE001 - a candidate that fails is skipped
+                    print(label, m, config, "failed:", repr(exc)[:200], flush=True)
+            if not timed:
+                continue
+            timed.sort(key=lambda t: t[0])
+            best = timed[0][1]
+            ours_calls = [
+                lambda w=w, x=x, s=swiglu, c=best: skinny_matmul(x, w, swiglu=s, config=c)
+                for w in weights
+            ]
+            cublas_calls = [lambda w=w: cublas(w) for w in weights]
+            ours_us = min(_graph_us(ours_calls, device, 20) for _ in range(2))
+            cublas_us = min(_graph_us(cublas_calls, device, 20) for _ in range(2))
+            row = {
+                "label": f"{label} m{m}",
+                "config": list(best),
+                "us": ours_us,
+                "cublas_us": cublas_us,
+                "candidates": len(timed),
+                "runner_up": [[us, list(c)] for us, c in timed[1:4]],
+            }
+            faster = ours_us < 0.97 * cublas_us
+            rows[key if faster else f"{key} (slower)"] = row
+            if faster:
+                table[key] = {k_: row[k_] for k_ in ("config", "us", "cublas_us", "label")}
+            print(
+                f"{label} m{m}: ours {ours_us:.1f} us {best} cuBLAS {cublas_us:.1f} us", flush=True
+            )
+        del weights
+        free_memory(device)
+        save()
+        write_table(gpu, table, out)  # after each shape: a run cut short keeps what it measured
+    print(f"{len(table)} of {len(rows)} shapes faster than cuBLAS", flush=True)
+
+
+def write_table(gpu: str, table: dict, out: Path) -> None:
+    """This GPU's measured configs into kernels/skinny_matmul_configs.json (other GPUs' kept) and
+    a copy under --out; the layers take them from the next call on."""
+    path = skinny_module._TABLE_PATH
+    tables = json.loads(path.read_text()) if path.exists() else {}
+    tables[gpu] = dict(sorted(table.items()))
+    text = json.dumps(tables, indent=1, sort_keys=True) + "\n"
+    path.write_text(text)
+    (out / path.name).write_text(text)
+    skinny_module._table.cache_clear()
+    skinny_module._device_table.cache_clear()
 
 
 def check(result: dict, save, device: torch.device) -> None:
@@ -172,10 +290,22 @@ def chain(result: dict, save, device: torch.device) -> None:
                     return skinny_matmul(gate_up, w, swiglu=True)
                 return skinny_matmul(inputs[name], w)
 
-            variants = (("cublas", cublas, False), ("ours", ours, False), ("ours_pdl", ours, True))
+            def layers_choice(name, w, inputs=inputs, gate_up=gate_up):
+                if name == "down":  # as GatedMLP: SwiGLU inside where measured, else apart
+                    out = fused.swiglu_linear(gate_up, w)
+                    return out if out is not None else fused.linear(silu_and_mul(gate_up), w)
+                return fused.linear(inputs[name], w)
+
+            variants = (
+                ("cublas", cublas, False),
+                ("ours", ours, False),
+                ("ours_pdl", ours, True),
+                ("table_pdl", layers_choice, True),
+            )
             row = {}
             for label, op, pdl in variants:
                 launch.PDL = pdl  # read at each launch, so the capture takes it
+                fused.SKINNY_MATMUL = None
                 calls = [lambda n=n, w=w, op=op: op(n, w) for n, w in weights]
                 try:
                     row[f"{label}_ms_per_step"] = _graph_us(calls, device) * len(calls) / 1e3
@@ -191,11 +321,14 @@ def chain(result: dict, save, device: torch.device) -> None:
     result["chain"] = rows
 
 
-def decode_rate(model: str, tp: int, skinny: bool, pdl: bool) -> float:
-    """tp_gpu's batch-1 decode rate with the decode matmul and PDL on or off."""
-    fused.SKINNY_MATMUL, launch.PDL = skinny, pdl
-    os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"  # a spawned rank reads them
-    os.environ["AFS_PDL"] = "1" if pdl else "0"
+def decode_rate(model: str, tp: int, skinny: bool | None) -> float:
+    """tp_gpu's batch-1 decode rate, PDL on, with the decode matmul everywhere (True), nowhere
+    (False) or on the measured shapes (None)."""
+    fused.SKINNY_MATMUL, launch.PDL = skinny, True
+    os.environ["AFS_PDL"] = "1"  # a spawned rank reads them
+    os.environ.pop("AFS_SKINNY_MATMUL", None)
+    if skinny is not None:
+        os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"
     return tp_gpu.decode_rate(model, tp)
 
 
@@ -204,16 +337,16 @@ def rates(result: dict, save, models: list[str]) -> None:
     result["batch1_decode_tok_s"] = rows
     tps = (1, 2) if torch.cuda.device_count() >= 2 else (1,)
     for model in models:
-        for tp in tps if model == "7b" else (1,):
+        for tp in tps if model != "1b" else (1,):
             key = f"dummy:olmo2-{model} tp{tp}"
             rows[key] = {}
-            for label, skinny, pdl in RATE_VARIANTS:
+            for label, skinny in RATE_VARIANTS:
                 try:
-                    rows[key][label] = decode_rate(f"dummy:olmo2-{model}", tp, skinny, pdl)
+                    rows[key][label] = decode_rate(f"dummy:olmo2-{model}", tp, skinny)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
                     rows[key][label] = repr(exc)
                 finally:
-                    fused.SKINNY_MATMUL, launch.PDL = False, False
+                    fused.SKINNY_MATMUL, launch.PDL = None, True
             print(key, rows[key], flush=True)
             save()
 
@@ -242,6 +375,8 @@ def main() -> None:
         (out / f"skinny_gpu_{'_'.join(parts)}.json").write_text(json.dumps(result, indent=2))
 
     start = time.perf_counter()
+    if "sweep" in parts:
+        sweep(result, save, device, out)
     if "check" in parts:
         check(result, save, device)
     if "alone" in parts:
@@ -254,6 +389,9 @@ def main() -> None:
     save()
 
     print(f"\ncopy rate {copy_gbps:.0f} GB/s")
+    for key, row in result.get("sweep", {}).items():
+        print(f"sweep {row['label']:28s} ours {row['us']:7.1f} us cuBLAS {row['cublas_us']:7.1f} us"
+              f" {row['config']}{'' if 'slower' not in key else ' (slower)'}")  # fmt: skip
     for key, row in result.get("alone", {}).items():
         print(f"{key:24s} cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_of_copy']:.2f} of copy) "
               f"ours {row['ours_us']:7.1f} us ({row['ours_of_copy']:.2f})")  # fmt: skip

@@ -10,7 +10,14 @@ most of the GPU's SMs sit idle while those few stream their rows. Here the work 
 so every SM streams a share of W even when N is small. Each program loads [BLOCK_N, BLOCK_K]
 tiles of W (K contiguous, so each row of the tile is one coalesced read) with its [16, BLOCK_K]
 tile of x (rows past M masked to zero) and accumulates x W^T in fp32 with `tl.dot`. x's rows are
-always padded to 16, so a row's result does not depend on how many other rows came with it.
+padded to 16, so a row's result does not depend on how many other rows came with it. A config
+with `fma` runs a one-row call on the CUDA cores instead (products summed along each W row, no
+padding): a batch of one is graphed at its own size, so its row never meets others.
+
+How a shape is cut (tile width, K step, slices, warps, stages) is a `Config`: the default `plan`,
+or one measured on the GPU (`benchmarks/skinny_gpu.py --parts sweep` times candidates against
+cuBLAS and writes skinny_matmul_configs.json, beside this file, with the shapes where one won;
+workers/layers/fused.py sends only those shapes here unless told otherwise).
 
 With SPLIT > 1 the slices' fp32 partial sums meet without another launch: each program writes its
 [16, BLOCK_N] partial to a workspace and bumps its N tile's counter (acq_rel, GPU scope); the
@@ -27,6 +34,9 @@ kernel before it finishes; it spends that time prefetching its first two W tiles
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,13 +55,13 @@ _COUNTERS = 1 << 16
 def _matmul_kernel(
     x_ptr, stride_x, w_ptr, stride_w, y_ptr, stride_y,
     part_ptr, count_ptr,
-    M, N, K, K_PER_SPLIT,
-    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    SWIGLU: tl.constexpr, PDL: tl.constexpr,
+    M, N, K, K_PER_SPLIT, SPLIT,
+    SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, ROWS)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
@@ -62,9 +72,9 @@ def _matmul_kernel(
         # tiles into L2 (weights, which no kernel writes), then wait for it
         prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
     wait_for_previous(PDL)
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
 
-    # -- stream this program's slice of K: W [BLOCK_N, BLOCK_K] and x [16, BLOCK_K] tiles --
+    # -- stream this program's slice of K: W [BLOCK_N, BLOCK_K] and x [ROWS, BLOCK_K] tiles --
     for k in range(k_start, k_end, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
@@ -81,27 +91,29 @@ def _matmul_kernel(
             x = (gate * tl.sigmoid(gate) * up).to(w.dtype)
         else:
             x = tl.load(x_tile, mask=x_ok, other=0.0)
-        if IEEE:
+        if ROWS == 1:  # one row: products and sums on the CUDA cores, no padding to 16 rows
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        elif IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
 
     out = y_ptr + rows[:, None] * stride_y + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT == 1:
+    if not SPLIT_K:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
-        tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * 16 * BLOCK_N)
+        tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
         offsets = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(tile_parts + split * (16 * BLOCK_N) + offsets, acc)
+        tl.store(tile_parts + split * (ROWS * BLOCK_N) + offsets, acc)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:
-            total = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            total = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT):
                 # .cg: from L2, never an L1 line this SM may hold from an earlier call
-                total += tl.load(tile_parts + s * (16 * BLOCK_N) + offsets, cache_modifier=".cg")
+                total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
@@ -124,23 +136,71 @@ def prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K: tl.const
     )
 
 
+class Config(NamedTuple):
+    """How one call is cut: tiles of `block_n` features, K steps of `block_k`, `split` slices of K
+    (1: no partials), and the launch's warps and pipeline stages. `fma`: a one-row call sums its
+    products on the CUDA cores instead of padding x to 16 rows for `tl.dot`."""
+
+    block_n: int
+    block_k: int
+    split: int
+    num_warps: int = 4
+    num_stages: int = 4
+    fma: bool = False
+
+
 @functools.lru_cache
-def plan(n: int, k: int, num_sms: int, split: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_N, SPLIT, K_PER_SPLIT) for an N x K weight on a GPU of `num_sms` SMs: tiles of 64
-    output features, and K split until there are about four programs per SM, each streaming at
-    least two BLOCK_K steps (or into about `split` slices, when given). Depends on the shape
-    only, never on M."""
+def plan(n: int, k: int, num_sms: int, split: int | None = None) -> Config:
+    """The default cut of an N x K weight on a GPU of `num_sms` SMs: tiles of 64 output features,
+    and K split until there are about four programs per SM, each streaming at least two BLOCK_K
+    steps (or into about `split` slices, when given). Depends on the shape only, never on M."""
     block_n = 64
     tiles = triton.cdiv(n, block_n)
     steps = triton.cdiv(k, _BLOCK_K)
     if split is None:
         split = max(1, min(steps // 2, round(4 * num_sms / tiles)))
-    k_per_split = triton.cdiv(steps, split) * _BLOCK_K
-    split = triton.cdiv(k, k_per_split)  # no empty slice
-    if split * MAX_ROWS * block_n * tiles > _WORKSPACE_FLOATS or tiles > _COUNTERS:
-        split = 1
-        k_per_split = steps * _BLOCK_K
-    return block_n, split, k_per_split
+    return Config(block_n, _BLOCK_K, split)
+
+
+def _slices(n: int, k: int, config: Config) -> tuple[int, int]:
+    """(slices, K per slice) of a config: no empty slice; one slice where the workspace or the
+    counters would not hold the partials."""
+    steps = triton.cdiv(k, config.block_k)
+    k_per_split = triton.cdiv(steps, max(1, min(config.split, steps))) * config.block_k
+    split = triton.cdiv(k, k_per_split)
+    tiles = triton.cdiv(n, config.block_n)
+    if split * MAX_ROWS * config.block_n * tiles > _WORKSPACE_FLOATS or tiles > _COUNTERS:
+        return 1, steps * config.block_k
+    return split, k_per_split
+
+
+_TABLE_PATH = Path(__file__).with_name("skinny_matmul_configs.json")
+
+
+@functools.lru_cache
+def _table(gpu: str) -> dict[str, Config]:
+    """Measured configs for this GPU's name, from skinny_matmul_configs.json (written by
+    benchmarks/skinny_gpu.py --parts sweep): only shapes where one beat cuBLAS are listed."""
+    if not _TABLE_PATH.exists():
+        return {}
+    entries = json.loads(_TABLE_PATH.read_text()).get(gpu, {})
+    return {key: Config(*value["config"]) for key, value in entries.items()}
+
+
+def table_key(n: int, k: int, m: int, swiglu: bool = False) -> str:
+    """A measured shape: N, K, one row or several, SwiGLU inside or not."""
+    return f"{n}x{k} {'m1' if m == 1 else 'm16'}{' swiglu' if swiglu else ''}"
+
+
+@functools.lru_cache
+def _device_table(device: torch.device) -> dict[str, Config]:
+    return _table(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
+
+
+def measured_config(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> Config | None:
+    """The config measured faster than cuBLAS for this call's shape on this GPU, or None."""
+    key = table_key(weight.shape[0], weight.shape[1], x.shape[0], swiglu)
+    return _device_table(x.device).get(key)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -161,13 +221,18 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def skinny_matmul(
-    x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, split: int | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    swiglu: bool = False,
+    split: int | None = None,
+    config: Config | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 16) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
 
     `swiglu`: x is a gate/up projection's output [M, 2K] (gate first) and the rows multiplied are
     silu(gate) * up, computed on the way in exactly as `kernels.activation.silu_and_mul` does
-    (one launch and one [M, K] round trip fewer). `split` overrides the plan's K slices (tests)."""
+    (one launch and one [M, K] round trip fewer). `split` overrides the plan's K slices (tests);
+    `config` the whole plan (a measured one, or a sweep's candidate)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     m = x.shape[0]
@@ -176,15 +241,19 @@ def skinny_matmul(
         raise ValueError(f"skinny_matmul takes 1 to {MAX_ROWS} rows, got {m}")
     if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("skinny_matmul: x and weight of one dtype, rows contiguous")
-    block_n, planned, k_per_split = plan(n, k, num_sms(x.device), split)
+    if config is None:
+        config = plan(n, k, num_sms(x.device), split)
+    slices, k_per_split = _slices(n, k, config)
+    rows = 1 if config.fma and m == 1 else MAX_ROWS
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), planned)
+    grid = (triton.cdiv(n, config.block_n), slices)
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
-        m, n, k, k_per_split,
-        SPLIT=planned, BLOCK_N=block_n, BLOCK_K=_BLOCK_K, IEEE=x.dtype == torch.float32,
-        SWIGLU=swiglu, num_warps=4, num_stages=4, **pdl_options(x.device),
+        m, n, k, k_per_split, slices,
+        SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        IEEE=x.dtype == torch.float32, SWIGLU=swiglu,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return y

@@ -6,10 +6,12 @@ plus the interpreter's fp16 products (fp16 only runs there on CPU)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from kernels.skinny_matmul import MAX_ROWS, plan, skinny_matmul
+from kernels.skinny_matmul import MAX_ROWS, Config, _slices, plan, skinny_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [
@@ -66,6 +68,100 @@ def test_swiglu_on_the_way_in_is_bitwise_the_activation_kernel_then_the_matmul(s
         skinny_matmul(gate_up[:, :500], w, swiglu=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m, config",
+    [
+        (1, Config(8, 64, 1, fma=True)),
+        (1, Config(16, 128, 3, num_warps=2, num_stages=2, fma=True)),
+        (4, Config(16, 128, 3, fma=True)),  # several rows: the tl.dot path, same cut
+        (2, Config(32, 256, 2, num_stages=3)),
+        (1, Config(128, 64, 1)),
+    ],
+)
+def test_any_config_matches_x_w_transposed(dtype, m, config):
+    n, k = 150, 700
+    gen = torch.Generator().manual_seed(n + m)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    got = skinny_matmul(x, w, config=config)
+    want = _reference(x, w)
+    scale = want.float().abs().max().item()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * scale, rtol=tol)
+    again = skinny_matmul(x, w, config=config)  # counters back at zero
+    assert torch.equal(again, got)
+
+
+def test_the_one_row_path_with_swiglu_is_the_activation_then_the_matmul():
+    from kernels.activation import silu_and_mul
+
+    gen = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(1, 2 * 300, generator=gen).to(DEVICE, torch.float16)
+    w = (torch.randn(70, 300, generator=gen) / 300**0.5).to(DEVICE, torch.float16)
+    config = Config(16, 64, 2, fma=True)
+    fused = skinny_matmul(gate_up, w, swiglu=True, config=config)
+    assert torch.equal(fused, skinny_matmul(silu_and_mul(gate_up), w, config=config))
+
+
+def test_measured_configs_are_read_per_gpu_and_shape(tmp_path, monkeypatch):
+    import kernels.skinny_matmul as module
+
+    table = {
+        "Some GPU": {
+            module.table_key(4096, 4096, 1): {"config": [16, 256, 4, 4, 3, True], "us": 9.0},
+            module.table_key(4096, 11008, 8, swiglu=True): {"config": [64, 128, 2, 4, 4, False]},
+        }
+    }
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(module, "_TABLE_PATH", path)
+    module._table.cache_clear()
+    try:
+        got = module._table("Some GPU")
+        assert got["4096x4096 m1"] == Config(16, 256, 4, 4, 3, True)
+        assert got["4096x11008 m16 swiglu"].block_n == 64
+        assert module._table("Another GPU") == {}
+        # a CPU tensor never takes a measured config
+        x, w = torch.zeros(1, 4096), torch.zeros(4096, 4096)
+        assert module.measured_config(x, w) is None
+    finally:
+        module._table.cache_clear()
+
+
+def test_layers_send_only_measured_shapes_by_default(monkeypatch):
+    """Unset AFS_SKINNY_MATMUL: a decode batch takes the kernel only where a config was measured
+    faster; =1 takes it everywhere (the measured config or the plan); =0 never."""
+    import kernels.skinny_matmul as module
+    from workers.layers import fused
+
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    seen = []
+
+    def kernel(x, w, swiglu=False, split=None, config=None):
+        seen.append(config)
+        return x @ w.T
+
+    monkeypatch.setattr(module, "skinny_matmul", kernel)
+    x, w = torch.randn(2, 32), torch.randn(8, 32)
+    measured = Config(16, 64, 1)
+    for mode, table, want in [
+        (None, {}, []),
+        (None, {"8x32 m16": measured}, [measured]),
+        (True, {}, [None]),
+        (False, {"8x32 m16": measured}, []),
+    ]:
+        seen.clear()
+        monkeypatch.setattr(fused, "SKINNY_MATMUL", mode)
+
+        def lookup(x, w, swiglu=False, table=table):
+            return table.get(module.table_key(w.shape[0], w.shape[1], x.shape[0], swiglu))
+
+        monkeypatch.setattr(module, "measured_config", lookup)
+        torch.testing.assert_close(fused.linear(x, w), x @ w.T)
+        assert seen == want, mode
+
+
 def test_bad_input_is_refused():
     w = torch.randn(8, 32, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
@@ -78,7 +174,9 @@ def test_bad_input_is_refused():
 
 @pytest.mark.parametrize("n, k", [(2048, 2048), (6144, 2048), (2048, 8192), (100352, 4096)])
 def test_the_plan_spreads_small_matrices_and_leaves_no_empty_slice(n, k):
-    block_n, split, k_per_split = plan(n, k, num_sms=132)
+    config = plan(n, k, num_sms=132)
+    block_n = config.block_n
+    split, k_per_split = _slices(n, k, config)
     assert (split - 1) * k_per_split < k <= split * k_per_split
     tiles = -(-n // block_n)
     if tiles < 132:  # a few dozen tiles of N: K is split (slices of two steps at least)
@@ -104,9 +202,9 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
     calls = {"swiglu": 0, "plain": 0}
     real = module.skinny_matmul
 
-    def counted(x, weight, swiglu=False, split=None):
+    def counted(x, weight, swiglu=False, split=None, config=None):
         calls["swiglu" if swiglu else "plain"] += 1
-        return real(x, weight, swiglu, split)
+        return real(x, weight, swiglu, split, config)
 
     monkeypatch.setattr(module, "skinny_matmul", counted)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
@@ -126,7 +224,7 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
             assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
 
 
-def test_programmatic_dependent_launch_is_opt_in_and_gpu_only(monkeypatch):
+def test_programmatic_dependent_launch_is_gpu_only(monkeypatch):
     from kernels import launch
 
     monkeypatch.setattr(launch, "PDL", False)

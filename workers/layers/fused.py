@@ -5,9 +5,10 @@ the kernels are tested against. `FORCE_TRITON` overrides the choice: tests set i
 the kernels on CPU through Triton's interpreter, or to False for the PyTorch path on a GPU. The
 environment variable AFS_FORCE_TRITON (1 or 0) sets it at import, so tensor-parallel ranks
 spawned as processes of their own make the same choice.
-AFS_SKINNY_MATMUL=1 makes the linear layers and the LM head multiply decode batches (up to 16
-rows) with `kernels/skinny_matmul.py` instead of cuBLAS, on the same terms; off by default (on the
-H200 cuBLAS still reads every decode projection but the LM head faster: benchmarks/BENCHMARKS.md).
+Decode batches (up to 16 rows) multiply with `kernels/skinny_matmul.py` instead of cuBLAS where
+that kernel was measured faster on this GPU for the weight's shape (its table of measured configs,
+kernels/skinny_matmul_configs.json); AFS_SKINNY_MATMUL=1 sends every decode batch through it,
+AFS_SKINNY_MATMUL=0 none.
 Layers import a kernel module only on the Triton path: Triton is not installed everywhere the
 engine runs (only on Linux x86-64).
 """
@@ -27,12 +28,13 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda if FORCE_TRITON is None else FORCE_TRITON
 
 
-SKINNY_MATMUL = os.environ.get("AFS_SKINNY_MATMUL") == "1"
+SKINNY_MATMUL: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_SKINNY_MATMUL", ""))
+"""True: every decode batch through the skinny matmul; False: none; None: measured shapes only."""
 
 
 def _skinny_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        SKINNY_MATMUL
+        SKINNY_MATMUL is not False
         and use_triton(x)
         and x.dim() == 2
         and 1 <= x.shape[0] <= 16
@@ -43,12 +45,14 @@ def _skinny_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where
-    AFS_SKINNY_MATMUL=1 and the Triton path applies, anything else through F.linear."""
+    """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where it
+    applies (see above), anything else through F.linear."""
     if _skinny_applies(x, weight):
-        from kernels.skinny_matmul import skinny_matmul
+        from kernels.skinny_matmul import measured_config, skinny_matmul
 
-        return skinny_matmul(x, weight)
+        config = measured_config(x, weight)
+        if config is not None or SKINNY_MATMUL:
+            return skinny_matmul(x, weight, config=config)
     return F.linear(x, weight)
 
 
@@ -57,6 +61,9 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor |
     kernel does not apply (the caller runs the activation and its matmul apart)."""
     if not _skinny_applies(gate_up, weight) or gate_up.shape[1] != 2 * weight.shape[1]:
         return None
-    from kernels.skinny_matmul import skinny_matmul
+    from kernels.skinny_matmul import measured_config, skinny_matmul
 
-    return skinny_matmul(gate_up, weight, swiglu=True)
+    config = measured_config(gate_up, weight, swiglu=True)
+    if config is None and not SKINNY_MATMUL:
+        return None
+    return skinny_matmul(gate_up, weight, swiglu=True, config=config)
