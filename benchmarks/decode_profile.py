@@ -29,12 +29,12 @@ from workers.bench.ceilings import Roofline, measure_ceilings, median_seconds
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
-# The profiler names a Triton kernel by its function (`_kernel` in every file of kernels/,
-# `_combine_kernel` for decode's second pass), so ours are told apart from cuBLAS's by that;
+# The profiler names a Triton kernel by its function (`_kernel` in every file of kernels/), so
+# ours are told apart from cuBLAS's by that;
 # the skinny matmul's `_matmul_kernel` counts with the GEMMs.
 KINDS = [
     ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|splitk"),
-    ("ours (Triton)", r"^_(combine_)?kernel$"),
+    ("ours (Triton)", r"^_kernel$"),
 ]
 
 

@@ -11,19 +11,21 @@ Decode has one query row per sequence, so parallelising over (batch, heads) alon
 a GPU idle when the batch is small and the context long. Flash-Decoding (Dao, Haziza, Massa, Sizov
 2023, "Flash-Decoding for long-context inference") also splits the context:
 
-Pass 1, grid (B, KVH, num_splits): each program owns one KV head and a contiguous run of that
+One launch, grid (B, KVH, num_splits): each program owns one KV head and a contiguous run of that
 sequence's key tiles (BLOCK_N tokens, several whole blocks; the tiles are divided evenly among the
 splits per sequence, so a short sequence leaves some of its splits empty). It loads the G query
 heads that share the KV head once, then streams its tiles, gathering each tile's blocks through
 the block table (several [BS, D] loads in flight per iteration: one block at a time leaves HBM
 waiting on latency) and reading each K and V element exactly once for all G heads, with the
 online softmax of FlashAttention (Dao et al. 2022) in fp32, rescaling only the accumulator and
-normalising once at the end (FlashAttention-2, Dao 2023). It writes its normalised partial output
-[B, H, splits, D] and its log-sum-exp [B, H, splits] (base 2; -inf for an empty split).
-
-Pass 2, grid (B, H): the partial outputs are combined with weights exp2(lse_s - max_s lse_s),
-divided by their sum: the exact softmax over the whole context. A sequence of length 0 (a padding
-row) gets zeros.
+normalising once at the end (FlashAttention-2, Dao 2023). With one split that is the output.
+Otherwise it writes its normalised partial output [B, H, splits, D] and its log-sum-exp
+[B, H, splits] (base 2; -inf for an empty split) and bumps its (sequence, KV head)'s counter
+(acq_rel, GPU scope); the program that brings it to num_splits merges the partials of the G heads,
+with weights exp2(lse_s - max_s lse_s) divided by their sum (the exact softmax over the whole
+context; in split order, whichever program came last), and sets the counter back to zero. No
+second launch: at batch 1 a step has one launch fewer per layer. A sequence of length 0 (a
+padding row) gets zeros.
 
 The G query heads of a KV head are the rows of a tile padded to a power of two of at least 16, so
 both products (q K^T: [G, D] x [D, BLOCK_N]; P V: [G, BLOCK_N] x [BLOCK_N, D]) are `tl.dot`s on the
@@ -64,13 +66,15 @@ def _kernel(
     cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
     block_tables_ptr, stride_table_batch,
     seq_lens_ptr,
-    partial_out_ptr, lse_ptr,
+    partial_out_ptr, lse_ptr, count_ptr,
+    out_ptr, stride_out_batch, stride_out_head,
     qk_scale, num_splits,
-    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1: one (sequence, KV head, split) over its run of key tiles."""
+    """One (sequence, KV head, split) over its run of key tiles; the last split of a (sequence,
+    KV head) to finish merges them all."""
     wait_for_previous(PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,35 +128,47 @@ def _kernel(
     # -- epilogue --
     nonempty = l > 0.0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
-    row = (batch * num_heads + heads) * num_splits + split  # [G] rows of [B, H, splits]
-    tl.store(lse_ptr + row, lse, mask=in_group)
-    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None])
+    if num_splits == 1:  # the whole context here: the output, no partials
+        out_rows = out_ptr + batch * stride_out_batch + heads[:, None] * stride_out_head
+        tl.store(out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+    else:
+        # -- publish this split's partial; the last split of this KV head merges them --
+        lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+        row = (batch * num_heads + heads) * num_splits + split  # [G] rows of [B, H, splits]
+        tl.store(lse_ptr + row, lse, mask=in_group)
+        tl.store(
+            partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None]
+        )
+        tl.debug_barrier()  # every thread's stores are made before the counter moves
+        counter = count_ptr + batch * tl.num_programs(1) + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            for g in tl.static_range(GROUP_SIZE):
+                _merge_splits(
+                    partial_out_ptr, lse_ptr, out_ptr, stride_out_batch, stride_out_head,
+                    batch, kv_head * GROUP_SIZE + g, num_heads, num_splits, SPLITS_PAD, HEAD_DIM,
+                )  # fmt: skip
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
-def _combine_kernel(
-    partial_out_ptr, lse_ptr,
-    out_ptr, stride_out_batch, stride_out_head,
-    num_splits,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+def _merge_splits(
+    partial_out_ptr, lse_ptr, out_ptr, stride_out_batch, stride_out_head,
+    batch, head, num_heads, num_splits,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2: one (sequence, query head), its splits merged by their log-sum-exps."""
-    wait_for_previous(PDL)
-    batch = tl.program_id(0)
-    head = tl.program_id(1)
-    num_heads = tl.num_programs(1)
-
-    # -- load the splits --
+    """One (sequence, query head): its splits' partial outputs merged by their log-sum-exps."""
+    # -- load the splits (.cg: from L2, where the other programs' stores are) --
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM)
     row = (batch * num_heads + head) * num_splits + splits  # [SPLITS_PAD]
     in_range = splits < num_splits
-    lse = tl.load(lse_ptr + row, mask=in_range, other=float("-inf"))
+    lse = tl.load(lse_ptr + row, mask=in_range, other=float("-inf"), cache_modifier=".cg")
     partial = tl.load(
         partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
         mask=in_range[:, None],
         other=0.0,
+        cache_modifier=".cg",
     )  # [SPLITS_PAD, D]
 
     # -- rescale and sum --
@@ -162,12 +178,27 @@ def _combine_kernel(
     weights = tl.exp2(lse - lse_max)  # [SPLITS_PAD]
     total = tl.sum(weights, axis=0)
     out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0.0, total, 1.0)
-
-    # -- epilogue --
     tl.store(
         out_ptr + batch * stride_out_batch + head * stride_out_head + dims,
         out.to(out_ptr.dtype.element_ty),
     )
+
+
+_COUNTERS = 1 << 16
+_COUNTER_ARRAYS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """This device's split counters, one per (sequence, KV head) (zeroed once; each call leaves
+    its counters at 0)."""
+    if device not in _COUNTER_ARRAYS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "decode_attention's counters must exist before a CUDA graph is captured: run the "
+                "decode step once eagerly first"
+            )
+        _COUNTER_ARRAYS[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTER_ARRAYS[device]
 
 
 def choose_num_splits(
@@ -225,25 +256,22 @@ def decode_attention(
         (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
     )
     lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    if batch * num_kv_heads > _COUNTERS:
+        raise ValueError(f"decode_attention: at most {_COUNTERS} sequences x KV heads a call")
     _kernel[(batch, num_kv_heads, num_splits)](
         q, q.stride(0), q.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables, block_tables.stride(0),
         seq_lens,
-        partial_out, lse,
+        partial_out, lse, _counters(q.device),
+        out, out.stride(0), out.stride(1),
         scale * _LOG2E, num_splits,
         GROUP_SIZE=group_size, GROUP_PAD=max(16, triton.next_power_of_2(group_size)),
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         **config,
         # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **pdl_options(q.device),
-    )  # fmt: skip
-    _combine_kernel[(batch, num_heads)](
-        partial_out, lse,
-        out, out.stride(0), out.stride(1),
-        num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
         **pdl_options(q.device),
     )  # fmt: skip
     return out

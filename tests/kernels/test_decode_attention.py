@@ -93,6 +93,20 @@ def test_num_splits_matches_reference(dtype, num_splits):
     _assert_close(out, want, dtype)
 
 
+@pytest.mark.parametrize("num_splits", [3, 16], ids=lambda n: f"splits{n}")
+def test_the_last_split_merges_and_calls_repeat_exactly(num_splits):
+    """No second launch: the last split of each (sequence, KV head) merges them and sets its
+    counter back to zero, so a second call (as a graph replay) gives the same bits."""
+    from kernels.decode_attention import _counters
+
+    q, slab, tables, lengths = _paged_inputs([140, 1, 33, 64], 8, 2, 64, torch.float32)
+    first, want = _run(q, slab, tables, lengths, num_splits=num_splits)
+    _assert_close(first, want, torch.float32)
+    assert not _counters(q.device).any()
+    second, _ = _run(q, slab, tables, lengths, num_splits=num_splits)
+    assert torch.equal(first, second)
+
+
 def test_empty_sequence_gives_zeros():
     # a padding row of length 0 (CUDA-graph batch padding) must not produce NaN
     q, slab, tables, lengths = _paged_inputs([20, 1], 2, 1, 64, torch.float32)

@@ -64,13 +64,13 @@ CASES = {
         dict(
             GROUP_SIZE=1,
             GROUP_PAD=16,
+            SPLITS_PAD=16,
             BLOCK_SIZE=16,
             HEAD_DIM=128,
             BLOCK_N=64,
             DOT_PRECISION="tf32",
         ),
     ),  # fmt: skip
-    "decode_combine": (kernels.decode_attention._combine_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128)),
     "peer_all_reduce": (
         kernels.peer_collectives._all_reduce_kernel,
         dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PUSH=True),
