@@ -14,8 +14,9 @@
 #                                             the default), then 13B scaling and the collectives'
 #                                             time per step (TP_PARTS=rates,collectives TP_MODELS=
 #                                             dummy:olmo2-13b); one call each
-#   bash benchmarks/gpu_suite.sh skinny       the decode matmul kernel: its GPU tests and graphs
-#                                             on against off with it on everywhere, then
+#   bash benchmarks/gpu_suite.sh skinny       every GPU test of kernels/, the engine and the
+#                                             sampler; the decode matmul's and graphs on against
+#                                             off with it on everywhere; then
 #                                             benchmarks/skinny_gpu.py: the sweep of its cuts
 #                                             against cuBLAS, which writes the measured table
 #                                             (kernels/skinny_matmul_configs.json, a copy under
@@ -76,10 +77,11 @@ case "$part" in
       --parts "${TP_PARTS:-check,rates}" --models "${TP_MODELS:-dummy:olmo2-7b}"
     ;;
   skinny)
-    # the GPU tests of the kernel, and graphs on against off, with it on everywhere
+    # every GPU test as the engine runs by default, then the kernel's own and graphs on against
+    # off with the kernel on everywhere
+    guard python3 -m pytest -q -m gpu tests/kernels tests/engine tests/unit/test_sampler.py
     guard env AFS_SKINNY_MATMUL=1 python3 -m pytest -q -m gpu \
-      tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py \
-      tests/kernels/test_peer_collectives.py
+      tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py
     guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
       --parts "${SKINNY_PARTS:-sweep,chain}" --models "${SKINNY_MODELS:-1b,7b}"
     ;;
