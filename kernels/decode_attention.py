@@ -49,8 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_store import store_slot
 from kernels.launch import num_sms, pdl_options, wait_for_previous
-from kernels.paged_checks import check_paged_attention
+from kernels.paged_checks import check_kv_slab, check_paged_attention
+from kernels.rope import check_prologue, qk_tiles, sum_squares
 
 _MAX_SPLITS = 64
 # Pass 1's launch: key tile (tokens, whole blocks), warps, pipeline stages, and how many programs
@@ -61,8 +63,57 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _new_token(
+    row, q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
+    cos_ptr, sin_ptr, position,
+    batch, kv_head, heads, in_group, num_heads, num_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
+):  # fmt: skip
+    """The attention prologue (kernels/rope.py) for one KV head of one token, from its fused
+    projection `row`: its G query heads and its key normalised (full width) and rotated, each
+    rounded to the activation dtype as the prologue stores them, and its value."""
+    dims = tl.arange(0, HEAD_DIM)
+    cos = tl.load(cos_ptr + position * HEAD_DIM + dims)
+    sin = tl.load(sin_ptr + position * HEAD_DIM + dims)
+    signed_sin = tl.where(dims < HEAD_DIM // 2, -sin, sin)
+    rolled = (dims + HEAD_DIM // 2) % HEAD_DIM
+    q_offsets = heads[:, None] * HEAD_DIM + dims[None, :]  # [GROUP_PAD, D]
+    q_rolled = heads[:, None] * HEAD_DIM + rolled[None, :]
+    k_row = row + num_heads * HEAD_DIM
+    x_q = tl.load(row + q_offsets, mask=in_group[:, None], other=0.0).to(tl.float32)
+    x_q_rolled = tl.load(row + q_rolled, mask=in_group[:, None], other=0.0).to(tl.float32)
+    x_k = tl.load(k_row + kv_head * HEAD_DIM + dims).to(tl.float32)
+    x_k_rolled = tl.load(k_row + kv_head * HEAD_DIM + rolled).to(tl.float32)
+    if QK_NORM:
+        if SQUARES_GIVEN:  # every rank's sums, all-reduced before
+            q_inv_rms = tl.rsqrt(tl.load(squares_ptr + batch * 2) / Q_WIDTH + eps)
+            k_inv_rms = tl.rsqrt(tl.load(squares_ptr + batch * 2 + 1) / K_WIDTH + eps)
+        else:
+            q_total = sum_squares(row, num_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS)
+            k_total = sum_squares(k_row, num_kv_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS)
+            q_inv_rms = tl.rsqrt(q_total / (num_heads * HEAD_DIM) + eps)
+            k_inv_rms = tl.rsqrt(k_total / (num_kv_heads * HEAD_DIM) + eps)
+        q_weight = tl.load(q_norm_ptr + q_offsets, mask=in_group[:, None], other=0.0)
+        q_weight_rolled = tl.load(q_norm_ptr + q_rolled, mask=in_group[:, None], other=0.0)
+        x_q = x_q * q_inv_rms * q_weight.to(tl.float32)
+        x_q_rolled = x_q_rolled * q_inv_rms * q_weight_rolled.to(tl.float32)
+        k_weight = tl.load(k_norm_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)
+        k_weight_rolled = tl.load(k_norm_ptr + kv_head * HEAD_DIM + rolled).to(tl.float32)
+        x_k = x_k * k_inv_rms * k_weight
+        x_k_rolled = x_k_rolled * k_inv_rms * k_weight_rolled
+    dtype = row.dtype.element_ty
+    q = (x_q * cos[None, :] + x_q_rolled * signed_sin[None, :]).to(dtype)  # [GROUP_PAD, D]
+    k = (x_k * cos + x_k_rolled * signed_sin).to(dtype)  # [D]
+    v = tl.load(row + (num_heads + num_kv_heads + kv_head) * HEAD_DIM + dims)  # [D]
+    return q, k, v
+
+
+@triton.jit
 def _kernel(
     q_ptr, stride_q_batch, stride_q_head,
+    q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
+    positions_ptr, cos_ptr, sin_ptr, slot_mapping_ptr,
     cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
     block_tables_ptr, stride_table_batch,
     seq_lens_ptr,
@@ -71,33 +122,61 @@ def _kernel(
     qk_scale, num_splits,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PROLOGUE: tl.constexpr, QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split) over its run of key tiles; the last split of a (sequence,
-    KV head) to finish merges them all."""
+    KV head) to finish merges them all. With PROLOGUE, q_ptr is the fused projection
+    [B, (H + 2 KVH) D] of the new tokens, not yet normalised, rotated or stored (see
+    `decode_attention_qkv`)."""
     wait_for_previous(PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * GROUP_SIZE
+    num_kv_heads = tl.num_programs(1)
+    num_heads = num_kv_heads * GROUP_SIZE
 
-    # -- this split's tiles of BLOCK_N tokens --
+    # -- this split's tiles of BLOCK_N tokens (with PROLOGUE, of the tokens before the new one) --
     seq_len = tl.load(seq_lens_ptr + batch)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    if PROLOGUE:
+        cached = tl.maximum(seq_len - 1, 0)
+    else:
+        cached = seq_len
+    num_tiles = tl.cdiv(cached, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
 
-    # -- load q --
+    # -- q --
     group = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP_SIZE + group  # [GROUP_PAD] query heads of this KV head
     in_group = group < GROUP_SIZE
-    q = tl.load(
-        q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
-        mask=in_group[:, None],
-        other=0.0,
-    )  # [GROUP_PAD, D]
+    if PROLOGUE:
+        # this KV head's share of the prologue, done by each of its splits (the rows are in L2);
+        # split 0 stores the new key and value, which no program of this launch reads
+        position = tl.load(positions_ptr + batch).to(tl.int64)
+        q, k_new, v_new = _new_token(
+            q_ptr + batch * stride_q_batch, q_norm_ptr, k_norm_ptr, eps, squares_ptr,
+            Q_WIDTH, K_WIDTH, cos_ptr, sin_ptr, position,
+            batch, kv_head, heads, in_group, num_heads, num_kv_heads,
+            HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN,
+        )  # fmt: skip
+        slot = tl.load(slot_mapping_ptr + batch).to(tl.int64)
+        stored_dims = tl.where((split == 0) & (slot >= 0), HEAD_DIM, 0)
+        store = (dims < stored_dims)[None, :]
+        store_slot(
+            cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
+            tl.maximum(slot, 0), kv_head + tl.arange(0, 1), dims, k_new[None, :], v_new[None, :],
+            store, BLOCK_SIZE,
+        )  # fmt: skip
+    else:
+        q = tl.load(
+            q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
+            mask=in_group[:, None],
+            other=0.0,
+        )  # [GROUP_PAD, D]
 
     # -- online softmax --
     # running max m (base 2), running sum l and unnormalised output acc of each query head
@@ -109,7 +188,7 @@ def _kernel(
     for tile in range(first_tile, last_tile):
         # -- gather the tile's pages: BLOCK_N / BLOCK_SIZE blocks, each a contiguous [BS, D] --
         tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        valid = tokens < seq_len  # the last tile may end mid-block
+        valid = tokens < cached  # the last tile may end mid-block
         block = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         offsets = block * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
         tile_ptrs = head_base + offsets[:, None] + dims[None, :]  # [BLOCK_N, D]
@@ -124,6 +203,20 @@ def _kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
+    if PROLOGUE:
+        # -- the new token, from registers, in the last split (a padding row has none) --
+        if (split == num_splits - 1) & (seq_len > 0):
+            k_f = k_new.to(cache_ptr.dtype.element_ty).to(tl.float32)
+            v_f = v_new.to(cache_ptr.dtype.element_ty).to(tl.float32)
+            score = tl.sum(q.to(tl.float32) * k_f[None, :], axis=1) * qk_scale  # [G]
+            m_new = tl.maximum(m, score)
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(score - m_new)
+            l = l * alpha + p
+            # p rounded as the tiles' P V product rounds it
+            p_v = p.to(cache_ptr.dtype.element_ty).to(tl.float32)
+            acc = acc * alpha[:, None] + p_v[:, None] * v_f[None, :]
+            m = m_new
 
     # -- epilogue --
     nonempty = l > 0.0
@@ -226,15 +319,81 @@ def decode_attention(
     int32. `num_splits` defaults to the heuristic in the module docstring.
     """
     num_kv_heads, block_size = check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
-    batch, num_heads, head_dim = q.shape
+    if q.stride(2) != 1:
+        raise ValueError("q: head_dim must be contiguous")
+    return _launch(q, q.stride(1), None, kv_cache, block_tables, seq_lens, scale, out, num_splits)
+
+
+def decode_attention_qkv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    qk_squares: torch.Tensor | None = None,
+    norm_widths: tuple[int, int] | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """The attention prologue and decode attention in one launch: from each sequence's fused
+    projection qkv [B, (H + 2 KVH) D] of its one new token, the QK-norm, RoPE and K/V store of
+    `kernels.rope.rotary_qkv` (same arguments) and the attention of `decode_attention` over the
+    tokens already in the slab plus the new one (taken from registers, not read back); writes
+    `out` [B, H, D]. Every KV head's splits redo its share of the prologue (q's and k's rows are
+    read from L2 again; the full-width norm sums the whole row in each), so no kernel runs
+    between the QKV projection and attention.
+    """
+    head_dim = cos_cache.shape[1]
+    qk_norm, squares_given = check_prologue(
+        qkv, num_heads, num_kv_heads, positions, cos_cache, sin_cache,
+        q_norm_weight, k_norm_weight, qk_squares, norm_widths,
+    )  # fmt: skip
+    batch = qkv.shape[0]
+    check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
+    if slot_mapping.shape != (batch,):
+        raise ValueError(f"slot_mapping: expected [{batch}], got {tuple(slot_mapping.shape)}")
+    if out.shape != (batch, num_heads, head_dim):
+        raise ValueError(f"out: expected [{batch}, {num_heads}, {head_dim}], got {out.shape}")
+    view = qkv.view(batch, -1, head_dim)  # [B, H + 2 KVH, D]: the checks see q's heads first
+    check_paged_attention(view[:, :num_heads], kv_cache, out, block_tables, seq_lens)
+    _, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
+    prologue = dict(
+        q_norm=q_norm_weight, k_norm=k_norm_weight, eps=eps, squares=qk_squares,
+        widths=norm_widths if squares_given else (1, 1), positions=positions, cos=cos_cache,
+        sin=sin_cache, slot_mapping=slot_mapping, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
+        BLOCK_HEADS=block_heads,
+    )  # fmt: skip
+    return _launch(qkv, 0, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits)
+
+
+def _launch(
+    q: torch.Tensor,
+    stride_q_head: int,
+    prologue: dict | None,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None,
+) -> torch.Tensor:
+    batch, num_heads, head_dim = out.shape
+    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     if seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens: expected [{batch}] (one per row of q), got {seq_lens.shape}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(
             f"kv_cache: block_size must be a power of two of at least 16, got {block_size}"
         )
-    if q.stride(2) != 1:
-        raise ValueError("q: head_dim must be contiguous")
     config = {**TILE_CONFIG}
     tile_tokens = max(config["BLOCK_N"], block_size)
     config["BLOCK_N"] = tile_tokens
@@ -248,6 +407,8 @@ def decode_attention(
         )
     if num_splits < 1:
         raise ValueError(f"num_splits: must be at least 1, got {num_splits}")
+    if batch * num_kv_heads > _COUNTERS:
+        raise ValueError(f"decode_attention: at most {_COUNTERS} sequences x KV heads a call")
     if batch == 0:
         return out
 
@@ -256,10 +417,12 @@ def decode_attention(
         (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
     )
     lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    if batch * num_kv_heads > _COUNTERS:
-        raise ValueError(f"decode_attention: at most {_COUNTERS} sequences x KV heads a call")
+    p = prologue or {}
+    widths = p.get("widths", (1, 1))
     _kernel[(batch, num_kv_heads, num_splits)](
-        q, q.stride(0), q.stride(1),
+        q, q.stride(0), stride_q_head,
+        p.get("q_norm"), p.get("k_norm"), p.get("eps", 0.0), p.get("squares"), *widths,
+        p.get("positions"), p.get("cos"), p.get("sin"), p.get("slot_mapping"),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables, block_tables.stride(0),
         seq_lens,
@@ -272,6 +435,8 @@ def decode_attention(
         **config,
         # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PROLOGUE=prologue is not None, QK_NORM=p.get("QK_NORM", False),
+        SQUARES_GIVEN=p.get("SQUARES_GIVEN", False), BLOCK_HEADS=p.get("BLOCK_HEADS", 1),
         **pdl_options(q.device),
     )  # fmt: skip
     return out

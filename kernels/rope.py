@@ -189,6 +189,56 @@ def rotary_qkv(
     rank's own sums.
     """
     head_dim = cos_cache.shape[1]
+    qk_norm, squares_given = check_prologue(
+        qkv, num_heads, num_kv_heads, positions, cos_cache, sin_cache,
+        q_norm_weight, k_norm_weight, qk_squares, norm_widths,
+    )  # fmt: skip
+    num_tokens = qkv.shape[0]
+    store_kv = kv_cache is not None
+    if store_kv:
+        check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
+        if slot_mapping is None or slot_mapping.shape != (num_tokens,):
+            raise ValueError(f"slot_mapping: expected [{num_tokens}] with kv_cache")
+    qk = torch.empty(
+        (num_tokens, num_heads + num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device
+    )
+    q, k = qk.split([num_heads, num_kv_heads], dim=1)
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    if num_tokens == 0:
+        return q, k, v
+    block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
+    _kernel[(num_tokens, 2)](
+        qkv, qkv.stride(0),
+        qk, qk.stride(0),
+        q_norm_weight, k_norm_weight, eps,
+        qk_squares, *(norm_widths if squares_given else (1, 1)),
+        positions, cos_cache, sin_cache, cos_cache.stride(0),
+        kv_cache,
+        *(kv_cache.stride()[:4] if store_kv else (0, 0, 0, 0)),
+        slot_mapping,
+        num_heads, num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
+        BLOCK_SIZE=kv_cache.shape[3] if store_kv else 1,
+        QK_NORM=qk_norm, SQUARES_GIVEN=squares_given, STORE_KV=store_kv,
+        **pdl_options(qkv.device),
+    )  # fmt: skip
+    return q, k, v
+
+
+def check_prologue(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    qk_squares: torch.Tensor | None,
+    norm_widths: tuple[int, int] | None,
+) -> tuple[bool, bool]:
+    """Clear errors for the prologue's inputs (see `rotary_qkv`); (QK-norm, sums given)."""
+    head_dim = cos_cache.shape[1]
     check_qkv(qkv, num_heads, num_kv_heads, head_dim)
     if head_dim % 2:
         raise ValueError(f"qkv: RoPE needs an even head dim, got {head_dim}")
@@ -226,35 +276,7 @@ def rotary_qkv(
             f"qk_squares: expected contiguous fp32 [{num_tokens}, 2] with the norm weights and "
             "norm_widths"
         )
-    store_kv = kv_cache is not None
-    if store_kv:
-        check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
-        if slot_mapping is None or slot_mapping.shape != (num_tokens,):
-            raise ValueError(f"slot_mapping: expected [{num_tokens}] with kv_cache")
-    qk = torch.empty(
-        (num_tokens, num_heads + num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device
-    )
-    q, k = qk.split([num_heads, num_kv_heads], dim=1)
-    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
-    if num_tokens == 0:
-        return q, k, v
-    block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
-    _kernel[(num_tokens, 2)](
-        qkv, qkv.stride(0),
-        qk, qk.stride(0),
-        q_norm_weight, k_norm_weight, eps,
-        qk_squares, *(norm_widths if squares_given else (1, 1)),
-        positions, cos_cache, sin_cache, cos_cache.stride(0),
-        kv_cache,
-        *(kv_cache.stride()[:4] if store_kv else (0, 0, 0, 0)),
-        slot_mapping,
-        num_heads, num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
-        BLOCK_SIZE=kv_cache.shape[3] if store_kv else 1,
-        QK_NORM=qk_norm, SQUARES_GIVEN=squares_given, STORE_KV=store_kv,
-        **pdl_options(qkv.device),
-    )  # fmt: skip
-    return q, k, v
+    return qk_norm, squares_given
 
 
 def check_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:

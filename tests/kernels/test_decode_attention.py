@@ -163,3 +163,89 @@ def test_rejects_cache_of_another_dtype():
     q, slab, tables, lengths = _paged_inputs([5], 2, 1, 64, torch.float32)
     with pytest.raises(ValueError, match="kv_cache"):
         decode_attention(q, slab.half(), tables, lengths, 0.125, torch.empty_like(q))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["olmo2-qk-norm", "llama"])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 16], ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 2), (4, 4)], ids=["gqa4", "mha"])
+def test_prologue_inside_is_the_prologue_then_attention(
+    dtype, qk_norm, num_splits, num_heads, num_kv_heads
+):
+    """decode_attention_qkv from raw projections: the slab gets rotary_qkv's keys and values and
+    the output is decode_attention's after rotary_qkv, though the new token's key and value never
+    go through the slab (its slot starts as NaN); a padding row (slot -1, length 0) gets zeros and
+    stores nothing."""
+    from kernels.decode_attention import decode_attention_qkv
+    from kernels.rope import qk_sum_squares, rotary_qkv
+    from workers.layers.rotary import RotaryEmbedding
+
+    head_dim, lengths = 32, [140, 1, 33, 0]
+    _, slab, tables, seq_lens = _paged_inputs(lengths, num_heads, num_kv_heads, head_dim, dtype)
+    batch = len(lengths)
+    gen = torch.Generator().manual_seed(num_heads + (num_splits or 0))
+    qkv = torch.randn(batch, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(DEVICE, dtype)
+    positions = (seq_lens - 1).clamp(min=0).long()
+    slots = torch.full((batch,), -1, dtype=torch.long, device=DEVICE)
+    for i, n in enumerate(lengths):
+        if n:
+            slots[i] = tables[i, (n - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (n - 1) % BLOCK_SIZE
+            slab[:, tables[i, (n - 1) // BLOCK_SIZE], :, (n - 1) % BLOCK_SIZE] = float("nan")
+    rotary = RotaryEmbedding(head_dim, 256, 10000.0).to(DEVICE)
+    tables_fp32 = (rotary.cos_cache, rotary.sin_cache)
+    norm = {}
+    if qk_norm:
+        weights = [
+            1 + 0.2 * torch.randn(n * head_dim, generator=gen) for n in (num_heads, num_kv_heads)
+        ]
+        norm = dict(
+            q_norm_weight=weights[0].to(DEVICE, dtype),
+            k_norm_weight=weights[1].to(DEVICE, dtype),
+            eps=1e-6,
+        )
+    scale = head_dim**-0.5
+
+    want_slab = slab.clone()
+    q, _, _ = rotary_qkv(qkv, num_heads, num_kv_heads, positions, *tables_fp32, **norm,
+                         kv_cache=want_slab, slot_mapping=slots)  # fmt: skip
+    want = decode_attention(q, want_slab, tables, seq_lens, scale, torch.empty_like(q), num_splits)
+
+    got_slab = slab.clone()
+    out = torch.full((batch, num_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    got = decode_attention_qkv(
+        qkv, num_heads, num_kv_heads, positions, *tables_fp32, got_slab, slots, tables, seq_lens,
+        scale, out, **norm, num_splits=num_splits,
+    )  # fmt: skip
+    assert got is out
+    few_ulps = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got_slab, want_slab, atol=few_ulps, rtol=0, equal_nan=True)
+    _assert_close(got, want.float(), dtype)
+    assert not got[3].any()  # the padding row
+
+    if qk_norm:  # the sums of squares given (as the ranks' all-reduce gives them): the same
+        squares = qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim)
+        given = decode_attention_qkv(
+            qkv, num_heads, num_kv_heads, positions, *tables_fp32, slab.clone(), slots, tables,
+            seq_lens, scale, torch.empty_like(out), **norm, qk_squares=squares,
+            norm_widths=(num_heads * head_dim, num_kv_heads * head_dim), num_splits=num_splits,
+        )  # fmt: skip
+        torch.testing.assert_close(given, got, atol=few_ulps, rtol=0)
+
+
+def test_prologue_inside_refuses_bad_input():
+    from kernels.decode_attention import decode_attention_qkv
+    from workers.layers.rotary import RotaryEmbedding
+
+    _, slab, tables, seq_lens = _paged_inputs([5, 9], 4, 2, 32, torch.float32)
+    rotary = RotaryEmbedding(32, 64, 10000.0).to(DEVICE)
+    qkv = torch.randn(2, 8 * 32, device=DEVICE)
+    args = (torch.zeros(2, dtype=torch.long, device=DEVICE), rotary.cos_cache, rotary.sin_cache)
+    out = torch.empty(2, 4, 32, device=DEVICE)
+    slots = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="qkv"):
+        decode_attention_qkv(qkv[:, :-32], 4, 2, *args, slab, slots, tables, seq_lens, 1.0, out)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        decode_attention_qkv(qkv, 4, 2, *args, slab, slots[:1], tables, seq_lens, 1.0, out)
+    with pytest.raises(ValueError, match="out"):
+        decode_attention_qkv(qkv, 4, 2, *args, slab, slots, tables, seq_lens, 1.0, out[:, :2])

@@ -21,7 +21,7 @@ import kernels.rope
 from kernels.activation import silu_and_mul
 from kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_add
 from kernels.rope import qk_sum_squares, rotary_qkv
-from workers.attention import build_attention_metadata, get_backend
+from workers.attention import build_attention_metadata, get_backend, triton_backend
 from workers.layers import fused
 from workers.layers.norm import ShardedRMSNorm
 from workers.layers.rotary import RotaryEmbedding, apply_rotary
@@ -254,10 +254,13 @@ KERNEL_MODULES = {
     "rms_norm_add": kernels.rmsnorm,
     "silu_and_mul": kernels.activation,
     "rotary_qkv": kernels.rope,
+    "decode_attention_qkv": triton_backend,  # looked up there
 }
 KERNELS_USED = {
-    "Olmo2": {"rms_norm", "rms_norm_add", "silu_and_mul", "rotary_qkv"},  # rms_norm: the last
-    "Llama": {"rms_norm", "add_rms_norm", "silu_and_mul", "rotary_qkv"},  # rms_norm: the first
+    # rms_norm: Olmo 2's last, Llama's first; rotary_qkv: the prompts (decode steps: the decode
+    # kernel does the prologue)
+    "Olmo2": {"rms_norm", "rms_norm_add", "silu_and_mul", "rotary_qkv", "decode_attention_qkv"},
+    "Llama": {"rms_norm", "add_rms_norm", "silu_and_mul", "rotary_qkv", "decode_attention_qkv"},
 }
 
 
@@ -282,7 +285,7 @@ def test_model_with_fused_kernels_matches_pytorch_path(tmp_path, monkeypatch, ca
     make_checkpoint(tmp_path, family, overrides)
     model = load_model(str(tmp_path), dtype="float32").model
     prompts = [torch.randint(0, 320, (n,)).tolist() for n in (5, 17)]
-    reference, ours = PagedSequences(model), PagedSequences(model)
+    reference, ours = PagedSequences(model), PagedSequences(model, backend="triton")
     tables_ref, tables_ours = [[] for _ in prompts], [[] for _ in prompts]
     called: set[str] = set()
     record_calls(monkeypatch, called)

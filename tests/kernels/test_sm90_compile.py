@@ -69,6 +69,26 @@ CASES = {
             HEAD_DIM=128,
             BLOCK_N=64,
             DOT_PRECISION="tf32",
+            PROLOGUE=False,
+            QK_NORM=False,
+            SQUARES_GIVEN=False,
+            BLOCK_HEADS=1,
+        ),
+    ),
+    "decode_attention_prologue": (
+        kernels.decode_attention._kernel,
+        dict(
+            GROUP_SIZE=1,
+            GROUP_PAD=16,
+            SPLITS_PAD=16,
+            BLOCK_SIZE=16,
+            HEAD_DIM=128,
+            BLOCK_N=64,
+            DOT_PRECISION="tf32",
+            PROLOGUE=True,
+            QK_NORM=True,
+            SQUARES_GIVEN=False,
+            BLOCK_HEADS=16,
         ),
     ),  # fmt: skip
     "peer_all_reduce": (

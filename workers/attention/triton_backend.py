@@ -3,14 +3,16 @@
 Each layer stores the step's new K/V into their slots (unless a fused prologue already has), then
 attends. A step whose sequences all have one new token runs the split-K decode kernel; any other
 step runs the varlen prefill kernel over every sequence (it handles one-token sequences too), so
-mixed batches are correct while the common steps take the kernel made for them.
+mixed batches are correct while the common steps take the kernel made for them. A decode step
+from a fused QKV projection (`decode_qkv`) runs the attention prologue inside the decode kernel:
+one launch from the projection to the attention output.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import decode_attention, decode_attention_qkv
 from kernels.kv_store import store_kv
 from kernels.prefill_attention import prefill_attention
 from workers.attention.base import AttentionBackend, AttentionMetadata
@@ -49,3 +51,27 @@ class TritonBackend(AttentionBackend):
             out,
             meta.max_query_len,
         )
+
+    def decode_qkv(
+        self,
+        qkv: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        rope_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        norm_args: dict,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """A decode step (one new token a sequence) from qkv [B, (H + 2 KVH) D]: the prologue
+        (QK-norm, RoPE, K/V store) and attention in one kernel -> [B, H, D]; None for any other
+        step (the caller runs the prologue, then `forward`)."""
+        if meta.max_query_len != 1:
+            return None
+        positions, cos_cache, sin_cache = rope_args
+        head_dim = cos_cache.shape[1]
+        out = torch.empty(qkv.shape[0], num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+        return decode_attention_qkv(
+            qkv, num_heads, num_kv_heads, positions, cos_cache, sin_cache, kv_cache,
+            meta.slot_mapping, meta.block_tables, meta.seq_lens, scale, out, **norm_args,
+        )  # fmt: skip

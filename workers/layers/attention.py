@@ -1,7 +1,8 @@
 """The attention layer models call: it reshapes heads and hands off to the current backend.
 
 `forward_qkv` is the fused path (Triton): QK-norm, RoPE and the K/V store of the new tokens in one
-kernel (`kernels/rope.py`) straight from the fused projection, then the backend only attends.
+kernel (`kernels/rope.py`) straight from the fused projection, then the backend only attends; a
+decode step, where the backend can, runs all of it inside its decode kernel.
 """
 
 from __future__ import annotations
@@ -65,15 +66,23 @@ class Attention(nn.Module):
                     qkv, self.num_heads, self.num_kv_heads, self.head_dim, 1.0 / k_norm.replicas
                 )
                 norm["norm_widths"] = (q_norm.full_width, k_norm.full_width)
+        kv_cache = context.kv_caches[self.layer_index]
+        rope_args = (rope.positions, rope.cos_cache, rope.sin_cache)
+        decode = getattr(context.backend, "decode_qkv", None)
+        if decode is not None:
+            out = decode(
+                qkv, self.num_heads, self.num_kv_heads, rope_args, norm, kv_cache,
+                context.attn_metadata, self.scale,
+            )  # fmt: skip
+            if out is not None:  # [T, H, D]
+                return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
         q, k, v = rotary_qkv(
             qkv,
             self.num_heads,
             self.num_kv_heads,
-            rope.positions,
-            rope.cos_cache,
-            rope.sin_cache,
+            *rope_args,
             **norm,
-            kv_cache=context.kv_caches[self.layer_index],
+            kv_cache=kv_cache,
             slot_mapping=context.attn_metadata.slot_mapping,
         )  # q: [T, H, D]; k, v: [T, KVH, D]
         return self(q, k, v, kv_stored=True)
