@@ -22,8 +22,10 @@
    head, in one graph: time per decode step, cuBLAS against the kernel's default plan (without
    and with PDL) and against the layers' choice (measured configs where listed, else cuBLAS).
 4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new), PDL on: cuBLAS only
-   (AFS_SKINNY_MATMUL=0), the measured shapes through the kernel (unset, the default), every
-   projection through it (=1); for each model, 7B at tp = 2 as well where two GPUs are visible.
+   (AFS_SKINNY_MATMUL=0), with the attention prologue inside the decode kernel (the default) and
+   apart (AFS_DECODE_PROLOGUE_MAX_BATCH=0); the measured shapes through the kernel (unset, the
+   default); every projection through it (=1); for each model, 7B at tp = 2 as well where two
+   GPUs are visible.
    A variant that fails is recorded with its error.
 Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
@@ -45,6 +47,7 @@ from kernels import launch
 from kernels import skinny_matmul as skinny_module
 from kernels.activation import silu_and_mul
 from kernels.skinny_matmul import Config, plan, skinny_matmul, table_key
+from workers.attention import triton_backend
 from workers.bench.ceilings import free_memory, measure_ceilings
 from workers.bench.results import git_commit
 from workers.layers import fused
@@ -55,8 +58,15 @@ MODELS = {
     "7b": (4096, 11008, 32, 100352),
     "13b": (5120, 13824, 40, 100352),
 }
-# label, AFS_SKINNY_MATMUL (None: unset, the measured shapes only); PDL on
-RATE_VARIANTS = (("cublas", False), ("table", None), ("ours", True))
+# label, AFS_SKINNY_MATMUL (None: unset, the measured shapes only), the decode kernel taking the
+# attention prologue (AFS_DECODE_PROLOGUE_MAX_BATCH 16, the default, or 0: the prologue apart);
+# PDL on
+RATE_VARIANTS = (
+    ("cublas", False, 16),
+    ("cublas_prologue_apart", False, 0),
+    ("table", None, 16),
+    ("ours", True, 16),
+)
 
 
 def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, tuple[int, int]]:
@@ -321,11 +331,14 @@ def chain(result: dict, save, device: torch.device) -> None:
     result["chain"] = rows
 
 
-def decode_rate(model: str, tp: int, skinny: bool | None) -> float:
+def decode_rate(model: str, tp: int, skinny: bool | None, prologue_max_batch: int = 16) -> float:
     """tp_gpu's batch-1 decode rate, PDL on, with the decode matmul everywhere (True), nowhere
-    (False) or on the measured shapes (None)."""
+    (False) or on the measured shapes (None), the attention prologue inside the decode kernel up
+    to `prologue_max_batch` sequences."""
     fused.SKINNY_MATMUL, launch.PDL = skinny, True
+    triton_backend.PROLOGUE_MAX_BATCH = prologue_max_batch
     os.environ["AFS_PDL"] = "1"  # a spawned rank reads them
+    os.environ["AFS_DECODE_PROLOGUE_MAX_BATCH"] = str(prologue_max_batch)
     os.environ.pop("AFS_SKINNY_MATMUL", None)
     if skinny is not None:
         os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"
@@ -340,13 +353,14 @@ def rates(result: dict, save, models: list[str]) -> None:
         for tp in tps if model != "1b" else (1,):
             key = f"dummy:olmo2-{model} tp{tp}"
             rows[key] = {}
-            for label, skinny in RATE_VARIANTS:
+            for label, skinny, prologue in RATE_VARIANTS:
                 try:
-                    rows[key][label] = decode_rate(f"dummy:olmo2-{model}", tp, skinny)
+                    rows[key][label] = decode_rate(f"dummy:olmo2-{model}", tp, skinny, prologue)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
                     rows[key][label] = repr(exc)
                 finally:
                     fused.SKINNY_MATMUL, launch.PDL = None, True
+                    triton_backend.PROLOGUE_MAX_BATCH = 16
             print(key, rows[key], flush=True)
             save()
 

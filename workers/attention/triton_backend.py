@@ -5,10 +5,15 @@ attends. A step whose sequences all have one new token runs the split-K decode k
 step runs the varlen prefill kernel over every sequence (it handles one-token sequences too), so
 mixed batches are correct while the common steps take the kernel made for them. A decode step
 from a fused QKV projection (`decode_qkv`) runs the attention prologue inside the decode kernel:
-one launch from the projection to the attention output.
+one launch from the projection to the attention output. Each KV head's programs redo the
+full-width QK-norm's sums over the token's row, so that path is taken for batches of up to
+`PROLOGUE_MAX_BATCH` sequences (AFS_DECODE_PROLOGUE_MAX_BATCH; 0 never), where a launch saved
+outweighs the rows read again from L2.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,6 +21,8 @@ from kernels.decode_attention import decode_attention, decode_attention_qkv
 from kernels.kv_store import store_kv
 from kernels.prefill_attention import prefill_attention
 from workers.attention.base import AttentionBackend, AttentionMetadata
+
+PROLOGUE_MAX_BATCH = int(os.environ.get("AFS_DECODE_PROLOGUE_MAX_BATCH", "16"))
 
 
 class TritonBackend(AttentionBackend):
@@ -66,7 +73,7 @@ class TritonBackend(AttentionBackend):
         """A decode step (one new token a sequence) from qkv [B, (H + 2 KVH) D]: the prologue
         (QK-norm, RoPE, K/V store) and attention in one kernel -> [B, H, D]; None for any other
         step (the caller runs the prologue, then `forward`)."""
-        if meta.max_query_len != 1:
+        if meta.max_query_len != 1 or qkv.shape[0] > PROLOGUE_MAX_BATCH:
             return None
         positions, cos_cache, sin_cache = rope_args
         head_dim = cos_cache.shape[1]
