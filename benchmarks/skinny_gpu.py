@@ -3,7 +3,7 @@
     python3 benchmarks/skinny_gpu.py [--out DIR] [--deadline SECONDS] [--models 1b,7b]
                                      [--parts sweep,check,alone,chain,rates]
 
-0. (part "sweep") For every decode weight shape of dummy:olmo2-1b, -7b and -13b (7B's and 13B's
+0. (part "sweep") For every decode weight shape of the --models (of 1b, 7b, 13b; 7B's and 13B's
    halves at tp = 2 too), at 1 row and at 8, and for down_proj with SwiGLU inside: each candidate
    cut (`Config`: tile width, K step, slices, warps, stages; one-row calls on the CUDA cores as
    well) checked against the fp32 product and timed as in 2; the fastest re-timed beside cuBLAS
@@ -115,37 +115,55 @@ def _graph_us(calls: list, device: torch.device, repeats: int = 5) -> float:
     return start.elapsed_time(end) * 1e3 / (repeats * len(calls))
 
 
+SMEM_PER_SM = 228 * 1024  # H100/H200
+
+
 def candidates(n: int, k: int, m: int, num_sms: int) -> list[Config]:
     """The cuts a sweep tries for an N x K weight at m rows: the default plan; tl.dot tiles of 32
-    to 128 features with K steps of 64 to 256, each unsplit and split about as the plan would,
-    half and twice that, with 3 or 5 stages; for one row, narrow tiles on the CUDA cores too."""
+    to 128 features with K steps of 64 to 256 and 3 to 8 pipeline stages, each unsplit, split
+    about as the plan would (half and twice that too), and split so that the programs fill the
+    GPU's resident slots (by shared memory) exactly once or twice (no last, partial wave); for
+    one row, narrow tiles on the CUDA cores too."""
     found = [plan(n, k, num_sms)]
 
-    def splits(block_n: int, block_k: int, per_sm: int) -> set[int]:
+    def splits(block_n: int, block_k: int, per_sm: int, resident: int) -> set[int]:
         steps = -(-k // block_k)
-        auto = max(1, min(steps // 2, round(per_sm * num_sms / -(-n // block_n))))
-        return {1, auto, max(1, auto // 2), min(steps, 2 * auto)}
+        tiles = -(-n // block_n)
+        auto = max(1, min(steps // 2, round(per_sm * num_sms / tiles)))
+        waves = {max(1, min(steps, round(w * resident * num_sms / tiles))) for w in (1, 2)}
+        return {1, auto, max(1, auto // 2), min(steps, 2 * auto)} | waves
 
-    for block_n, block_k in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256), (128, 64)):
-        for split in sorted(splits(block_n, block_k, 4)):
-            for stages in (3, 5):
+    dot_tiles = (
+        (32, 128, (3, 6)),
+        (64, 128, (3, 5)),
+        (128, 128, (3, 4)),
+        (32, 256, (3,)),
+        (64, 256, (3,)),
+        (64, 64, (4, 8)),
+        (128, 64, (4, 8)),
+    )
+    for block_n, block_k, stage_counts in dot_tiles:
+        for stages in stage_counts:
+            smem = stages * (block_n + 16) * block_k * 2
+            resident = max(1, min(4, SMEM_PER_SM // smem))
+            for split in sorted(splits(block_n, block_k, 4, resident)):
                 found.append(Config(block_n, block_k, split, 4, stages))
     if m == 1:
         for block_n, block_k in ((4, 512), (8, 512), (16, 256), (32, 256), (8, 1024)):
-            for split in sorted(splits(block_n, block_k, 8)):
+            for split in sorted(splits(block_n, block_k, 8, 8)):
                 for warps in (2, 4):
                     found.append(Config(block_n, block_k, split, warps, 2, True))
     return list(dict.fromkeys(found))
 
 
-def sweep(result: dict, save, device: torch.device, out: Path) -> None:
+def sweep(result: dict, save, device: torch.device, out: Path, models: list[str]) -> None:
     num_sms = launch.num_sms(device)
     gpu = torch.cuda.get_device_name(device)
     rows: dict = {}
     result["sweep"] = rows
     table: dict = {}
     shapes = []
-    for label, n, k in rank_projections(("1b", "7b", "13b")):
+    for label, n, k in rank_projections(models):
         shapes.append((label, n, k, False))
         if label.endswith(" down"):
             shapes.append((label + " swiglu", n, k, True))
@@ -390,7 +408,7 @@ def main() -> None:
 
     start = time.perf_counter()
     if "sweep" in parts:
-        sweep(result, save, device, out)
+        sweep(result, save, device, out, args.models.split(","))
     if "check" in parts:
         check(result, save, device)
     if "alone" in parts:
