@@ -162,6 +162,7 @@ def sweep(result: dict, save, device: torch.device, out: Path, models: list[str]
     rows: dict = {}
     result["sweep"] = rows
     table: dict = {}
+    swept: set[str] = set()
     shapes = []
     for label, n, k in rank_projections(models):
         shapes.append((label, n, k, False))
@@ -215,6 +216,7 @@ def sweep(result: dict, save, device: torch.device, out: Path, models: list[str]
                 "runner_up": [[us, list(c)] for us, c in timed[1:4]],
             }
             faster = ours_us < 0.97 * cublas_us
+            swept.add(key)
             rows[key if faster else f"{key} (slower)"] = row
             if faster:
                 table[key] = {k_: row[k_] for k_ in ("config", "us", "cublas_us", "label")}
@@ -224,16 +226,18 @@ def sweep(result: dict, save, device: torch.device, out: Path, models: list[str]
         del weights
         free_memory(device)
         save()
-        write_table(gpu, table, out)  # after each shape: a run cut short keeps what it measured
+        write_table(gpu, table, swept, out)  # after each shape: a run cut short keeps its part
     print(f"{len(table)} of {len(rows)} shapes faster than cuBLAS", flush=True)
 
 
-def write_table(gpu: str, table: dict, out: Path) -> None:
-    """This GPU's measured configs into kernels/skinny_matmul_configs.json (other GPUs' kept) and
-    a copy under --out; the layers take them from the next call on."""
+def write_table(gpu: str, table: dict, swept: set[str], out: Path) -> None:
+    """This GPU's measured configs into kernels/skinny_matmul_configs.json and a copy under
+    --out: the shapes swept now replace their old entries (or drop them, where cuBLAS won), the
+    rest and other GPUs' are kept. The layers take them from the next call on."""
     path = skinny_module._TABLE_PATH
     tables = json.loads(path.read_text()) if path.exists() else {}
-    tables[gpu] = dict(sorted(table.items()))
+    entries = {k: v for k, v in tables.get(gpu, {}).items() if k not in swept}
+    tables[gpu] = dict(sorted({**entries, **table}.items()))
     text = json.dumps(tables, indent=1, sort_keys=True) + "\n"
     path.write_text(text)
     (out / path.name).write_text(text)
