@@ -22,10 +22,10 @@
    head, in one graph: time per decode step, cuBLAS against the kernel's default plan (without
    and with PDL) and against the layers' choice (measured configs where listed, else cuBLAS).
 4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new), PDL on: cuBLAS only
-   (AFS_SKINNY_MATMUL=0), with the attention prologue inside the decode kernel (the default) and
-   apart (AFS_DECODE_PROLOGUE_MAX_BATCH=0); the measured shapes through the kernel (unset, the
-   default); every projection through it (=1); for each model, 7B at tp = 2 as well where two
-   GPUs are visible.
+   (AFS_SKINNY_MATMUL=0), with the attention prologue inside the decode kernel
+   (AFS_DECODE_PROLOGUE_MAX_BATCH=16) and apart (0, the default for now); the measured shapes
+   through the kernel (unset, the default); every projection through it (=1); for each model,
+   7B at tp = 2 as well where two GPUs are visible.
    A variant that fails is recorded with its error.
 Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
@@ -59,8 +59,7 @@ MODELS = {
     "13b": (5120, 13824, 40, 100352),
 }
 # label, AFS_SKINNY_MATMUL (None: unset, the measured shapes only), the decode kernel taking the
-# attention prologue (AFS_DECODE_PROLOGUE_MAX_BATCH 16, the default, or 0: the prologue apart);
-# PDL on
+# attention prologue (AFS_DECODE_PROLOGUE_MAX_BATCH=16) or not (0, the default for now); PDL on
 RATE_VARIANTS = (
     ("cublas", False, 16),
     ("cublas_prologue_apart", False, 0),
@@ -382,7 +381,7 @@ def rates(result: dict, save, models: list[str]) -> None:
                     rows[key][label] = repr(exc)
                 finally:
                     fused.SKINNY_MATMUL, launch.PDL = None, True
-                    triton_backend.PROLOGUE_MAX_BATCH = 16
+                    triton_backend.PROLOGUE_MAX_BATCH = 0
             print(key, rows[key], flush=True)
             save()
 

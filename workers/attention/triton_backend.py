@@ -7,8 +7,8 @@ mixed batches are correct while the common steps take the kernel made for them. 
 from a fused QKV projection (`decode_qkv`) runs the attention prologue inside the decode kernel:
 one launch from the projection to the attention output. Each KV head's programs redo the
 full-width QK-norm's sums over the token's row, so that path is taken for batches of up to
-`PROLOGUE_MAX_BATCH` sequences (AFS_DECODE_PROLOGUE_MAX_BATCH; 0 never), where a launch saved
-outweighs the rows read again from L2.
+`PROLOGUE_MAX_BATCH` sequences (AFS_DECODE_PROLOGUE_MAX_BATCH), where a launch saved should
+outweigh the rows read again from L2; 0, the default until it is timed on a GPU, never.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kernels.kv_store import store_kv
 from kernels.prefill_attention import prefill_attention
 from workers.attention.base import AttentionBackend, AttentionMetadata
 
-PROLOGUE_MAX_BATCH = int(os.environ.get("AFS_DECODE_PROLOGUE_MAX_BATCH", "16"))
+PROLOGUE_MAX_BATCH = int(os.environ.get("AFS_DECODE_PROLOGUE_MAX_BATCH", "0"))
 
 
 class TritonBackend(AttentionBackend):
