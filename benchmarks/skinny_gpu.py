@@ -37,6 +37,7 @@ import faulthandler
 import json
 import os
 import time
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -148,10 +149,10 @@ def candidates(n: int, k: int, m: int, num_sms: int) -> list[Config]:
             for split in sorted(splits(block_n, block_k, 4, resident)):
                 found.append(Config(block_n, block_k, split, 4, stages))
     if m == 1:
-        for block_n, block_k in ((4, 512), (8, 512), (16, 256), (32, 256), (8, 1024)):
+        fma_tiles = ((8, 512), (16, 256), (32, 256), (8, 1024))
+        for (block_n, block_k), (warps, stages) in product(fma_tiles, ((2, 2), (4, 2), (4, 4))):
             for split in sorted(splits(block_n, block_k, 8, 8)):
-                for warps in (2, 4):
-                    found.append(Config(block_n, block_k, split, warps, 2, True))
+                found.append(Config(block_n, block_k, split, warps, stages, True))
     return list(dict.fromkeys(found))
 
 

@@ -73,6 +73,8 @@ def _matmul_kernel(
         prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
     wait_for_previous(PDL)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    if ROWS == 1:  # the products' running sums, each thread its own columns: one reduction, last
+        wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
 
     # -- stream this program's slice of K: W [BLOCK_N, BLOCK_K] and x [ROWS, BLOCK_K] tiles --
     for k in range(k_start, k_end, BLOCK_K):
@@ -92,12 +94,14 @@ def _matmul_kernel(
         else:
             x = tl.load(x_tile, mask=x_ok, other=0.0)
         if ROWS == 1:  # one row: products and sums on the CUDA cores, no padding to 16 rows
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            wide += w.to(tl.float32) * x.to(tl.float32)
         elif IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
 
+    if ROWS == 1:
+        acc = tl.sum(wide, axis=1)[None, :]
     out = y_ptr + rows[:, None] * stride_y + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     if not SPLIT_K:
