@@ -33,6 +33,7 @@ Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -80,7 +81,7 @@ def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, t
     }
 
 
-def rank_projections(models=("1b", "7b")):
+def rank_projections(models: list[str]):
     """(label, N, K) of every decode weight of a rank: 1B, 7B (13B), their halves at tp = 2."""
     for model in models:
         hidden, inter, _, vocab = MODELS[model]
@@ -245,10 +246,10 @@ def write_table(gpu: str, table: dict, swept: set[str], out: Path) -> None:
     skinny_module._device_table.cache_clear()
 
 
-def check(result: dict, save, device: torch.device) -> None:
+def check(result: dict, save, device: torch.device, models: list[str]) -> None:
     rows = {}
     gen = torch.Generator(device).manual_seed(0)
-    for label, n, k in rank_projections():
+    for label, n, k in rank_projections(models):
         w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16()
         for m in (1, 8):
             x = torch.randn(m, k, device=device, generator=gen).bfloat16()
@@ -274,9 +275,9 @@ def check(result: dict, save, device: torch.device) -> None:
     save()
 
 
-def alone(result: dict, save, device: torch.device, copy_gbps: float) -> None:
+def alone(result: dict, save, device: torch.device, copy_gbps: float, models: list[str]) -> None:
     rows = {}
-    for shape, n, k in rank_projections():
+    for shape, n, k in rank_projections(models):
         nbytes = n * k * 2
         copies = max(2, -(-(512 << 20) // nbytes))
         weights = [torch.randn(n, k, device=device).bfloat16() for _ in range(copies)]
@@ -295,11 +296,12 @@ def alone(result: dict, save, device: torch.device, copy_gbps: float) -> None:
     result["alone"] = rows
 
 
-def chain(result: dict, save, device: torch.device) -> None:
+def chain(result: dict, save, device: torch.device, models: list[str]) -> None:
     """Each layer's qkv, o_proj, gate_up, then SwiGLU and down_proj (cuBLAS: the activation
     kernel and F.linear; ours: the activation inside the matmul), then the LM head."""
     rows = {}
-    for model, (hidden, inter, layers, vocab) in MODELS.items():
+    for model in models:
+        hidden, inter, layers, vocab = MODELS[model]
         shapes = projections(hidden, inter, vocab)
         weights = [
             (name, torch.randn(*shapes[name], device=device).bfloat16())
@@ -336,15 +338,13 @@ def chain(result: dict, save, device: torch.device) -> None:
             )
             row = {}
             for label, op, pdl in variants:
-                launch.PDL = pdl  # read at each launch, so the capture takes it
-                fused.SKINNY_MATMUL = None
                 calls = [lambda n=n, w=w, op=op: op(n, w) for n, w in weights]
                 try:
-                    row[f"{label}_ms_per_step"] = _graph_us(calls, device) * len(calls) / 1e3
+                    with switches(None, pdl, 0):  # PDL is read at each launch: the capture's
+                        ms = _graph_us(calls, device) * len(calls) / 1e3
+                    row[f"{label}_ms_per_step"] = ms
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
                     row[f"{label}_error"] = repr(exc)
-                finally:
-                    launch.PDL = False
             rows[f"{model} m{m}"] = row
             print(model, m, row, flush=True)
         del weights
@@ -353,18 +353,25 @@ def chain(result: dict, save, device: torch.device) -> None:
     result["chain"] = rows
 
 
-def decode_rate(model: str, tp: int, skinny: bool | None, prologue_max_batch: int = 16) -> float:
-    """tp_gpu's batch-1 decode rate, PDL on, with the decode matmul everywhere (True), nowhere
-    (False) or on the measured shapes (None), the attention prologue inside the decode kernel up
-    to `prologue_max_batch` sequences."""
-    fused.SKINNY_MATMUL, launch.PDL = skinny, True
+@contextlib.contextmanager
+def switches(skinny: bool | None, pdl: bool, prologue_max_batch: int):
+    """The decode matmul everywhere (True), nowhere (False) or on the measured shapes (None), PDL,
+    and the attention prologue inside the decode kernel up to `prologue_max_batch` sequences: set
+    in this process and in the environment a spawned rank reads; put back afterwards."""
+    saved = fused.SKINNY_MATMUL, launch.PDL, triton_backend.PROLOGUE_MAX_BATCH, dict(os.environ)
+    fused.SKINNY_MATMUL, launch.PDL = skinny, pdl
     triton_backend.PROLOGUE_MAX_BATCH = prologue_max_batch
-    os.environ["AFS_PDL"] = "1"  # a spawned rank reads them
+    os.environ["AFS_PDL"] = "1" if pdl else "0"
     os.environ["AFS_DECODE_PROLOGUE_MAX_BATCH"] = str(prologue_max_batch)
     os.environ.pop("AFS_SKINNY_MATMUL", None)
     if skinny is not None:
         os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"
-    return tp_gpu.decode_rate(model, tp)
+    try:
+        yield
+    finally:
+        fused.SKINNY_MATMUL, launch.PDL, triton_backend.PROLOGUE_MAX_BATCH, environ = saved
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def rates(result: dict, save, models: list[str]) -> None:
@@ -377,12 +384,10 @@ def rates(result: dict, save, models: list[str]) -> None:
             rows[key] = {}
             for label, skinny, prologue in RATE_VARIANTS:
                 try:
-                    rows[key][label] = decode_rate(f"dummy:olmo2-{model}", tp, skinny, prologue)
+                    with switches(skinny, True, prologue):
+                        rows[key][label] = tp_gpu.decode_rate(f"dummy:olmo2-{model}", tp)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
                     rows[key][label] = repr(exc)
-                finally:
-                    fused.SKINNY_MATMUL, launch.PDL = None, True
-                    triton_backend.PROLOGUE_MAX_BATCH = 0
             print(key, rows[key], flush=True)
             save()
 
@@ -411,16 +416,17 @@ def main() -> None:
         (out / f"skinny_gpu_{'_'.join(parts)}.json").write_text(json.dumps(result, indent=2))
 
     start = time.perf_counter()
+    models = args.models.split(",")
     if "sweep" in parts:
-        sweep(result, save, device, out, args.models.split(","))
+        sweep(result, save, device, out, models)
     if "check" in parts:
-        check(result, save, device)
+        check(result, save, device, models)
     if "alone" in parts:
-        alone(result, save, device, copy_gbps)
+        alone(result, save, device, copy_gbps, models)
     if "chain" in parts:
-        chain(result, save, device)
+        chain(result, save, device, models)
     if "rates" in parts:
-        rates(result, save, args.models.split(","))
+        rates(result, save, models)
     result["wall_s"] = time.perf_counter() - start
     save()
 

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_store import store_slot
-from kernels.launch import num_sms, pdl_options, wait_for_previous
+from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
 from kernels.paged_checks import check_kv_slab, check_paged_attention
 from kernels.rope import check_prologue, qk_tiles, sum_squares
 
@@ -278,20 +278,16 @@ def _merge_splits(
 
 
 _COUNTERS = 1 << 16
-_COUNTER_ARRAYS: dict[torch.device, torch.Tensor] = {}
 
 
 def _counters(device: torch.device) -> torch.Tensor:
     """This device's split counters, one per (sequence, KV head) (zeroed once; each call leaves
     its counters at 0)."""
-    if device not in _COUNTER_ARRAYS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "decode_attention's counters must exist before a CUDA graph is captured: run the "
-                "decode step once eagerly first"
-            )
-        _COUNTER_ARRAYS[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTER_ARRAYS[device]
+    return device_buffers(
+        "decode_attention",
+        device,
+        lambda: (torch.zeros(_COUNTERS, dtype=torch.int32, device=device),),
+    )[0]
 
 
 def choose_num_splits(
@@ -321,7 +317,10 @@ def decode_attention(
     num_kv_heads, block_size = check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
     if q.stride(2) != 1:
         raise ValueError("q: head_dim must be contiguous")
-    return _launch(q, q.stride(1), None, kv_cache, block_tables, seq_lens, scale, out, num_splits)
+    return _launch(
+        q, q.stride(1), _NO_PROLOGUE_ARGS, _NO_PROLOGUE, kv_cache, block_tables, seq_lens, scale,
+        out, num_splits,
+    )  # fmt: skip
 
 
 def decode_attention_qkv(
@@ -361,24 +360,32 @@ def decode_attention_qkv(
     check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
     if slot_mapping.shape != (batch,):
         raise ValueError(f"slot_mapping: expected [{batch}], got {tuple(slot_mapping.shape)}")
-    if out.shape != (batch, num_heads, head_dim):
-        raise ValueError(f"out: expected [{batch}, {num_heads}, {head_dim}], got {out.shape}")
-    view = qkv.view(batch, -1, head_dim)  # [B, H + 2 KVH, D]: the checks see q's heads first
-    check_paged_attention(view[:, :num_heads], kv_cache, out, block_tables, seq_lens)
-    _, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
-    prologue = dict(
-        q_norm=q_norm_weight, k_norm=k_norm_weight, eps=eps, squares=qk_squares,
-        widths=norm_widths if squares_given else (1, 1), positions=positions, cos=cos_cache,
-        sin=sin_cache, slot_mapping=slot_mapping, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
-        BLOCK_HEADS=block_heads,
+    q = qkv.view(batch, -1, head_dim)[:, :num_heads]  # [B, H, D]: what the checks see of q
+    check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
+    prologue_args = (
+        q_norm_weight, k_norm_weight, eps, qk_squares,
+        *(norm_widths if squares_given else (1, 1)),
+        positions, cos_cache, sin_cache, slot_mapping,
     )  # fmt: skip
-    return _launch(qkv, 0, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits)
+    prologue = dict(
+        PROLOGUE=True, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
+        BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1],
+    )  # fmt: skip
+    return _launch(
+        qkv, 0, prologue_args, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits
+    )
+
+
+# the prologue's arguments and constexprs of a launch without it
+_NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None)
+_NO_PROLOGUE = dict(PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1)
 
 
 def _launch(
     q: torch.Tensor,
     stride_q_head: int,
-    prologue: dict | None,
+    prologue_args: tuple,
+    prologue: dict,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -417,12 +424,9 @@ def _launch(
         (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
     )
     lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    p = prologue or {}
-    widths = p.get("widths", (1, 1))
     _kernel[(batch, num_kv_heads, num_splits)](
         q, q.stride(0), stride_q_head,
-        p.get("q_norm"), p.get("k_norm"), p.get("eps", 0.0), p.get("squares"), *widths,
-        p.get("positions"), p.get("cos"), p.get("sin"), p.get("slot_mapping"),
+        *prologue_args,
         kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables, block_tables.stride(0),
         seq_lens,
@@ -435,8 +439,7 @@ def _launch(
         **config,
         # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PROLOGUE=prologue is not None, QK_NORM=p.get("QK_NORM", False),
-        SQUARES_GIVEN=p.get("SQUARES_GIVEN", False), BLOCK_HEADS=p.get("BLOCK_HEADS", 1),
+        **prologue,
         **pdl_options(q.device),
     )  # fmt: skip
     return out

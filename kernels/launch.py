@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -29,6 +30,26 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return _DEFAULT_NUM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_DEVICE_BUFFERS: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
+
+
+def device_buffers(
+    owner: str, device: torch.device, make: Callable[[], tuple[torch.Tensor, ...]]
+) -> tuple[torch.Tensor, ...]:
+    """Buffers a kernel keeps on a device across calls (scratch space, counters each call leaves
+    at zero), made by `make` on first use. A CUDA graph's capture must not be that first use (the
+    graph would own them): the decode step runs once eagerly before it is captured."""
+    key = (owner, device)
+    if key not in _DEVICE_BUFFERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{owner}'s buffers must exist before a CUDA graph is captured: run the decode "
+                "step once eagerly first"
+            )
+        _DEVICE_BUFFERS[key] = make()
+    return _DEVICE_BUFFERS[key]
 
 
 @functools.lru_cache

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import num_sms, pdl_options, wait_for_previous
+from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
 
 MAX_ROWS = 16
 """Rows of x one call takes (decode batches up to this size)."""
@@ -207,21 +207,16 @@ def measured_config(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False)
     return _device_table(x.device).get(key)
 
 
-_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _workspace(device: torch.device) -> tuple[torch.Tensor, ...]:
     """This device's partials and counters (zeroed once; each call leaves its counters at 0)."""
-    if device not in _WORKSPACES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "skinny_matmul's workspace must exist before a CUDA graph is captured: run the "
-                "decode step once eagerly first"
-            )
-        parts = torch.empty(_WORKSPACE_FLOATS, dtype=torch.float32, device=device)
-        counters = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-        _WORKSPACES[device] = (parts, counters)
-    return _WORKSPACES[device]
+    return device_buffers(
+        "skinny_matmul",
+        device,
+        lambda: (
+            torch.empty(_WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+            torch.zeros(_COUNTERS, dtype=torch.int32, device=device),
+        ),
+    )
 
 
 def skinny_matmul(

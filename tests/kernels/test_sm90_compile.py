@@ -44,6 +44,15 @@ POINTERS = {
     "out_ptr": "*bf16",
 }
 FLOATS = {"eps", "qk_scale", "k_scale"}
+DECODE = dict(
+    GROUP_SIZE=1,
+    GROUP_PAD=16,
+    SPLITS_PAD=16,
+    BLOCK_SIZE=16,
+    HEAD_DIM=128,
+    BLOCK_N=64,
+    DOT_PRECISION="tf32",
+)  # decode attention's constexprs but the prologue's
 CASES = {
     "rmsnorm": (kernels.rmsnorm._kernel, dict(ADD_BEFORE=False, ADD_AFTER=True, BLOCK=4096)),
     "activation": (kernels.activation._kernel, dict(BLOCK=1024)),
@@ -61,36 +70,12 @@ CASES = {
     ),  # fmt: skip
     "decode_attention": (
         kernels.decode_attention._kernel,
-        dict(
-            GROUP_SIZE=1,
-            GROUP_PAD=16,
-            SPLITS_PAD=16,
-            BLOCK_SIZE=16,
-            HEAD_DIM=128,
-            BLOCK_N=64,
-            DOT_PRECISION="tf32",
-            PROLOGUE=False,
-            QK_NORM=False,
-            SQUARES_GIVEN=False,
-            BLOCK_HEADS=1,
-        ),
+        dict(DECODE, PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1),
     ),
     "decode_attention_prologue": (
         kernels.decode_attention._kernel,
-        dict(
-            GROUP_SIZE=1,
-            GROUP_PAD=16,
-            SPLITS_PAD=16,
-            BLOCK_SIZE=16,
-            HEAD_DIM=128,
-            BLOCK_N=64,
-            DOT_PRECISION="tf32",
-            PROLOGUE=True,
-            QK_NORM=True,
-            SQUARES_GIVEN=False,
-            BLOCK_HEADS=16,
-        ),
-    ),  # fmt: skip
+        dict(DECODE, PROLOGUE=True, QK_NORM=True, SQUARES_GIVEN=False, BLOCK_HEADS=16),
+    ),
     "peer_all_reduce": (
         kernels.peer_collectives._all_reduce_kernel,
         dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PUSH=True),

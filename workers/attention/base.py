@@ -97,3 +97,20 @@ class AttentionBackend:
         kv_stored: the caller has already written k and v into their slots (a fused prologue).
         """
         raise NotImplementedError
+
+    def decode_qkv(
+        self,
+        qkv: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        rope_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        norm_args: dict,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """A decode step from the fused projection qkv [T, (H + 2 KVH) D], the attention
+        prologue (QK-norm with `norm_args`, RoPE at `rope_args` = positions, cos, sin tables, the
+        K/V store) included -> [T, H, D]; None where the backend has no such path (the caller
+        runs the prologue, then `forward`)."""
+        return None

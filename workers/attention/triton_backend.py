@@ -70,9 +70,8 @@ class TritonBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor | None:
-        """A decode step (one new token a sequence) from qkv [B, (H + 2 KVH) D]: the prologue
-        (QK-norm, RoPE, K/V store) and attention in one kernel -> [B, H, D]; None for any other
-        step (the caller runs the prologue, then `forward`)."""
+        """A decode step (one new token a sequence) of at most PROLOGUE_MAX_BATCH sequences: the
+        prologue and attention in one kernel; None for any other step."""
         if meta.max_query_len != 1 or qkv.shape[0] > PROLOGUE_MAX_BATCH:
             return None
         positions, cos_cache, sin_cache = rope_args

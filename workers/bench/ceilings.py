@@ -194,14 +194,14 @@ class Roofline:
         weights, heads and K/V are the rank's; the ranks run side by side, each at `ceilings`."""
         tflops = ceilings.get(f"matmul_tflops_{dtype_name(config.torch_dtype)}")
         attn = model.model.layers[0].self_attn  # this rank's heads
-        element = torch.empty((), dtype=config.torch_dtype).element_size()
         layers = config.num_hidden_layers
+        layer_kv_bytes = 2 * attn.num_kv_heads * attn.head_dim * config.torch_dtype.itemsize
         return cls(
             weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
             linear_params=sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2),
             lm_head_params=model.lm_head.weight.numel(),
             attention_width=layers * attn.num_heads * attn.head_dim,
-            kv_bytes_per_token=2 * layers * attn.num_kv_heads * attn.head_dim * element,
+            kv_bytes_per_token=layers * layer_kv_bytes,
             bytes_per_second=ceilings["copy_gbps"] * 1e9,
             flops_per_second=tflops * 1e12 if tflops else None,
         )

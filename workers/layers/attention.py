@@ -68,14 +68,12 @@ class Attention(nn.Module):
                 norm["norm_widths"] = (q_norm.full_width, k_norm.full_width)
         kv_cache = context.kv_caches[self.layer_index]
         rope_args = (rope.positions, rope.cos_cache, rope.sin_cache)
-        decode = getattr(context.backend, "decode_qkv", None)
-        if decode is not None:
-            out = decode(
-                qkv, self.num_heads, self.num_kv_heads, rope_args, norm, kv_cache,
-                context.attn_metadata, self.scale,
-            )  # fmt: skip
-            if out is not None:  # [T, H, D]
-                return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
+        out = context.backend.decode_qkv(
+            qkv, self.num_heads, self.num_kv_heads, rope_args, norm, kv_cache,
+            context.attn_metadata, self.scale,
+        )  # fmt: skip
+        if out is not None:  # [T, H, D]
+            return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
         q, k, v = rotary_qkv(
             qkv,
             self.num_heads,

@@ -32,38 +32,36 @@ SKINNY_MATMUL: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_SKI
 """True: every decode batch through the skinny matmul; False: none; None: measured shapes only."""
 
 
-def _skinny_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        SKINNY_MATMUL is not False
-        and use_triton(x)
-        and x.dim() == 2
-        and 1 <= x.shape[0] <= 16
-        and x.dtype == weight.dtype
-        and x.stride(1) == 1
-        and weight.stride(1) == 1
-    )
+def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor | None:
+    """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
+    matmul where it applies (see above), or None."""
+    if (
+        SKINNY_MATMUL is False
+        or not use_triton(x)
+        or x.dim() != 2
+        or not 1 <= x.shape[0] <= 16
+        or x.dtype != weight.dtype
+        or x.stride(1) != 1
+        or weight.stride(1) != 1
+        or x.shape[1] != weight.shape[1] * (2 if swiglu else 1)
+    ):
+        return None
+    from kernels.skinny_matmul import measured_config, skinny_matmul
+
+    config = measured_config(x, weight, swiglu)
+    if config is None and not SKINNY_MATMUL:
+        return None
+    return skinny_matmul(x, weight, swiglu=swiglu, config=config)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where it
     applies (see above), anything else through F.linear."""
-    if _skinny_applies(x, weight):
-        from kernels.skinny_matmul import measured_config, skinny_matmul
-
-        config = measured_config(x, weight)
-        if config is not None or SKINNY_MATMUL:
-            return skinny_matmul(x, weight, config=config)
-    return F.linear(x, weight)
+    out = _skinny(x, weight, swiglu=False)
+    return F.linear(x, weight) if out is None else out
 
 
 def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """(silu(gate) * up) W^T from gate_up [T, 2K] in one skinny matmul launch, or None where that
     kernel does not apply (the caller runs the activation and its matmul apart)."""
-    if not _skinny_applies(gate_up, weight) or gate_up.shape[1] != 2 * weight.shape[1]:
-        return None
-    from kernels.skinny_matmul import measured_config, skinny_matmul
-
-    config = measured_config(gate_up, weight, swiglu=True)
-    if config is None and not SKINNY_MATMUL:
-        return None
-    return skinny_matmul(gate_up, weight, swiglu=True, config=config)
+    return _skinny(gate_up, weight, swiglu=True)
