@@ -16,7 +16,7 @@
 #                                             dummy:olmo2-13b); one call each
 #   bash benchmarks/gpu_suite.sh skinny       every GPU test of kernels/, the engine and the
 #                                             sampler; the engine's again with the attention
-#                                             prologue inside the decode kernel; the decode
+#                                             prologue apart from the decode kernel; the decode
 #                                             matmul's and graphs on against off with it on
 #                                             everywhere; then
 #                                             benchmarks/skinny_gpu.py: the sweep of its cuts
@@ -82,7 +82,7 @@ case "$part" in
     # every GPU test as the engine runs by default, then the kernel's own and graphs on against
     # off with the kernel on everywhere
     guard python3 -m pytest -q -m gpu tests/kernels tests/engine tests/unit/test_sampler.py
-    guard env AFS_DECODE_PROLOGUE_MAX_BATCH=16 python3 -m pytest -q -m gpu tests/engine
+    guard env AFS_DECODE_PROLOGUE_MAX_BATCH=0 python3 -m pytest -q -m gpu tests/engine
     guard env AFS_SKINNY_MATMUL=1 python3 -m pytest -q -m gpu \
       tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py
     guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
