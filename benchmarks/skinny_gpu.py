@@ -22,11 +22,11 @@
    SwiGLU activation before down_proj: its own kernel beside cuBLAS, inside ours), then the LM
    head, in one graph: time per decode step, cuBLAS against the kernel's default plan (without
    and with PDL) and against the layers' choice (measured configs where listed, else cuBLAS).
-4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new), PDL on, the attention
-   prologue inside the decode kernel (the default): cuBLAS only (AFS_SKINNY_MATMUL=0); the
-   measured shapes through the kernel (unset, the default), with the post-norm add apart
-   (AFS_SKINNY_NORM_ADD=0) and inside (the default); every projection through it (=1); for each
-   model, 7B at tp = 2 as well where two GPUs are visible.
+4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new), PDL on: cuBLAS only
+   (AFS_SKINNY_MATMUL=0), with the attention prologue inside the decode kernel
+   (AFS_DECODE_PROLOGUE_MAX_BATCH=16, the default) and apart (0); the measured shapes
+   through the kernel (unset, the default); every projection through it (=1); for each model,
+   7B at tp = 2 as well where two GPUs are visible.
    A variant that fails is recorded with its error.
 Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
@@ -62,13 +62,12 @@ MODELS = {
     "13b": (5120, 13824, 40, 100352),
 }
 # label, AFS_SKINNY_MATMUL (None: unset, the measured shapes only), the decode kernel taking the
-# attention prologue (AFS_DECODE_PROLOGUE_MAX_BATCH=16, the default) or not (0), the post-norm
-# and residual add inside the matmul's launch (AFS_SKINNY_NORM_ADD, on by default) or apart; PDL on
+# attention prologue (AFS_DECODE_PROLOGUE_MAX_BATCH=16, the default) or not (0); PDL on
 RATE_VARIANTS = (
-    ("cublas", False, 16, True),
-    ("table_norm_apart", None, 16, False),
-    ("table", None, 16, True),
-    ("ours", True, 16, True),
+    ("cublas", False, 16),
+    ("cublas_prologue_apart", False, 0),
+    ("table", None, 16),
+    ("ours", True, 16),
 )
 
 
@@ -358,31 +357,22 @@ def chain(result: dict, save, device: torch.device, models: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def switches(skinny: bool | None, pdl: bool, prologue_max_batch: int, norm_add: bool = True):
+def switches(skinny: bool | None, pdl: bool, prologue_max_batch: int):
     """The decode matmul everywhere (True), nowhere (False) or on the measured shapes (None), PDL,
-    the attention prologue inside the decode kernel up to `prologue_max_batch` sequences, and the
-    post-norm add inside the matmul: set in this process and in the environment a spawned rank
-    reads; put back afterwards."""
-    saved = (
-        fused.SKINNY_MATMUL,
-        fused.SKINNY_NORM_ADD,
-        launch.PDL,
-        triton_backend.PROLOGUE_MAX_BATCH,
-        dict(os.environ),
-    )
-    fused.SKINNY_MATMUL, fused.SKINNY_NORM_ADD, launch.PDL = skinny, norm_add, pdl
+    and the attention prologue inside the decode kernel up to `prologue_max_batch` sequences: set
+    in this process and in the environment a spawned rank reads; put back afterwards."""
+    saved = fused.SKINNY_MATMUL, launch.PDL, triton_backend.PROLOGUE_MAX_BATCH, dict(os.environ)
+    fused.SKINNY_MATMUL, launch.PDL = skinny, pdl
     triton_backend.PROLOGUE_MAX_BATCH = prologue_max_batch
     os.environ["AFS_PDL"] = "1" if pdl else "0"
     os.environ["AFS_DECODE_PROLOGUE_MAX_BATCH"] = str(prologue_max_batch)
-    os.environ["AFS_SKINNY_NORM_ADD"] = "1" if norm_add else "0"
     os.environ.pop("AFS_SKINNY_MATMUL", None)
     if skinny is not None:
         os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"
     try:
         yield
     finally:
-        fused.SKINNY_MATMUL, fused.SKINNY_NORM_ADD, launch.PDL = saved[:3]
-        triton_backend.PROLOGUE_MAX_BATCH, environ = saved[3:]
+        fused.SKINNY_MATMUL, launch.PDL, triton_backend.PROLOGUE_MAX_BATCH, environ = saved
         os.environ.clear()
         os.environ.update(environ)
 
@@ -395,9 +385,9 @@ def rates(result: dict, save, models: list[str]) -> None:
         for tp in tps if model != "1b" else (1,):
             key = f"dummy:olmo2-{model} tp{tp}"
             rows[key] = {}
-            for label, skinny, prologue, norm_add in RATE_VARIANTS:
+            for label, skinny, prologue in RATE_VARIANTS:
                 try:
-                    with switches(skinny, True, prologue, norm_add):
+                    with switches(skinny, True, prologue):
                         rows[key][label] = tp_gpu.decode_rate(f"dummy:olmo2-{model}", tp)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
                     rows[key][label] = repr(exc)

@@ -29,14 +29,6 @@ before the wait for the kernel before).
 
 With programmatic dependent launch (kernels/launch.py, on by default) a program starts while the
 kernel before it finishes; it spends that time prefetching its first two W tiles into L2.
-
-`norm_add` ends the call with a post-norm residual add (Olmo 2's `h + rms_norm(x W^T)`, as
-kernels/rmsnorm.py's `rms_norm_add`) instead of a launch of its own: once a tile's y is written its
-program bumps one more counter, and the program that brings it to the number of tiles, which
-therefore sees all of y, normalises each row (fp32, rounded to the dtype before the add) and adds
-the residual into a new tensor. A decode step at batch 1 is a few hundred short kernels, so a
-launch and its ramp saved twice a layer is worth the tail one program spends on rows of a few
-thousand values.
 """
 
 from __future__ import annotations
@@ -51,7 +43,6 @@ import triton
 import triton.language as tl
 
 from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
-from kernels.rmsnorm import add_rounded
 
 MAX_ROWS = 16
 """Rows of x one call takes (decode batches up to this size)."""
@@ -63,12 +54,10 @@ _COUNTERS = 1 << 16
 @triton.jit
 def _matmul_kernel(
     x_ptr, stride_x, w_ptr, stride_w, y_ptr, stride_y,
-    part_ptr, count_ptr, done_ptr,
-    res_ptr, stride_res, h_ptr, stride_h, norm_w_ptr, eps,
+    part_ptr, count_ptr,
     M, N, K, K_PER_SPLIT, SPLIT,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM_ADD: tl.constexpr, NORM_BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    IEEE: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -117,11 +106,6 @@ def _matmul_kernel(
     out_ok = row_ok[:, None] & col_ok[None, :]
     if not SPLIT_K:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-        if NORM_ADD:
-            _norm_add_when_last(
-                y_ptr, stride_y, res_ptr, stride_res, h_ptr, stride_h, norm_w_ptr, eps, done_ptr,
-                M, N, NORM_BLOCK,
-            )  # fmt: skip
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
@@ -136,44 +120,6 @@ def _matmul_kernel(
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
-            if NORM_ADD:
-                _norm_add_when_last(
-                    y_ptr, stride_y, res_ptr, stride_res, h_ptr, stride_h, norm_w_ptr, eps,
-                    done_ptr, M, N, NORM_BLOCK,
-                )  # fmt: skip
-
-
-@triton.jit
-def _norm_add_when_last(
-    y_ptr, stride_y, res_ptr, stride_res, h_ptr, stride_h, norm_w_ptr, eps, done_ptr,
-    M, N, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Called by each tile's program once its part of y is written: the last of them writes
-    h = residual + rms_norm(y) for every row, in chunks of BLOCK, and sets the counter back."""
-    tl.debug_barrier()  # every thread's part of y is written before the counter moves
-    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
-    if finished == tl.num_programs(0) - 1:
-        dtype = h_ptr.dtype.element_ty
-        chunk = tl.arange(0, BLOCK)
-        for row in range(M):
-            y_row = y_ptr + row * stride_y
-            squares = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, N, BLOCK):
-                cols = start + chunk
-                # .cg: from L2, where the other programs' parts of y are
-                y = tl.load(y_row + cols, mask=cols < N, other=0.0, cache_modifier=".cg")
-                squares += y.to(tl.float32) * y.to(tl.float32)
-            inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / N + eps)
-            for start in range(0, N, BLOCK):
-                cols = start + chunk
-                ok = cols < N
-                y = tl.load(y_row + cols, mask=ok, other=0.0, cache_modifier=".cg")
-                weight = tl.load(norm_w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-                normed = (y.to(tl.float32) * inv_rms * weight).to(dtype)
-                residual = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
-                h = add_rounded(residual, normed, dtype)
-                tl.store(h_ptr + row * stride_h + cols, h, mask=ok)
-        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -227,7 +173,7 @@ def _slices(n: int, k: int, config: Config) -> tuple[int, int]:
     k_per_split = triton.cdiv(steps, max(1, min(config.split, steps))) * config.block_k
     split = triton.cdiv(k, k_per_split)
     tiles = triton.cdiv(n, config.block_n)
-    if split * MAX_ROWS * config.block_n * tiles > _WORKSPACE_FLOATS or tiles >= _COUNTERS:
+    if split * MAX_ROWS * config.block_n * tiles > _WORKSPACE_FLOATS or tiles > _COUNTERS:
         return 1, steps * config.block_k
     return split, k_per_split
 
@@ -279,15 +225,12 @@ def skinny_matmul(
     swiglu: bool = False,
     split: int | None = None,
     config: Config | None = None,
-    norm_add: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 16) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
 
     `swiglu`: x is a gate/up projection's output [M, 2K] (gate first) and the rows multiplied are
     silu(gate) * up, computed on the way in exactly as `kernels.activation.silu_and_mul` does
-    (one launch and one [M, K] round trip fewer). `norm_add` = (residual [M, N], norm weight [N],
-    eps): returns residual + rms_norm(x W^T) instead, as `kernels.rmsnorm.rms_norm_add` would
-    from the product (see the module's docstring). `split` overrides the plan's K slices (tests);
+    (one launch and one [M, K] round trip fewer). `split` overrides the plan's K slices (tests);
     `config` the whole plan (a measured one, or a sweep's candidate)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
@@ -297,32 +240,19 @@ def skinny_matmul(
         raise ValueError(f"skinny_matmul takes 1 to {MAX_ROWS} rows, got {m}")
     if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("skinny_matmul: x and weight of one dtype, rows contiguous")
-    if norm_add is not None:
-        residual, norm_weight, eps = norm_add
-        if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
-            raise ValueError(
-                f"skinny_matmul: residual {tuple(residual.shape)} {residual.dtype}, expected "
-                f"{(m, n)} {x.dtype} with contiguous rows"
-            )
-        if norm_weight.shape != (n,) or not norm_weight.is_contiguous():
-            raise ValueError(f"skinny_matmul: norm weight {tuple(norm_weight.shape)}, expected {n}")
     if config is None:
         config = plan(n, k, num_sms(x.device), split)
     slices, k_per_split = _slices(n, k, config)
     rows = 1 if config.fma and m == 1 else MAX_ROWS
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    h = y if norm_add is None else torch.empty_like(y)
-    residual, norm_weight, eps = (y, y, 0.0) if norm_add is None else norm_add
     grid = (triton.cdiv(n, config.block_n), slices)
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
-        parts, counters, counters[_COUNTERS - 1 :],
-        residual, residual.stride(0), h, h.stride(0), norm_weight, eps,
+        parts, counters,
         m, n, k, k_per_split, slices,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu,
-        NORM_ADD=norm_add is not None, NORM_BLOCK=32 * config.num_warps * 8,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
-    return h
+    return y

@@ -138,9 +138,9 @@ def test_layers_send_only_measured_shapes_by_default(monkeypatch):
     monkeypatch.setattr(fused, "FORCE_TRITON", True)
     seen = []
 
-    def kernel(x, w, swiglu=False, split=None, config=None, norm_add=None):
+    def kernel(x, w, swiglu=False, split=None, config=None):
         seen.append(config)
-        return x @ w.T if norm_add is None else norm_add[0] + x @ w.T
+        return x @ w.T
 
     monkeypatch.setattr(module, "skinny_matmul", kernel)
     x, w = torch.randn(2, 32), torch.randn(8, 32)
@@ -160,47 +160,6 @@ def test_layers_send_only_measured_shapes_by_default(monkeypatch):
         monkeypatch.setattr(module, "measured_config", lookup)
         torch.testing.assert_close(fused.linear(x, w), x @ w.T)
         assert seen == want, mode
-        # the norm and add inside the launch: where the matmul is taken, else None (apart)
-        seen.clear()
-        residual = torch.randn(2, 8)
-        got = fused.linear_norm_add(x, w, residual, torch.ones(8), 1e-6)
-        assert seen == want, mode
-        assert got is None if not want else torch.allclose(got, residual + x @ w.T)
-    monkeypatch.setattr(fused, "SKINNY_NORM_ADD", False)  # AFS_SKINNY_NORM_ADD=0
-    assert fused.linear_norm_add(x, w, torch.randn(2, 8), torch.ones(8), 1e-6) is None
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "m, config, swiglu",
-    [
-        (1, Config(8, 128, 1, fma=True), False),
-        (1, Config(16, 128, 3, num_warps=2, num_stages=2, fma=True), True),
-        (3, Config(32, 128, 1), False),
-        (5, Config(16, 256, 4), True),  # split: the tiles' merging programs count
-        (16, None, False),
-    ],
-)
-def test_norm_add_inside_is_the_norm_and_add_after_the_product(dtype, m, config, swiglu):
-    """residual + rms_norm(x W^T) from one launch: the product as without it, then the norm
-    (fp32, rounded) and the add (rounded) as rms_norm_add does them; the sum of squares in
-    another order, so within two roundings. Repeated calls give the same (counter at zero)."""
-    n, k = 1100, 384  # rows longer than one chunk of the tail
-    gen = torch.Generator().manual_seed(m + n)
-    x = torch.randn(m, 2 * k if swiglu else k, generator=gen).to(DEVICE, dtype)
-    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
-    residual = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
-    norm_weight = (torch.rand(n, generator=gen) + 0.5).to(DEVICE)
-    got = skinny_matmul(x, w, swiglu, config=config, norm_add=(residual, norm_weight, 1e-6))
-    y = skinny_matmul(x, w, swiglu, config=config).float()
-    normed = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight).to(dtype)
-    want = (residual.float() + normed.float()).to(dtype)
-    assert got.shape == (m, n) and got.dtype == dtype
-    ulp = torch.finfo(dtype).eps
-    scale = want.float().abs().max().item()
-    torch.testing.assert_close(got.float(), want.float(), atol=2 * ulp * scale, rtol=2 * ulp)
-    again = skinny_matmul(x, w, swiglu, config=config, norm_add=(residual, norm_weight, 1e-6))
-    assert torch.equal(again, got)
 
 
 def test_bad_input_is_refused():
@@ -211,11 +170,6 @@ def test_bad_input_is_refused():
         skinny_matmul(torch.randn(2, 31, device=DEVICE), w)
     with pytest.raises(ValueError, match="dtype"):
         skinny_matmul(torch.randn(2, 32, device=DEVICE, dtype=torch.float16), w)
-    x = torch.randn(2, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="residual"):
-        skinny_matmul(x, w, norm_add=(torch.randn(2, 7, device=DEVICE), torch.ones(8), 1e-6))
-    with pytest.raises(ValueError, match="norm weight"):
-        skinny_matmul(x, w, norm_add=(torch.randn(2, 8, device=DEVICE), torch.ones(9), 1e-6))
 
 
 @pytest.mark.parametrize("n, k", [(2048, 2048), (6144, 2048), (2048, 8192), (100352, 4096)])
@@ -232,10 +186,9 @@ def test_the_plan_spreads_small_matrices_and_leaves_no_empty_slice(n, k):
 
 
 def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
-    """Decode steps' projections (down_proj with SwiGLU inside; o_proj and down_proj with the
-    post-norm and residual add inside) and LM head through the kernel (the interpreter on CPU)
-    give the tokens and log-probabilities of the engine through F.linear and the norm kernel;
-    batches past 16 rows (the prompts) still take F.linear."""
+    """Decode steps' projections (down_proj with SwiGLU inside) and LM head through the kernel
+    (the interpreter on CPU) give the tokens and log-probabilities of the engine through
+    F.linear; batches past 16 rows (the prompts) still take F.linear."""
     from checkpoints import make_checkpoint
 
     from workers.engine.llm_engine import LLMEngine
@@ -246,13 +199,12 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
     monkeypatch.setattr(fused, "FORCE_TRITON", True)
     import kernels.skinny_matmul as module
 
-    calls = {"swiglu": 0, "plain": 0, "norm_add": 0}
+    calls = {"swiglu": 0, "plain": 0}
     real = module.skinny_matmul
 
-    def counted(x, weight, swiglu=False, split=None, config=None, norm_add=None):
+    def counted(x, weight, swiglu=False, split=None, config=None):
         calls["swiglu" if swiglu else "plain"] += 1
-        calls["norm_add"] += norm_add is not None
-        return real(x, weight, swiglu, split, config, norm_add)
+        return real(x, weight, swiglu, split, config)
 
     monkeypatch.setattr(module, "skinny_matmul", counted)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
@@ -265,7 +217,7 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
             runs[skinny] = [r.completions[0] for r in engine.generate(prompts, params)]
         finally:
             engine.shutdown()
-    assert calls["swiglu"] and calls["plain"] and calls["norm_add"]  # the kernel ran, all ways
+    assert calls["swiglu"] and calls["plain"]  # the kernel ran, both ways
     for want, got in zip(runs[False], runs[True], strict=True):
         assert got.token_ids == want.token_ids
         for a, b in zip(want.logprobs, got.logprobs, strict=True):
@@ -301,13 +253,10 @@ def test_chained_launches_with_pdl_give_what_they_give_without(monkeypatch):
     down = torch.randn(256, 256, device="cuda", generator=gen).bfloat16() / 16
     x = torch.randn(3, 256, device="cuda", generator=gen).bfloat16()
 
-    norm_weight = torch.rand(256, device="cuda", generator=gen) + 0.5
-
     def chain():
         y = x
         for w in weights:
             y = silu_and_mul(skinny_matmul(y, w))  # [3, 512] -> [3, 256]
-            y = skinny_matmul(y, down, norm_add=(x, norm_weight, 1e-6))  # x + norm(y W^T)
         return skinny_matmul(y, down)
 
     monkeypatch.setattr(launch, "PDL", False)

@@ -1,8 +1,7 @@
 """The decode step's kernels, the peer collectives among them, compile for Hopper (sm_90) with
 and without programmatic dependent launch, here without a GPU: Triton lowers them to PTX and its
 bundled ptxas assembles them. With PDL the wait for the kernel before comes ahead of every global
-load and store, the skinny matmul's L2 prefetches before it (with the norm and add at its end
-too)."""
+load and store, the skinny matmul's L2 prefetches before it."""
 
 from __future__ import annotations
 
@@ -32,8 +31,6 @@ POINTERS = {
     "block_tables_ptr": "*i32",
     "seq_lens_ptr": "*i32",
     "count_ptr": "*i32",
-    "done_ptr": "*i32",
-    "norm_w_ptr": "*fp32",
     "cos_ptr": "*fp32",
     "sin_ptr": "*fp32",
     "squares_ptr": "*fp32",
@@ -97,23 +94,11 @@ CASES = {
     ),
     "skinny_matmul": (
         kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, SWIGLU=True)
-        | dict(NORM_ADD=False, NORM_BLOCK=1024),
+        dict(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, SWIGLU=True),
     ),
     "skinny_matmul_one_row": (
         kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256, IEEE=False, SWIGLU=False)
-        | dict(NORM_ADD=False, NORM_BLOCK=1024),
-    ),
-    "skinny_matmul_norm_add": (
-        kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, IEEE=False, SWIGLU=True)
-        | dict(NORM_ADD=True, NORM_BLOCK=1024),
-    ),
-    "skinny_matmul_split_norm_add": (
-        kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, IEEE=False, SWIGLU=False)
-        | dict(NORM_ADD=True, NORM_BLOCK=1024),
+        dict(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256, IEEE=False, SWIGLU=False),
     ),
 }
 

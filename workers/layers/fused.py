@@ -8,9 +8,7 @@ spawned as processes of their own make the same choice.
 Decode batches (up to 16 rows) multiply with `kernels/skinny_matmul.py` instead of cuBLAS where
 that kernel was measured faster on this GPU for the weight's shape (its table of measured configs,
 kernels/skinny_matmul_configs.json); AFS_SKINNY_MATMUL=1 sends every decode batch through it,
-AFS_SKINNY_MATMUL=0 none. A post-norm residual add after such a matmul (Olmo 2's
-`h + rms_norm(x W^T)`) runs at the end of the same launch (`linear_norm_add`), unless
-AFS_SKINNY_NORM_ADD=0.
+AFS_SKINNY_MATMUL=0 none.
 Layers import a kernel module only on the Triton path: Triton is not installed everywhere the
 engine runs (only on Linux x86-64).
 """
@@ -34,18 +32,9 @@ SKINNY_MATMUL: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_SKI
 """True: every decode batch through the skinny matmul; False: none; None: measured shapes only."""
 
 
-SKINNY_NORM_ADD = os.environ.get("AFS_SKINNY_NORM_ADD", "1") != "0"
-"""A post-norm residual add inside the skinny matmul's launch where that matmul runs."""
-
-
-def _skinny(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    swiglu: bool,
-    norm_add: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-) -> torch.Tensor | None:
+def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor | None:
     """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
-    matmul where it applies (see above), or None; with `norm_add`, residual + rms_norm of that."""
+    matmul where it applies (see above), or None."""
     if (
         SKINNY_MATMUL is False
         or not use_triton(x)
@@ -62,7 +51,7 @@ def _skinny(
     config = measured_config(x, weight, swiglu)
     if config is None and not SKINNY_MATMUL:
         return None
-    return skinny_matmul(x, weight, swiglu=swiglu, config=config, norm_add=norm_add)
+    return skinny_matmul(x, weight, swiglu=swiglu, config=config)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -76,21 +65,3 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor |
     """(silu(gate) * up) W^T from gate_up [T, 2K] in one skinny matmul launch, or None where that
     kernel does not apply (the caller runs the activation and its matmul apart)."""
     return _skinny(gate_up, weight, swiglu=True)
-
-
-def linear_norm_add(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    swiglu: bool = False,
-) -> torch.Tensor | None:
-    """residual + rms_norm(x W^T) (with `swiglu`, x is gate_up and silu(gate) * up is
-    multiplied) in one skinny matmul launch, or None where that does not apply: the caller then
-    runs the matmul and `rms_norm_add` apart."""
-    if not SKINNY_NORM_ADD or residual.shape != (x.shape[0], weight.shape[0]):
-        return None
-    if residual.dtype != x.dtype or residual.stride(-1) != 1 or not norm_weight.is_contiguous():
-        return None
-    return _skinny(x, weight, swiglu, (residual, norm_weight, eps))

@@ -8,20 +8,12 @@ input features and sum the partial products with an all-reduce.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
 from workers.layers import fused
 from workers.layers.quantization import Int4WeightOnly
-
-if TYPE_CHECKING:
-    from workers.layers.norm import RMSNorm
-
-    PostNorm = tuple[RMSNorm, torch.Tensor]
-    """(norm, residual) of a post-norm block: its output is residual + norm(the layer's)."""
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
@@ -152,38 +144,14 @@ class RowParallelLinear(LinearBase):
         cols = param.shape[1]
         copy_checked(param, loaded.narrow(1, self.tp_rank * cols, cols))
 
-    def forward(
-        self, x: torch.Tensor, reduce: bool = True, post_norm: PostNorm | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """`reduce=False` returns this rank's partial sum, for a caller that sums it over the
-        ranks itself (fused with what follows); only without a bias, which must come after.
-        `post_norm` = (norm, residual) returns residual + norm(the summed output) instead (a
-        post-norm block's add), in the matmul's own launch where `fused_norm_add` can."""
-        if post_norm is not None:
-            out = self.fused_norm_add(x, *post_norm)
-            if out is not None:
-                return out
-        return self.finish(self.matmul(x), reduce, post_norm)
+        ranks itself (fused with what follows); only without a bias, which must come after."""
+        return self.finish(self.matmul(x), reduce)
 
-    def fused_norm_add(
-        self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor, swiglu: bool = False
-    ) -> torch.Tensor | None:
-        """residual + norm(x W^T) (with `swiglu`, of silu(gate) * up of x) in one launch, where
-        this rank's product is the whole sum (tp = 1), unquantised and without a bias, and the
-        skinny matmul takes the shape; else None."""
-        if self.tp_size != 1 or self.int4 is not None or self.bias is not None:
-            return None
-        return fused.linear_norm_add(x, self.weight, residual, norm.weight, norm.eps, swiglu)
-
-    def finish(
-        self, out: torch.Tensor, reduce: bool = True, post_norm: PostNorm | None = None
-    ) -> torch.Tensor:
+    def finish(self, out: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """This rank's product `out` summed over the ranks (unless `reduce=False`), plus the bias:
-        what forward does after its matmul, for a caller that made the product itself; with
-        `post_norm`, residual + norm of the sum (the all-reduce joins the norm's kernel)."""
-        if post_norm is not None:
-            norm, residual = post_norm
-            return norm.norm_and_add(self.finish(out, reduce=False), residual, reduce=True)
+        what forward does after its matmul, for a caller that made the product itself."""
         if not reduce:
             if self.bias is not None:
                 raise ValueError("a row-parallel layer with a bias must reduce its output")

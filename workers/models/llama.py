@@ -13,8 +13,6 @@ bit (the first layer has no residual yet; the stack's final norm does the last a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
@@ -26,9 +24,6 @@ from workers.layers.mlp import GatedMLP
 from workers.layers.norm import RMSNorm, ShardedRMSNorm
 from workers.layers.rotary import RotaryStep, apply_rotary
 from workers.models.base import CausalLM
-
-if TYPE_CHECKING:
-    from workers.layers.linear import PostNorm
 
 
 class LlamaAttention(nn.Module):
@@ -59,19 +54,12 @@ class LlamaAttention(nn.Module):
         """Hook for models that normalise q and k before RoPE; Llama does not."""
         return None
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        rope: RotaryStep,
-        reduce: bool = True,
-        post_norm: PostNorm | None = None,
-    ) -> torch.Tensor:
-        # (`reduce=False`: o_proj's partial sum on this rank; `post_norm`: residual + norm of the
-        # sum; see RowParallelLinear)
+    def forward(self, hidden: torch.Tensor, rope: RotaryStep, reduce: bool = True) -> torch.Tensor:
+        # (`reduce=False`: o_proj's partial sum on this rank, see RowParallelLinear)
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
         norms = self.qk_norms()
         if use_triton(qkv):
-            return self.o_proj(self.attn.forward_qkv(qkv, rope, norms), reduce, post_norm)
+            return self.o_proj(self.attn.forward_qkv(qkv, rope, norms), reduce)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if norms is not None:
             q, k = norms[0](q), norms[1](k)  # over the whole width: [T, H * D], [T, KVH * D]
@@ -81,7 +69,7 @@ class LlamaAttention(nn.Module):
         )
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        return self.o_proj(self.attn(q, k, v), reduce, post_norm)
+        return self.o_proj(self.attn(q, k, v), reduce)
 
 
 class LlamaDecoderLayer(nn.Module):

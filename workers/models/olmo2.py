@@ -7,10 +7,8 @@ q_norm and k_norm are RMSNorms over the full q and k projections (all heads at o
 head split and RoPE); under tensor parallelism that norm spans every rank's shard.
 
 hidden is the whole residual stream here, so a layer passes no separate residual (it stays None);
-each `h + norm(sublayer(h))` is one fused norm-and-add: at the end of the sublayer's last matmul
-(o_proj, down_proj) in that launch for a decode batch at tp = 1 where the skinny matmul runs, else
-its own kernel, which under tensor parallelism takes the sublayer's all-reduce too where the peer
-kernels can.
+each `h + norm(sublayer(h))` is one fused norm-and-add, and under tensor parallelism the
+sublayer's all-reduce joins that kernel too where the peer kernels can take it.
 """
 
 from __future__ import annotations
@@ -56,11 +54,12 @@ class Olmo2DecoderLayer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, residual: None, rope: RotaryStep
     ) -> tuple[torch.Tensor, None]:
-        # hidden: the residual stream [T, hidden]; each sublayer ends with the norm and add: in
-        # its last matmul's launch where that can (a decode batch, tp = 1), else in the norm's
-        # kernel, which takes the sublayer's all-reduce too where it can
-        hidden = self.self_attn(hidden, rope, post_norm=(self.post_attention_layernorm, hidden))
-        return self.mlp(hidden, post_norm=(self.post_feedforward_layernorm, hidden)), None
+        # hidden: the residual stream [T, hidden]; each sublayer's all-reduce is left to the norm
+        # after it, which fuses the two where it can
+        attn = self.self_attn(hidden, rope, reduce=False)
+        hidden = self.post_attention_layernorm.norm_and_add(attn, hidden, reduce=True)
+        mlp = self.mlp(hidden, reduce=False)
+        return self.post_feedforward_layernorm.norm_and_add(mlp, hidden, reduce=True), None
 
 
 class Olmo2ForCausalLM(CausalLM):
