@@ -31,6 +31,7 @@ POINTERS = {
     "block_tables_ptr": "*i32",
     "seq_lens_ptr": "*i32",
     "count_ptr": "*i32",
+    "norm_w_ptr": "*fp32",
     "cos_ptr": "*fp32",
     "sin_ptr": "*fp32",
     "squares_ptr": "*fp32",
@@ -94,11 +95,23 @@ CASES = {
     ),
     "skinny_matmul": (
         kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, SWIGLU=True),
+        dict(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, IEEE=False)
+        | dict(SWIGLU=True, NORM_IN=False),
     ),
     "skinny_matmul_one_row": (
         kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256, IEEE=False, SWIGLU=False),
+        dict(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256, IEEE=False)
+        | dict(SWIGLU=False, NORM_IN=False),
+    ),
+    "skinny_matmul_norm_in": (
+        kernels.skinny_matmul._matmul_kernel,
+        dict(SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, IEEE=False)
+        | dict(SWIGLU=False, NORM_IN=True),
+    ),
+    "skinny_matmul_split_norm_in": (
+        kernels.skinny_matmul._matmul_kernel,
+        dict(SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, IEEE=False)
+        | dict(SWIGLU=False, NORM_IN=True),
     ),
 }
 

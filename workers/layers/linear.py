@@ -8,12 +8,21 @@ input features and sum the partial products with an all-reduce.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
 from workers.layers import fused
 from workers.layers.quantization import Int4WeightOnly
+
+if TYPE_CHECKING:
+    from workers.layers.norm import RMSNorm
+
+    PendingNorm = tuple[RMSNorm, torch.Tensor]
+    """(norm, residual) of a post-norm block whose output stream, residual + norm(x), is left to
+    be formed by the next layer that reads it (x: a row-parallel layer's partial sum)."""
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
@@ -66,6 +75,22 @@ class ColumnParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x)
         return out if self.bias is None else out + self.bias
+
+    def forward_stream(
+        self, x: torch.Tensor, pending: PendingNorm | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream, this layer of stream): the stream is x, or with `pending` = (norm, residual),
+        residual + norm(x summed over the ranks), formed on the matmul's way in where the skinny
+        matmul can (tp = 1, AFS_NORM_IN=1), else by the norm's own kernel first."""
+        if pending is None:
+            return x, self(x)
+        norm, residual = pending
+        if self.tp_size == 1 and self.int4 is None and self.bias is None:
+            out = fused.norm_add_linear(x, residual, norm.weight, norm.eps, self.weight)
+            if out is not None:
+                return out
+        stream = norm.norm_and_add(x, residual, reduce=True)
+        return stream, self(stream)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

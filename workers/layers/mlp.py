@@ -20,7 +20,10 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         # x: [T, hidden] -> gate_up [T, 2 * I / tp] -> [T, I / tp] -> [T, hidden]
         # (`reduce=False`: this rank's partial sum, see RowParallelLinear)
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x), reduce)
+
+    def down(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The block from gate_up's output on: the activation and down_proj."""
         down = self.down_proj
         if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
             out = fused.swiglu_linear(gate_up, down.weight)

@@ -46,12 +46,16 @@ class DecoderStack(nn.Module):
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary_emb(positions, hidden.dtype)
         # layers pass the residual stream beside hidden when the add belongs to the next norm
-        # (Llama); it stays None when hidden is the stream (Olmo 2)
+        # (Llama); it stays None when hidden is the stream (Olmo 2), or is the (norm, stream) of a
+        # post-norm add left to the next layer (Olmo 2 with AFS_NORM_IN=1)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope)
         if residual is None:
             return self.norm(hidden)
+        if isinstance(residual, tuple):
+            norm, stream = residual
+            return self.norm(norm.norm_and_add(hidden, stream, reduce=True))
         return self.norm.add_and_norm(hidden, residual)[0]
 
 

@@ -56,10 +56,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: RotaryStep, reduce: bool = True) -> torch.Tensor:
         # (`reduce=False`: o_proj's partial sum on this rank, see RowParallelLinear)
-        qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
+        return self.o_proj(self.attend(self.qkv_proj(hidden), rope), reduce)
+
+    def attend(self, qkv: torch.Tensor, rope: RotaryStep) -> torch.Tensor:
+        """The block from the QKV projection's output [T, (H + 2 * KVH) * D] to the attention
+        output [T, H * D] that o_proj takes."""
         norms = self.qk_norms()
         if use_triton(qkv):
-            return self.o_proj(self.attn.forward_qkv(qkv, rope, norms), reduce)
+            return self.attn.forward_qkv(qkv, rope, norms)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if norms is not None:
             q, k = norms[0](q), norms[1](k)  # over the whole width: [T, H * D], [T, KVH * D]
@@ -69,7 +73,7 @@ class LlamaAttention(nn.Module):
         )
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        return self.o_proj(self.attn(q, k, v), reduce)
+        return self.attn(q, k, v)
 
 
 class LlamaDecoderLayer(nn.Module):
