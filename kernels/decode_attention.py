@@ -51,8 +51,8 @@ import triton.language as tl
 
 from kernels.kv_store import store_slot
 from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
-from kernels.paged_checks import check_kv_slab, check_paged_attention
-from kernels.rope import check_prologue, qk_tiles, sum_squares
+from kernels.paged_checks import check_paged_attention
+from kernels.rope import check_prologue, norm_rotate, qk_tiles, rope_row, sum_squares
 
 _MAX_SPLITS = 64
 # Pass 1's launch: key tile (tokens, whole blocks), warps, pipeline stages, and how many programs
@@ -70,21 +70,15 @@ def _new_token(
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
 ):  # fmt: skip
-    """The attention prologue (kernels/rope.py) for one KV head of one token, from its fused
-    projection `row`: its G query heads and its key normalised (full width) and rotated, each
-    rounded to the activation dtype as the prologue stores them, and its value."""
+    """The attention prologue (kernels/rope.py's, through its helpers) for one KV head of one
+    token, from its fused projection `row`: its G query heads [GROUP_PAD, D] and its key [1, D]
+    normalised (full width) and rotated, each rounded to the activation dtype as the prologue
+    stores them, and its value [1, D]."""
     dims = tl.arange(0, HEAD_DIM)
-    cos = tl.load(cos_ptr + position * HEAD_DIM + dims)
-    sin = tl.load(sin_ptr + position * HEAD_DIM + dims)
-    signed_sin = tl.where(dims < HEAD_DIM // 2, -sin, sin)
-    rolled = (dims + HEAD_DIM // 2) % HEAD_DIM
-    q_offsets = heads[:, None] * HEAD_DIM + dims[None, :]  # [GROUP_PAD, D]
-    q_rolled = heads[:, None] * HEAD_DIM + rolled[None, :]
+    cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position * HEAD_DIM, dims, HEAD_DIM)
     k_row = row + num_heads * HEAD_DIM
-    x_q = tl.load(row + q_offsets, mask=in_group[:, None], other=0.0).to(tl.float32)
-    x_q_rolled = tl.load(row + q_rolled, mask=in_group[:, None], other=0.0).to(tl.float32)
-    x_k = tl.load(k_row + kv_head * HEAD_DIM + dims).to(tl.float32)
-    x_k_rolled = tl.load(k_row + kv_head * HEAD_DIM + rolled).to(tl.float32)
+    q_inv_rms = 1.0
+    k_inv_rms = 1.0
     if QK_NORM:
         if SQUARES_GIVEN:  # every rank's sums, all-reduced before
             q_inv_rms = tl.rsqrt(tl.load(squares_ptr + batch * 2) / Q_WIDTH + eps)
@@ -94,18 +88,18 @@ def _new_token(
             k_total = sum_squares(k_row, num_kv_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS)
             q_inv_rms = tl.rsqrt(q_total / (num_heads * HEAD_DIM) + eps)
             k_inv_rms = tl.rsqrt(k_total / (num_kv_heads * HEAD_DIM) + eps)
-        q_weight = tl.load(q_norm_ptr + q_offsets, mask=in_group[:, None], other=0.0)
-        q_weight_rolled = tl.load(q_norm_ptr + q_rolled, mask=in_group[:, None], other=0.0)
-        x_q = x_q * q_inv_rms * q_weight.to(tl.float32)
-        x_q_rolled = x_q_rolled * q_inv_rms * q_weight_rolled.to(tl.float32)
-        k_weight = tl.load(k_norm_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)
-        k_weight_rolled = tl.load(k_norm_ptr + kv_head * HEAD_DIM + rolled).to(tl.float32)
-        x_k = x_k * k_inv_rms * k_weight
-        x_k_rolled = x_k_rolled * k_inv_rms * k_weight_rolled
     dtype = row.dtype.element_ty
-    q = (x_q * cos[None, :] + x_q_rolled * signed_sin[None, :]).to(dtype)  # [GROUP_PAD, D]
-    k = (x_k * cos + x_k_rolled * signed_sin).to(dtype)  # [D]
-    v = tl.load(row + (num_heads + num_kv_heads + kv_head) * HEAD_DIM + dims)  # [D]
+    q = norm_rotate(
+        row, heads[:, None] * HEAD_DIM + dims[None, :], heads[:, None] * HEAD_DIM + rolled[None, :],
+        in_group[:, None], q_norm_ptr, q_inv_rms, cos, signed_sin, QK_NORM,
+    ).to(dtype)  # fmt: skip
+    k_head = kv_head + tl.arange(0, 1)  # [1]
+    k = norm_rotate(
+        k_row, k_head[:, None] * HEAD_DIM + dims[None, :],
+        k_head[:, None] * HEAD_DIM + rolled[None, :], (dims < HEAD_DIM)[None, :], k_norm_ptr,
+        k_inv_rms, cos, signed_sin, QK_NORM,
+    ).to(dtype)  # fmt: skip
+    v = tl.load(row + (num_heads + num_kv_heads + k_head[:, None]) * HEAD_DIM + dims[None, :])
     return q, k, v
 
 
@@ -168,8 +162,7 @@ def _kernel(
         store = (dims < stored_dims)[None, :]
         store_slot(
             cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
-            tl.maximum(slot, 0), kv_head + tl.arange(0, 1), dims, k_new[None, :], v_new[None, :],
-            store, BLOCK_SIZE,
+            tl.maximum(slot, 0), kv_head + tl.arange(0, 1), dims, k_new, v_new, store, BLOCK_SIZE,
         )  # fmt: skip
     else:
         q = tl.load(
@@ -208,14 +201,14 @@ def _kernel(
         if (split == num_splits - 1) & (seq_len > 0):
             k_f = k_new.to(cache_ptr.dtype.element_ty).to(tl.float32)
             v_f = v_new.to(cache_ptr.dtype.element_ty).to(tl.float32)
-            score = tl.sum(q.to(tl.float32) * k_f[None, :], axis=1) * qk_scale  # [G]
+            score = tl.sum(q.to(tl.float32) * k_f, axis=1) * qk_scale  # [G]
             m_new = tl.maximum(m, score)
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(score - m_new)
             l = l * alpha + p
             # p rounded as the tiles' P V product rounds it
             p_v = p.to(cache_ptr.dtype.element_ty).to(tl.float32)
-            acc = acc * alpha[:, None] + p_v[:, None] * v_f[None, :]
+            acc = acc * alpha[:, None] + p_v[:, None] * v_f
             m = m_new
 
     # -- epilogue --
@@ -352,19 +345,15 @@ def decode_attention_qkv(
     between the QKV projection and attention.
     """
     head_dim = cos_cache.shape[1]
-    qk_norm, squares_given = check_prologue(
+    qk_norm, squares_given, widths = check_prologue(
         qkv, num_heads, num_kv_heads, positions, cos_cache, sin_cache,
-        q_norm_weight, k_norm_weight, qk_squares, norm_widths,
+        q_norm_weight, k_norm_weight, qk_squares, norm_widths, kv_cache, slot_mapping,
     )  # fmt: skip
     batch = qkv.shape[0]
-    check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
-    if slot_mapping.shape != (batch,):
-        raise ValueError(f"slot_mapping: expected [{batch}], got {tuple(slot_mapping.shape)}")
     q = qkv.view(batch, -1, head_dim)[:, :num_heads]  # [B, H, D]: what the checks see of q
     check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
     prologue_args = (
-        q_norm_weight, k_norm_weight, eps, qk_squares,
-        *(norm_widths if squares_given else (1, 1)),
+        q_norm_weight, k_norm_weight, eps, qk_squares, *widths,
         positions, cos_cache, sin_cache, slot_mapping,
     )  # fmt: skip
     prologue = dict(

@@ -60,6 +60,32 @@ def sum_squares(row, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 
 
 @triton.jit
+def rope_row(cos_ptr, sin_ptr, row_offset, dims, HEAD_DIM: tl.constexpr):
+    """One position's cos and signed sin (rows of the tables at `row_offset`; zero for dims past
+    HEAD_DIM) and the rolled dims: out[d] = x[d] * cos[d] + x[rolled[d]] * signed_sin[d]."""
+    dim_mask = dims < HEAD_DIM
+    cos = tl.load(cos_ptr + row_offset + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(sin_ptr + row_offset + dims, mask=dim_mask, other=0.0)
+    return cos, tl.where(dims < HEAD_DIM // 2, -sin, sin), (dims + HEAD_DIM // 2) % HEAD_DIM
+
+
+@triton.jit
+def norm_rotate(row, offsets, rolled_offsets, mask, norm_ptr, inv_rms, cos, signed_sin,
+                QK_NORM: tl.constexpr):  # fmt: skip
+    """Heads of `row` at `offsets` ([heads, dims]) in fp32: with QK_NORM times inv_rms and the
+    norm weight at the same offsets, then rotated (their rolled copies read at
+    `rolled_offsets`); zero where not `mask`."""
+    x = tl.load(row + offsets, mask=mask, other=0.0).to(tl.float32)
+    x_rolled = tl.load(row + rolled_offsets, mask=mask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        weight = tl.load(norm_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        weight_rolled = tl.load(norm_ptr + rolled_offsets, mask=mask, other=0.0).to(tl.float32)
+        x = x * inv_rms * weight
+        x_rolled = x_rolled * inv_rms * weight_rolled
+    return x * cos[None, :] + x_rolled * signed_sin[None, :]
+
+
+@triton.jit
 def _squares_kernel(
     qkv_ptr, stride_qkv_token, squares_ptr, k_scale,
     NUM_HEADS, NUM_KV_HEADS,
@@ -101,9 +127,11 @@ def _kernel(
     dim_mask = dims < HEAD_DIM
 
     # -- sum of squares over all heads of the part (or over every rank's, given) --
+    norm_ptr = q_norm_ptr  # the part's norm weight
+    inv_rms = 1.0
     if QK_NORM:
-        q_norm_heads = tl.where(is_k, 0, NUM_HEADS)
-        k_norm_heads = tl.where(is_k, NUM_KV_HEADS, 0)
+        if is_k:
+            norm_ptr = k_norm_ptr
         if SQUARES_GIVEN:
             total = tl.load(squares_ptr + token * 2 + tl.program_id(1))
             inv_rms = tl.rsqrt(total / tl.where(is_k, K_WIDTH, Q_WIDTH) + eps)
@@ -113,10 +141,9 @@ def _kernel(
 
     # -- cos and signed sin at the token's position --
     position = tl.load(positions_ptr + token).to(tl.int64)
-    cos = tl.load(cos_ptr + position * stride_table_position + dims, mask=dim_mask, other=0.0)
-    sin = tl.load(sin_ptr + position * stride_table_position + dims, mask=dim_mask, other=0.0)
-    signed_sin = tl.where(dims < HEAD_DIM // 2, -sin, sin)
-    rolled = (dims + HEAD_DIM // 2) % HEAD_DIM
+    cos, signed_sin, rolled = rope_row(
+        cos_ptr, sin_ptr, position * stride_table_position, dims, HEAD_DIM
+    )
 
     if STORE_KV:
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -129,26 +156,10 @@ def _kernel(
         offsets = head[:, None] * HEAD_DIM + dims[None, :]  # [BLOCK_HEADS, BLOCK_D]
         rolled_offsets = head[:, None] * HEAD_DIM + rolled[None, :]
 
-        # -- load the heads and their rolled copies --
-        x = tl.load(row + offsets, mask=mask, other=0.0).to(tl.float32)
-        x_rolled = tl.load(row + rolled_offsets, mask=mask, other=0.0).to(tl.float32)
-
-        # -- QK-norm: one weight vector for q, another for k --
-        if QK_NORM:
-            # a weight covers this program's heads only if it is its part's
-            q_mask = (head[:, None] < q_norm_heads) & dim_mask[None, :]
-            k_mask = (head[:, None] < k_norm_heads) & dim_mask[None, :]
-            weight = tl.load(q_norm_ptr + offsets, mask=q_mask, other=0.0).to(tl.float32)
-            weight += tl.load(k_norm_ptr + offsets, mask=k_mask, other=0.0).to(tl.float32)
-            weight_rolled = tl.load(q_norm_ptr + rolled_offsets, mask=q_mask, other=0.0)
-            weight_rolled = weight_rolled.to(tl.float32) + tl.load(
-                k_norm_ptr + rolled_offsets, mask=k_mask, other=0.0
-            ).to(tl.float32)
-            x = x * inv_rms * weight
-            x_rolled = x_rolled * inv_rms * weight_rolled
-
-        # -- rotate, store q or k --
-        out = (x * cos[None, :] + x_rolled * signed_sin[None, :]).to(qk_ptr.dtype.element_ty)
+        # -- QK-norm (one weight vector for q, another for k), rotate, store q or k --
+        out = norm_rotate(
+            row, offsets, rolled_offsets, mask, norm_ptr, inv_rms, cos, signed_sin, QK_NORM
+        ).to(qk_ptr.dtype.element_ty)
         out_offsets = (first_head + head)[:, None] * HEAD_DIM + dims[None, :]
         tl.store(qk_ptr + token * stride_qk_token + out_offsets, out, mask=mask)
 
@@ -189,16 +200,12 @@ def rotary_qkv(
     rank's own sums.
     """
     head_dim = cos_cache.shape[1]
-    qk_norm, squares_given = check_prologue(
+    qk_norm, squares_given, widths = check_prologue(
         qkv, num_heads, num_kv_heads, positions, cos_cache, sin_cache,
-        q_norm_weight, k_norm_weight, qk_squares, norm_widths,
+        q_norm_weight, k_norm_weight, qk_squares, norm_widths, kv_cache, slot_mapping,
     )  # fmt: skip
     num_tokens = qkv.shape[0]
     store_kv = kv_cache is not None
-    if store_kv:
-        check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
-        if slot_mapping is None or slot_mapping.shape != (num_tokens,):
-            raise ValueError(f"slot_mapping: expected [{num_tokens}] with kv_cache")
     qk = torch.empty(
         (num_tokens, num_heads + num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device
     )
@@ -211,7 +218,7 @@ def rotary_qkv(
         qkv, qkv.stride(0),
         qk, qk.stride(0),
         q_norm_weight, k_norm_weight, eps,
-        qk_squares, *(norm_widths if squares_given else (1, 1)),
+        qk_squares, *widths,
         positions, cos_cache, sin_cache, cos_cache.stride(0),
         kv_cache,
         *(kv_cache.stride()[:4] if store_kv else (0, 0, 0, 0)),
@@ -236,8 +243,11 @@ def check_prologue(
     k_norm_weight: torch.Tensor | None,
     qk_squares: torch.Tensor | None,
     norm_widths: tuple[int, int] | None,
-) -> tuple[bool, bool]:
-    """Clear errors for the prologue's inputs (see `rotary_qkv`); (QK-norm, sums given)."""
+    kv_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> tuple[bool, bool, tuple[int, int]]:
+    """Clear errors for the prologue's inputs (see `rotary_qkv`); (QK-norm, sums given, the
+    norm widths the kernels take: `norm_widths` with the sums, else unused ones)."""
     head_dim = cos_cache.shape[1]
     check_qkv(qkv, num_heads, num_kv_heads, head_dim)
     if head_dim % 2:
@@ -276,7 +286,11 @@ def check_prologue(
             f"qk_squares: expected contiguous fp32 [{num_tokens}, 2] with the norm weights and "
             "norm_widths"
         )
-    return qk_norm, squares_given
+    if kv_cache is not None:
+        check_kv_slab(kv_cache, num_kv_heads, head_dim, "qkv")
+        if slot_mapping is None or slot_mapping.shape != (num_tokens,):
+            raise ValueError(f"slot_mapping: expected [{num_tokens}] with kv_cache")
+    return qk_norm, squares_given, norm_widths if squares_given else (1, 1)
 
 
 def check_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
