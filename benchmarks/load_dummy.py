@@ -19,6 +19,7 @@ import torch
 from workers.attention import build_attention_metadata, get_backend
 from workers.engine.kv_cache import allocate_kv_slab
 from workers.forward_context import ForwardContext, forward_context
+from workers.models.olmo2 import stream_after
 from workers.weights.loader import load_model
 
 
@@ -43,9 +44,8 @@ def prefill_check(loaded, prompt_len: int = 128, batch: int = 4) -> dict:
     positions = torch.arange(prompt_len, device="cuda").repeat(batch)
     rms = []
     hooks = [
-        # an Olmo 2 layer returns (stream, None)
         layer.register_forward_hook(
-            lambda m, a, out: rms.append(out[0].float().pow(2).mean().sqrt())
+            lambda m, a, out: rms.append(stream_after(out).float().pow(2).mean().sqrt())
         )
         for layer in model.model.layers
     ]

@@ -192,29 +192,26 @@ def sweep(
             def cublas(w, x=x, swiglu=swiglu):
                 return F.linear(silu_and_mul(x) if swiglu else x, w)
 
+            def ours(config, x=x, swiglu=swiglu, weights=weights):  # a call a weight copy
+                return [
+                    lambda w=w: skinny_matmul(x, w, swiglu=swiglu, config=config) for w in weights
+                ]
+
             timed = []
             for config in candidates(n, k, m, num_sms):
                 try:
                     got = skinny_matmul(x, weights[0], swiglu=swiglu, config=config)
                     if _max_rel_diff(got, want) > 1.6e-2:
                         continue
-                    calls = [
-                        lambda w=w, c=config, x=x, s=swiglu: skinny_matmul(x, w, swiglu=s, config=c)
-                        for w in weights
-                    ]
-                    timed.append((_graph_us(calls, device), config))
+                    timed.append((_graph_us(ours(config), device), config))
                 except Exception as exc:  # noqa: BLE001 - a candidate that fails is skipped
                     print(label, m, config, "failed:", repr(exc)[:200], flush=True)
             if not timed:
                 continue
             timed.sort(key=lambda t: t[0])
             best = timed[0][1]
-            ours_calls = [
-                lambda w=w, x=x, s=swiglu, c=best: skinny_matmul(x, w, swiglu=s, config=c)
-                for w in weights
-            ]
             cublas_calls = [lambda w=w: cublas(w) for w in weights]
-            ours_us = min(_graph_us(ours_calls, device, 20) for _ in range(2))
+            ours_us = min(_graph_us(ours(best), device, 20) for _ in range(2))
             cublas_us = min(_graph_us(cublas_calls, device, 20) for _ in range(2))
             row = {
                 "label": f"{label} m{m}",

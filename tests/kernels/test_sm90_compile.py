@@ -54,6 +54,16 @@ DECODE = dict(
     BLOCK_N=64,
     DOT_PRECISION="tf32",
 )  # decode attention's constexprs but the prologue's
+
+
+def _skinny(**constants) -> tuple:
+    """A case of the skinny matmul: bf16, no way in unless given."""
+    return (
+        kernels.skinny_matmul._matmul_kernel,
+        dict(IEEE=False, SWIGLU=False, NORM_IN=False) | constants,
+    )
+
+
 CASES = {
     "rmsnorm": (kernels.rmsnorm._kernel, dict(ADD_BEFORE=False, ADD_AFTER=True, BLOCK=4096)),
     "activation": (kernels.activation._kernel, dict(BLOCK=1024)),
@@ -93,25 +103,11 @@ CASES = {
         kernels.peer_collectives._all_reduce_qk_squares_kernel,
         dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32, PUSH=True),
     ),
-    "skinny_matmul": (
-        kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, IEEE=False)
-        | dict(SWIGLU=True, NORM_IN=False),
-    ),
-    "skinny_matmul_one_row": (
-        kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256, IEEE=False)
-        | dict(SWIGLU=False, NORM_IN=False),
-    ),
-    "skinny_matmul_norm_in": (
-        kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, IEEE=False)
-        | dict(SWIGLU=False, NORM_IN=True),
-    ),
-    "skinny_matmul_split_norm_in": (
-        kernels.skinny_matmul._matmul_kernel,
-        dict(SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, IEEE=False)
-        | dict(SWIGLU=False, NORM_IN=True),
+    "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
+    "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
+    "skinny_matmul_norm_in": _skinny(SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, NORM_IN=True),
+    "skinny_matmul_split_norm_in": _skinny(
+        SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, NORM_IN=True
     ),
 }
 

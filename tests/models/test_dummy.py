@@ -8,6 +8,7 @@ import pytest
 import torch
 from paged import PagedSequences
 
+from workers.models.olmo2 import stream_after
 from workers.weights.dummy import dummy_config, dummy_weight_shapes, iter_dummy_weights
 from workers.weights.loader import build_model
 
@@ -60,10 +61,10 @@ def test_activations_stay_finite_through_64_bf16_layers():
     model = build_model(config, "cpu")
     model.load_weights(iter_dummy_weights(config, seed=0))
     rms = []
+
     for layer in model.model.layers:
         layer.register_forward_hook(
-            # an Olmo 2 layer returns (stream, None)
-            lambda m, args, out: rms.append(out[0].float().pow(2).mean().sqrt())
+            lambda m, args, out: rms.append(stream_after(out).float().pow(2).mean().sqrt())
         )
     prompts = [torch.randint(0, 1000, (n,)).tolist() for n in (3, 40)]
     prompt_logits, outputs = PagedSequences(model).greedy(prompts, 4)

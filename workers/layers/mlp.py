@@ -17,13 +17,13 @@ class GatedMLP(nn.Module):
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> gate_up [T, 2 * I / tp] -> [T, I / tp] -> [T, hidden]
-        # (`reduce=False`: this rank's partial sum, see RowParallelLinear)
-        return self.down(self.gate_up_proj(x), reduce)
+        return self.down(self.gate_up_proj(x))
 
     def down(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        """The block from gate_up's output on: the activation and down_proj."""
+        """The block from gate_up's output on: the activation and down_proj (`reduce=False`:
+        this rank's partial sum, see RowParallelLinear)."""
         down = self.down_proj
         if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
             out = fused.swiglu_linear(gate_up, down.weight)

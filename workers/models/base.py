@@ -46,8 +46,7 @@ class DecoderStack(nn.Module):
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary_emb(positions, hidden.dtype)
         # layers pass the residual stream beside hidden when the add belongs to the next norm
-        # (Llama); it stays None when hidden is the stream (Olmo 2), or is the (norm, stream) of a
-        # post-norm add left to the next layer (Olmo 2 with AFS_NORM_IN=1)
+        # (Llama), or the (norm, stream) of a post-norm add left to the next layer (Olmo 2)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope)

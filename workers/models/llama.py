@@ -54,9 +54,8 @@ class LlamaAttention(nn.Module):
         """Hook for models that normalise q and k before RoPE; Llama does not."""
         return None
 
-    def forward(self, hidden: torch.Tensor, rope: RotaryStep, reduce: bool = True) -> torch.Tensor:
-        # (`reduce=False`: o_proj's partial sum on this rank, see RowParallelLinear)
-        return self.o_proj(self.attend(self.qkv_proj(hidden), rope), reduce)
+    def forward(self, hidden: torch.Tensor, rope: RotaryStep) -> torch.Tensor:
+        return self.o_proj(self.attend(self.qkv_proj(hidden), rope))
 
     def attend(self, qkv: torch.Tensor, rope: RotaryStep) -> torch.Tensor:
         """The block from the QKV projection's output [T, (H + 2 * KVH) * D] to the attention

@@ -6,10 +6,10 @@
 q_norm and k_norm are RMSNorms over the full q and k projections (all heads at once, before the
 head split and RoPE); under tensor parallelism that norm spans every rank's shard.
 
-hidden is the whole residual stream here, so a layer passes no separate residual (it stays None;
-with AFS_NORM_IN=1 it is the pending norm and add that the next projection forms on its way in);
-each `h + norm(sublayer(h))` is one fused norm-and-add, and under tensor parallelism the
-sublayer's all-reduce joins that kernel too where the peer kernels can take it.
+A layer hands its last `h + norm(sublayer(h))` on unformed, as (norm, stream) in the residual
+slot, and the projection that reads h next forms it: on its matmul's way in where the skinny
+matmul can (AFS_NORM_IN=1), else with the fused norm-and-add kernel, which under tensor
+parallelism takes the sublayer's all-reduce too where the peer kernels can.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from workers.config import ModelConfig
-from workers.layers import fused
 from workers.layers.mlp import GatedMLP
 from workers.layers.norm import RMSNorm, ShardedRMSNorm
 from workers.layers.rotary import RotaryStep
@@ -59,23 +58,12 @@ class Olmo2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, hidden: torch.Tensor, residual: PendingNorm | None, rope: RotaryStep
-    ) -> tuple[torch.Tensor, PendingNorm | None]:
-        if fused.NORM_IN:
-            return self._forward_norm_in(hidden, residual, rope)
-        # hidden: the residual stream [T, hidden]; each sublayer's all-reduce is left to the norm
-        # after it, which fuses the two where it can
-        attn = self.self_attn(hidden, rope, reduce=False)
-        hidden = self.post_attention_layernorm.norm_and_add(attn, hidden, reduce=True)
-        mlp = self.mlp(hidden, reduce=False)
-        return self.post_feedforward_layernorm.norm_and_add(mlp, hidden, reduce=True), None
-
-    def _forward_norm_in(
         self, hidden: torch.Tensor, pending: PendingNorm | None, rope: RotaryStep
     ) -> tuple[torch.Tensor, PendingNorm]:
-        """AFS_NORM_IN=1: each norm and add is left to the projection after it. hidden is the
-        stream (the embedding: `pending` None) or the last sublayer's partial sum, whose norm and
-        add `pending` holds; returns the MLP's partial sum and its pending norm."""
+        """hidden is the stream (the embedding: `pending` None) or the last layer's MLP partial
+        sum, whose norm and add `pending` holds; each norm and add is formed by the projection
+        after it (in its matmul where the kernel can, else by the norm's kernel, which takes the
+        sublayer's all-reduce too); returns the MLP's partial sum and its pending norm."""
         attn = self.self_attn
         stream, qkv = attn.qkv_proj.forward_stream(hidden, pending)
         o = attn.o_proj(attn.attend(qkv, rope), reduce=False)
@@ -83,6 +71,13 @@ class Olmo2DecoderLayer(nn.Module):
             o, (self.post_attention_layernorm, stream)
         )
         return self.mlp.down(gate_up, reduce=False), (self.post_feedforward_layernorm, stream)
+
+
+def stream_after(layer_output: tuple[torch.Tensor, PendingNorm]) -> torch.Tensor:
+    """The residual stream after a layer, formed from what its forward returned (hooks that
+    watch the stream)."""
+    mlp, (norm, stream) = layer_output
+    return norm.norm_and_add(mlp, stream, reduce=True)
 
 
 class Olmo2ForCausalLM(CausalLM):
