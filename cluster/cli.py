@@ -99,7 +99,12 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV slab size on CPU")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget of one step (default: 8192 on CUDA, 2048 on CPU)",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--attention-backend", default="auto")

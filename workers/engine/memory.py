@@ -1,7 +1,8 @@
 """How much device memory the KV slab may take on CUDA.
 
-Run one forward at the largest step the scheduler can build (max_num_batched_tokens tokens) over
-a temporary slab, note the peak, and give the slab what is left under the utilization cap.
+Run one forward at the largest step the scheduler can build (the token budget, in prompts no
+longer than the model's context) over a temporary slab, note the peak, and give the slab what is
+left under the utilization cap.
 """
 
 from __future__ import annotations
@@ -18,11 +19,26 @@ if TYPE_CHECKING:
     from workers.worker import ShardWorker
 
 
+def largest_step(budget: int, max_model_len: int, max_num_seqs: int) -> list[int]:
+    """The prompt lengths of the largest step the scheduler can build: the whole token budget, in
+    prompts no longer than the model's context and no more of them than `max_num_seqs`."""
+    tokens = min(budget, max_model_len * max_num_seqs)
+    lengths = [max_model_len] * (tokens // max_model_len)
+    if tokens % max_model_len:
+        lengths.append(tokens % max_model_len)
+    return lengths
+
+
 @torch.inference_mode()
 def profile_free_kv_bytes(engine: ShardWorker, utilization: float) -> int:
     config, model_config, device = engine.config, engine.model_config, engine.device
-    tokens = min(config.max_num_batched_tokens, engine.max_model_len)
-    blocks = -(-tokens // config.block_size)
+    lengths = largest_step(config.token_budget(device), engine.max_model_len, config.max_num_seqs)
+    tokens = sum(lengths)
+    tables, blocks = [], 0
+    for length in lengths:
+        count = -(-length // config.block_size)
+        tables.append(list(range(blocks, blocks + count)))
+        blocks += count
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     slab = allocate_kv_slab(
@@ -35,9 +51,9 @@ def profile_free_kv_bytes(engine: ShardWorker, utilization: float) -> int:
         device,
     )
     slab_bytes = sum(t.numel() * t.element_size() for t in slab)
-    meta = build_attention_metadata([list(range(blocks))], [0], [tokens], config.block_size, device)
+    meta = build_attention_metadata(tables, [0] * len(lengths), lengths, config.block_size, device)
     input_ids = torch.randint(0, model_config.vocab_size, (tokens,), device=device)
-    positions = torch.arange(tokens, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
     backend = get_backend(config.attention_backend, device.type)
     with forward_context(ForwardContext(meta, slab, backend)):
         hidden = engine.model(input_ids, positions)
