@@ -16,9 +16,7 @@
 #                                             dummy:olmo2-13b); one call each
 #   bash benchmarks/gpu_suite.sh skinny       every GPU test of kernels/, the engine and the
 #                                             sampler; the engine's again with the attention
-#                                             prologue apart from the decode kernel, and with
-#                                             the post-norm adds on the next projection's way
-#                                             in (AFS_NORM_IN=1); the decode
+#                                             prologue apart from the decode kernel; the decode
 #                                             matmul's and graphs on against off with it on
 #                                             everywhere; then
 #                                             benchmarks/skinny_gpu.py: the sweep of its cuts
@@ -85,7 +83,6 @@ case "$part" in
     # off with the kernel on everywhere
     guard python3 -m pytest -q -m gpu tests/kernels tests/engine tests/unit/test_sampler.py
     guard env AFS_DECODE_PROLOGUE_MAX_BATCH=0 python3 -m pytest -q -m gpu tests/engine
-    guard env AFS_NORM_IN=1 python3 -m pytest -q -m gpu tests/engine
     guard env AFS_SKINNY_MATMUL=1 python3 -m pytest -q -m gpu \
       tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py
     guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \

@@ -25,9 +25,8 @@
 4. Batch-1 decode tok/s of the engine (128-token prompt, 128 new), PDL on: cuBLAS only
    (AFS_SKINNY_MATMUL=0), with the attention prologue inside the decode kernel
    (AFS_DECODE_PROLOGUE_MAX_BATCH=16, the default) and apart (0); the measured shapes
-   through the kernel (unset, the default); every projection through it (=1); the last two
-   with each post-norm add formed on the next projection's way in too (AFS_NORM_IN=1); for
-   each model, 7B at tp = 2 as well where two GPUs are visible.
+   through the kernel (unset, the default); every projection through it (=1); for each model,
+   7B at tp = 2 as well where two GPUs are visible.
    A variant that fails is recorded with its error.
 Prints a table last; writes skinny_gpu_<parts>.json under --out after each part.
 """
@@ -63,16 +62,12 @@ MODELS = {
     "13b": (5120, 13824, 40, 100352),
 }
 # label, AFS_SKINNY_MATMUL (None: unset, the measured shapes only), the decode kernel taking the
-# attention prologue (AFS_DECODE_PROLOGUE_MAX_BATCH=16, the default) or not (0), each post-norm
-# add formed on the next projection's way in (AFS_NORM_IN=1) or by the norm's kernel (the
-# default); PDL on
+# attention prologue (AFS_DECODE_PROLOGUE_MAX_BATCH=16, the default) or not (0); PDL on
 RATE_VARIANTS = (
-    ("cublas", False, 16, False),
-    ("cublas_prologue_apart", False, 0, False),
-    ("table", None, 16, False),
-    ("table_norm_in", None, 16, True),
-    ("ours", True, 16, False),
-    ("ours_norm_in", True, 16, True),
+    ("cublas", False, 16),
+    ("cublas_prologue_apart", False, 0),
+    ("table", None, 16),
+    ("ours", True, 16),
 )
 
 
@@ -359,31 +354,22 @@ def chain(result: dict, save, device: torch.device, models: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def switches(skinny: bool | None, pdl: bool, prologue_max_batch: int, norm_in: bool = False):
+def switches(skinny: bool | None, pdl: bool, prologue_max_batch: int):
     """The decode matmul everywhere (True), nowhere (False) or on the measured shapes (None), PDL,
-    the attention prologue inside the decode kernel up to `prologue_max_batch` sequences, and the
-    post-norm adds on the next projection's way in: set in this process and in the environment a
-    spawned rank reads; put back afterwards."""
-    saved = (
-        fused.SKINNY_MATMUL,
-        fused.NORM_IN,
-        launch.PDL,
-        triton_backend.PROLOGUE_MAX_BATCH,
-        dict(os.environ),
-    )
-    fused.SKINNY_MATMUL, fused.NORM_IN, launch.PDL = skinny, norm_in, pdl
+    and the attention prologue inside the decode kernel up to `prologue_max_batch` sequences: set
+    in this process and in the environment a spawned rank reads; put back afterwards."""
+    saved = fused.SKINNY_MATMUL, launch.PDL, triton_backend.PROLOGUE_MAX_BATCH, dict(os.environ)
+    fused.SKINNY_MATMUL, launch.PDL = skinny, pdl
     triton_backend.PROLOGUE_MAX_BATCH = prologue_max_batch
     os.environ["AFS_PDL"] = "1" if pdl else "0"
     os.environ["AFS_DECODE_PROLOGUE_MAX_BATCH"] = str(prologue_max_batch)
-    os.environ["AFS_NORM_IN"] = "1" if norm_in else "0"
     os.environ.pop("AFS_SKINNY_MATMUL", None)
     if skinny is not None:
         os.environ["AFS_SKINNY_MATMUL"] = "1" if skinny else "0"
     try:
         yield
     finally:
-        fused.SKINNY_MATMUL, fused.NORM_IN, launch.PDL = saved[:3]
-        triton_backend.PROLOGUE_MAX_BATCH, environ = saved[3:]
+        fused.SKINNY_MATMUL, launch.PDL, triton_backend.PROLOGUE_MAX_BATCH, environ = saved
         os.environ.clear()
         os.environ.update(environ)
 
@@ -396,9 +382,9 @@ def rates(result: dict, save, models: list[str]) -> None:
         for tp in tps if model != "1b" else (1,):
             key = f"dummy:olmo2-{model} tp{tp}"
             rows[key] = {}
-            for label, skinny, prologue, norm_in in RATE_VARIANTS:
+            for label, skinny, prologue in RATE_VARIANTS:
                 try:
-                    with switches(skinny, True, prologue, norm_in):
+                    with switches(skinny, True, prologue):
                         rows[key][label] = tp_gpu.decode_rate(f"dummy:olmo2-{model}", tp)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
                     rows[key][label] = repr(exc)

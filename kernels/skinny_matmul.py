@@ -29,13 +29,6 @@ before the wait for the kernel before).
 
 With programmatic dependent launch (kernels/launch.py, on by default) a program starts while the
 kernel before it finishes; it spends that time prefetching its first two W tiles into L2.
-
-`norm_in` makes the rows multiplied a post-norm block's new residual stream, h = residual +
-rms_norm(x), computed on the way in (as kernels/rmsnorm.py's `rms_norm_add` would: the norm in
-fp32 rounded to the dtype, then the add rounded): each program first sums the squares of its rows
-of x over all of K, then normalises and adds each tile as it loads it; the programs of the first N
-tile also write h, which the block needs as its residual later. The norm's own launch is gone; the
-price is every program reading its rows of x (a few KiB, from L2) once more before its loop.
 """
 
 from __future__ import annotations
@@ -50,7 +43,6 @@ import triton
 import triton.language as tl
 
 from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
-from kernels.rmsnorm import add_rounded
 
 MAX_ROWS = 16
 """Rows of x one call takes (decode batches up to this size)."""
@@ -63,10 +55,9 @@ _COUNTERS = 1 << 16
 def _matmul_kernel(
     x_ptr, stride_x, w_ptr, stride_w, y_ptr, stride_y,
     part_ptr, count_ptr,
-    res_ptr, stride_res, norm_w_ptr, eps, h_ptr, stride_h,
     M, N, K, K_PER_SPLIT, SPLIT,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM_IN: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -81,14 +72,6 @@ def _matmul_kernel(
         # tiles into L2 (weights, which no kernel writes), then wait for it
         prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
     wait_for_previous(PDL)
-    if NORM_IN:  # each row's 1 / rms over all of K, before any of it is multiplied
-        squares = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            x_ok = row_ok[:, None] & (ks < K)[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_ok, other=0.0)
-            squares += x.to(tl.float32) * x.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     if ROWS == 1:  # the products' running sums, each thread its own columns: one reduction, last
         wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -108,14 +91,6 @@ def _matmul_kernel(
             gate = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
             up = tl.load(x_tile + K, mask=x_ok, other=0.0).to(tl.float32)
             x = (gate * tl.sigmoid(gate) * up).to(w.dtype)
-        elif NORM_IN:  # h = residual + rms_norm(x), rounded as kernels/rmsnorm.py's post-norm
-            x = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
-            norm_w = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            normed = (x * inv_rms[:, None] * norm_w[None, :]).to(w.dtype)
-            res_tile = rows[:, None] * stride_res + ks[None, :]
-            x = add_rounded(tl.load(res_ptr + res_tile, mask=x_ok, other=0.0), normed, w.dtype)
-            if tile == 0:
-                tl.store(h_ptr + rows[:, None] * stride_h + ks[None, :], x, mask=x_ok)
         else:
             x = tl.load(x_tile, mask=x_ok, other=0.0)
         if ROWS == 1:  # one row: products and sums on the CUDA cores, no padding to 16 rows
@@ -250,16 +225,13 @@ def skinny_matmul(
     swiglu: bool = False,
     split: int | None = None,
     config: Config | None = None,
-    norm_in: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-):
+) -> torch.Tensor:
     """x [M, K] (M <= 16) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
 
     `swiglu`: x is a gate/up projection's output [M, 2K] (gate first) and the rows multiplied are
     silu(gate) * up, computed on the way in exactly as `kernels.activation.silu_and_mul` does
-    (one launch and one [M, K] round trip fewer). `norm_in` = (residual [M, K], norm weight [K],
-    eps): the rows multiplied are h = residual + rms_norm(x) (see the module's docstring), and
-    the call returns (h, h W^T). `split` overrides the plan's K slices (tests); `config` the
-    whole plan (a measured one, or a sweep's candidate)."""
+    (one launch and one [M, K] round trip fewer). `split` overrides the plan's K slices (tests);
+    `config` the whole plan (a measured one, or a sweep's candidate)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     m = x.shape[0]
@@ -268,35 +240,19 @@ def skinny_matmul(
         raise ValueError(f"skinny_matmul takes 1 to {MAX_ROWS} rows, got {m}")
     if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("skinny_matmul: x and weight of one dtype, rows contiguous")
-    if norm_in is not None:
-        if swiglu:
-            raise ValueError("skinny_matmul: swiglu and norm_in are two ways in; one at a time")
-        residual, norm_weight, eps = norm_in
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1:
-            raise ValueError(
-                f"skinny_matmul: residual {tuple(residual.shape)} {residual.dtype}, expected "
-                f"{tuple(x.shape)} {x.dtype} with contiguous rows"
-            )
-        if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
-            raise ValueError(f"skinny_matmul: norm weight {tuple(norm_weight.shape)}, expected {k}")
     if config is None:
         config = plan(n, k, num_sms(x.device), split)
     slices, k_per_split = _slices(n, k, config)
     rows = 1 if config.fma and m == 1 else MAX_ROWS
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if norm_in is None:
-        residual, norm_weight, eps, h = x, x, 0.0, x  # not read
-    else:
-        h = torch.empty_like(x)
     grid = (triton.cdiv(n, config.block_n), slices)
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
-        residual, residual.stride(0), norm_weight, eps, h, h.stride(0),
         m, n, k, k_per_split, slices,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM_IN=norm_in is not None,
+        IEEE=x.dtype == torch.float32, SWIGLU=swiglu,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
-    return y if norm_in is None else (h, y)
+    return y

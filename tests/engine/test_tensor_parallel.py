@@ -69,19 +69,6 @@ def test_olmo2_fused_kernels_at_tp_2_match_the_pytorch_path_at_tp_1(tmp_path, mo
     assert_same(reference, run(tmp_path, 2, max_tokens=8), "tp=2, fused kernels")
 
 
-def test_olmo2_with_its_norms_left_to_the_next_projection_matches(tmp_path, monkeypatch):
-    """AFS_NORM_IN=1: each post-norm add travels to the next layer as (norm, stream) and is formed
-    there (here by the norm itself: the PyTorch path), at tp = 1 and 2, as without it."""
-    from workers.layers import fused
-
-    make_checkpoint(tmp_path, "Olmo2", CASES["olmo2-gqa"][1])
-    reference = run(tmp_path, 1, max_tokens=8)
-    monkeypatch.setenv("AFS_NORM_IN", "1")  # for the spawned rank
-    monkeypatch.setattr(fused, "NORM_IN", True)
-    for tp in (1, 2):
-        assert_same(reference, run(tmp_path, tp, max_tokens=8), f"tp={tp}, AFS_NORM_IN=1")
-
-
 def test_a_tp_that_does_not_divide_the_heads_is_refused(tmp_path):
     make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=4, num_key_value_heads=4))
     with pytest.raises(ValueError, match="num_attention_heads: 4 is not divisible by .* 3"):

@@ -138,11 +138,8 @@ def test_layers_send_only_measured_shapes_by_default(monkeypatch):
     monkeypatch.setattr(fused, "FORCE_TRITON", True)
     seen = []
 
-    def kernel(x, w, swiglu=False, split=None, config=None, norm_in=None):
+    def kernel(x, w, swiglu=False, split=None, config=None):
         seen.append(config)
-        if norm_in is not None:
-            h = norm_in[0] + x  # a stand-in for residual + rms_norm(x)
-            return h, h @ w.T
         return x @ w.T
 
     monkeypatch.setattr(module, "skinny_matmul", kernel)
@@ -163,53 +160,6 @@ def test_layers_send_only_measured_shapes_by_default(monkeypatch):
         monkeypatch.setattr(module, "measured_config", lookup)
         torch.testing.assert_close(fused.linear(x, w), x @ w.T)
         assert seen == want, mode
-        # the norm on the way in, with AFS_NORM_IN=1: where the matmul is taken, else None
-        residual = torch.randn(2, 32)
-        monkeypatch.setattr(fused, "NORM_IN", False)
-        assert fused.norm_add_linear(x, residual, torch.ones(32), 1e-6, w) is None
-        monkeypatch.setattr(fused, "NORM_IN", True)
-        seen.clear()
-        got = fused.norm_add_linear(x, residual, torch.ones(32), 1e-6, w)
-        assert seen == want, mode
-        if want:
-            torch.testing.assert_close(got[1], (residual + x) @ w.T)
-        else:
-            assert got is None
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "m, config",
-    [
-        (1, Config(8, 128, 1, fma=True)),
-        (1, Config(16, 128, 3, num_warps=2, num_stages=2, fma=True)),
-        (3, Config(32, 128, 1)),
-        (5, Config(16, 256, 4)),  # split: each slice's first tile writes its part of h
-        (16, None),
-    ],
-)
-def test_the_norm_on_the_way_in_is_the_post_norm_add_then_the_product(dtype, m, config):
-    """h = residual + rms_norm(x) formed while loading x: as kernels/rmsnorm.py's rms_norm_add
-    gives it but for the order of the sum of squares (so within two roundings), and h W^T as the
-    kernel gives it for that h."""
-    from kernels.rmsnorm import rms_norm_add
-
-    n, k = 150, 1100  # rows longer than one K step
-    gen = torch.Generator().manual_seed(m + k)
-    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
-    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
-    residual = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
-    norm_weight = (torch.rand(k, generator=gen) + 0.5).to(DEVICE)
-    h, y = skinny_matmul(x, w, config=config, norm_in=(residual, norm_weight, 1e-6))
-    want_h = rms_norm_add(x, residual, norm_weight, 1e-6)
-    assert h.shape == (m, k) and y.shape == (m, n) and y.dtype == dtype
-    ulp = torch.finfo(dtype).eps
-    scale = want_h.float().abs().max().item()
-    torch.testing.assert_close(h.float(), want_h.float(), atol=2 * ulp * scale, rtol=2 * ulp)
-    want_y = _reference(h, w)
-    tol = TOLERANCE[dtype]
-    y_scale = want_y.float().abs().max().item()
-    torch.testing.assert_close(y.float(), want_y.float(), atol=tol * y_scale, rtol=tol)
 
 
 def test_bad_input_is_refused():
@@ -220,13 +170,6 @@ def test_bad_input_is_refused():
         skinny_matmul(torch.randn(2, 31, device=DEVICE), w)
     with pytest.raises(ValueError, match="dtype"):
         skinny_matmul(torch.randn(2, 32, device=DEVICE, dtype=torch.float16), w)
-    x, ones = torch.randn(2, 32, device=DEVICE), torch.ones(32, device=DEVICE)
-    with pytest.raises(ValueError, match="residual"):
-        skinny_matmul(x, w, norm_in=(torch.randn(2, 31, device=DEVICE), ones, 1e-6))
-    with pytest.raises(ValueError, match="norm weight"):
-        skinny_matmul(x, w, norm_in=(torch.randn(2, 32, device=DEVICE), ones[:8], 1e-6))
-    with pytest.raises(ValueError, match="one at a time"):
-        skinny_matmul(torch.randn(2, 64, device=DEVICE), w, swiglu=True, norm_in=(x, ones, 1e-6))
 
 
 @pytest.mark.parametrize("n, k", [(2048, 2048), (6144, 2048), (2048, 8192), (100352, 4096)])
@@ -244,9 +187,8 @@ def test_the_plan_spreads_small_matrices_and_leaves_no_empty_slice(n, k):
 
 def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
     """Decode steps' projections (down_proj with SwiGLU inside) and LM head through the kernel
-    (the interpreter on CPU), and then with each post-norm add formed on the next projection's
-    way in (AFS_NORM_IN=1), give the tokens and log-probabilities of the engine through F.linear;
-    batches past 16 rows (the prompts) still take F.linear."""
+    (the interpreter on CPU) give the tokens and log-probabilities of the engine through
+    F.linear; batches past 16 rows (the prompts) still take F.linear."""
     from checkpoints import make_checkpoint
 
     from workers.engine.llm_engine import LLMEngine
@@ -257,32 +199,29 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
     monkeypatch.setattr(fused, "FORCE_TRITON", True)
     import kernels.skinny_matmul as module
 
-    calls = {"swiglu": 0, "plain": 0, "norm_in": 0}
+    calls = {"swiglu": 0, "plain": 0}
     real = module.skinny_matmul
 
-    def counted(x, weight, swiglu=False, split=None, config=None, norm_in=None):
-        calls["swiglu" if swiglu else "norm_in" if norm_in else "plain"] += 1
-        return real(x, weight, swiglu, split, config, norm_in)
+    def counted(x, weight, swiglu=False, split=None, config=None):
+        calls["swiglu" if swiglu else "plain"] += 1
+        return real(x, weight, swiglu, split, config)
 
     monkeypatch.setattr(module, "skinny_matmul", counted)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
     runs = {}
-    # F.linear; the kernel; the kernel with each post-norm add formed on the next one's way in
-    for skinny, norm_in in ((False, False), (True, False), (True, True)):
+    for skinny in (False, True):
         monkeypatch.setattr(fused, "SKINNY_MATMUL", skinny)
-        monkeypatch.setattr(fused, "NORM_IN", norm_in)
         engine = LLMEngine(model=str(tmp_path), device=DEVICE, dtype="float32", num_kv_blocks=64)
         try:
-            runs[skinny, norm_in] = [r.completions[0] for r in engine.generate(prompts, params)]
+            runs[skinny] = [r.completions[0] for r in engine.generate(prompts, params)]
         finally:
             engine.shutdown()
-    assert calls["swiglu"] and calls["plain"] and calls["norm_in"]  # the kernel ran, all ways
-    for variant in ((True, False), (True, True)):
-        for want, got in zip(runs[False, False], runs[variant], strict=True):
-            assert got.token_ids == want.token_ids, variant
-            for a, b in zip(want.logprobs, got.logprobs, strict=True):
-                assert b.logprob == pytest.approx(a.logprob, abs=1e-4), variant
+    assert calls["swiglu"] and calls["plain"]  # the kernel ran, both ways
+    for want, got in zip(runs[False], runs[True], strict=True):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(want.logprobs, got.logprobs, strict=True):
+            assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
 
 
 def test_programmatic_dependent_launch_is_gpu_only(monkeypatch):

@@ -31,7 +31,6 @@ POINTERS = {
     "block_tables_ptr": "*i32",
     "seq_lens_ptr": "*i32",
     "count_ptr": "*i32",
-    "norm_w_ptr": "*fp32",
     "cos_ptr": "*fp32",
     "sin_ptr": "*fp32",
     "squares_ptr": "*fp32",
@@ -57,10 +56,10 @@ DECODE = dict(
 
 
 def _skinny(**constants) -> tuple:
-    """A case of the skinny matmul: bf16, no way in unless given."""
+    """A case of the skinny matmul: bf16, no SwiGLU unless given."""
     return (
         kernels.skinny_matmul._matmul_kernel,
-        dict(IEEE=False, SWIGLU=False, NORM_IN=False) | constants,
+        dict(IEEE=False, SWIGLU=False) | constants,
     )
 
 
@@ -105,10 +104,6 @@ CASES = {
     ),
     "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
-    "skinny_matmul_norm_in": _skinny(SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, NORM_IN=True),
-    "skinny_matmul_split_norm_in": _skinny(
-        SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, NORM_IN=True
-    ),
 }
 
 

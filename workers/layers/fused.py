@@ -8,8 +8,7 @@ spawned as processes of their own make the same choice.
 Decode batches (up to 16 rows) multiply with `kernels/skinny_matmul.py` instead of cuBLAS where
 that kernel was measured faster on this GPU for the weight's shape (its table of measured configs,
 kernels/skinny_matmul_configs.json); AFS_SKINNY_MATMUL=1 sends every decode batch through it,
-AFS_SKINNY_MATMUL=0 none. With AFS_NORM_IN=1 (off by default until timed on a GPU) a post-norm
-block's norm and residual add run inside the next such matmul, on its way in (`norm_add_linear`).
+AFS_SKINNY_MATMUL=0 none.
 Layers import a kernel module only on the Triton path: Triton is not installed everywhere the
 engine runs (only on Linux x86-64).
 """
@@ -33,18 +32,9 @@ SKINNY_MATMUL: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_SKI
 """True: every decode batch through the skinny matmul; False: none; None: measured shapes only."""
 
 
-NORM_IN = os.environ.get("AFS_NORM_IN", "0") == "1"
-"""Post-norm blocks (Olmo 2) leave their norm and add to the next matmul where it can take them."""
-
-
-def _skinny(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    swiglu: bool,
-    norm_in: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-):
-    """x (or, with `swiglu`, silu(gate) * up of x; with `norm_in`, residual + rms_norm(x)) times
-    weight transposed through the skinny matmul where it applies (see above), or None."""
+def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor | None:
+    """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
+    matmul where it applies (see above), or None."""
     if (
         SKINNY_MATMUL is False
         or not use_triton(x)
@@ -61,7 +51,7 @@ def _skinny(
     config = measured_config(x, weight, swiglu)
     if config is None and not SKINNY_MATMUL:
         return None
-    return skinny_matmul(x, weight, swiglu=swiglu, config=config, norm_in=norm_in)
+    return skinny_matmul(x, weight, swiglu=swiglu, config=config)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -75,19 +65,3 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor |
     """(silu(gate) * up) W^T from gate_up [T, 2K] in one skinny matmul launch, or None where that
     kernel does not apply (the caller runs the activation and its matmul apart)."""
     return _skinny(gate_up, weight, swiglu=True)
-
-
-def norm_add_linear(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(h, h W^T) for h = residual + rms_norm(x), in one skinny matmul launch where NORM_IN is on
-    and that kernel applies; else None (the caller runs the norm's kernel, then the matmul)."""
-    if not NORM_IN or residual.shape != x.shape or residual.dtype != x.dtype:
-        return None
-    if residual.stride(-1) != 1 or not norm_weight.is_contiguous():
-        return None
-    return _skinny(x, weight, False, (residual, norm_weight, eps))

@@ -80,15 +80,11 @@ class ColumnParallelLinear(LinearBase):
         self, x: torch.Tensor, pending: PendingNorm | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream, this layer of stream): the stream is x, or with `pending` = (norm, residual),
-        residual + norm(x summed over the ranks), formed on the matmul's way in where the skinny
-        matmul can (tp = 1, AFS_NORM_IN=1), else by the norm's own kernel first."""
+        residual + norm(x summed over the ranks), formed by the norm's fused norm-and-add kernel
+        before the matmul."""
         if pending is None:
             return x, self(x)
         norm, residual = pending
-        if self.tp_size == 1 and self.int4 is None and self.bias is None:
-            out = fused.norm_add_linear(x, residual, norm.weight, norm.eps, self.weight)
-            if out is not None:
-                return out
         stream = norm.norm_and_add(x, residual, reduce=True)
         return stream, self(stream)
 

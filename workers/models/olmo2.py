@@ -7,9 +7,9 @@ q_norm and k_norm are RMSNorms over the full q and k projections (all heads at o
 head split and RoPE); under tensor parallelism that norm spans every rank's shard.
 
 A layer hands its last `h + norm(sublayer(h))` on unformed, as (norm, stream) in the residual
-slot, and the projection that reads h next forms it: on its matmul's way in where the skinny
-matmul can (AFS_NORM_IN=1), else with the fused norm-and-add kernel, which under tensor
-parallelism takes the sublayer's all-reduce too where the peer kernels can.
+slot, and the projection that reads h next forms it with the fused norm-and-add kernel before
+its matmul; under tensor parallelism that kernel takes the sublayer's all-reduce too where the
+peer kernels can.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class Olmo2DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, PendingNorm]:
         """hidden is the stream (the embedding: `pending` None) or the last layer's MLP partial
         sum, whose norm and add `pending` holds; each norm and add is formed by the projection
-        after it (in its matmul where the kernel can, else by the norm's kernel, which takes the
-        sublayer's all-reduce too); returns the MLP's partial sum and its pending norm."""
+        after it (with the norm's kernel, which takes the sublayer's all-reduce too); returns the
+        MLP's partial sum and its pending norm."""
         attn = self.self_attn
         stream, qkv = attn.qkv_proj.forward_stream(hidden, pending)
         o = attn.o_proj(attn.attend(qkv, rope), reduce=False)
