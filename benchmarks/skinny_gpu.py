@@ -4,15 +4,15 @@
                                      [--parts sweep,check,alone,chain,rates] [--sweep-rows 1]
 
 0. (part "sweep") For every decode weight shape of the --models (of 1b, 7b, 13b; 7B's and 13B's
-   halves at tp = 2 too), at the --sweep-rows (1, the default; "1,8" for 8 rows too, whose
-   entries serve batches of 2 to 16), and for down_proj with SwiGLU inside: each candidate
-   cut (`Config`: tile width, K step, slices, warps, stages; one-row calls on the CUDA cores as
-   well) checked against the fp32 product and timed as in 2; the fastest re-timed beside cuBLAS
-   (and the activation kernel, for SwiGLU). Shapes where it beats cuBLAS by 3% or more go into
-   kernels/skinny_matmul_configs.json under this GPU's name (here and under --out), which the
-   layers then follow (fused.py) and the later parts take.
+   halves at tp = 2 too; --tps 1 for tp = 1 only), at the --sweep-rows (1, the default; 8 for
+   the entries that serve batches of 2 to 16, 64 for those of 17 to 64), and for down_proj with
+   SwiGLU inside: each candidate cut (`Config`: tile width, K step, slices, warps, stages;
+   one-row calls on the CUDA cores as well) checked against the fp32 product and timed as in 2;
+   the fastest re-timed beside cuBLAS (and the activation kernel, for SwiGLU). Shapes where it
+   beats cuBLAS by 3% or more go into kernels/skinny_matmul_configs.json under this GPU's name
+   (here and under --out), which the layers then follow (fused.py) and the later parts take.
 1. Correctness, bf16: every decode projection of dummy:olmo2-1b and -7b (and 7B's halves at tp = 2)
-   at 1 and 8 rows against the fp32 product rounded to bf16 (cuBLAS's difference beside), and
+   at 1, 8 and 64 rows against the fp32 product rounded to bf16 (cuBLAS's difference beside), and
    down_proj with SwiGLU inside against the activation kernel then that product: the largest
    difference over the output's largest magnitude.
 2. Each projection alone: calls replayed from a CUDA graph, each call on another copy of the
@@ -82,11 +82,11 @@ def projections(hidden: int, inter: int, vocab: int, tp: int = 1) -> dict[str, t
     }
 
 
-def rank_projections(models: list[str]):
+def rank_projections(models: list[str], tps: tuple[int, ...] = (1, 2)):
     """(label, N, K) of every decode weight of a rank: 1B, 7B (13B), their halves at tp = 2."""
     for model in models:
         hidden, inter, _, vocab = MODELS[model]
-        for tp in (1,) if model == "1b" else (1, 2):
+        for tp in (1,) if model == "1b" else tps:
             for name, (n, k) in projections(hidden, inter, vocab, tp).items():
                 yield f"{model} tp{tp} {name}", n, k
 
@@ -144,9 +144,12 @@ def candidates(n: int, k: int, m: int, num_sms: int) -> list[Config]:
         (64, 64, (4, 8)),
         (128, 64, (4, 8)),
     )
+    pad = 16 if m <= 16 else 64  # x's rows as the kernel pads them
     for block_n, block_k, stage_counts in dot_tiles:
         for stages in stage_counts:
-            smem = stages * (block_n + 16) * block_k * 2
+            smem = stages * (block_n + pad) * block_k * 2
+            if smem > SMEM_PER_SM:
+                continue
             resident = max(1, min(4, SMEM_PER_SM // smem))
             for split in sorted(splits(block_n, block_k, 4, resident)):
                 found.append(Config(block_n, block_k, split, 4, stages))
@@ -159,7 +162,13 @@ def candidates(n: int, k: int, m: int, num_sms: int) -> list[Config]:
 
 
 def sweep(
-    result: dict, save, device: torch.device, out: Path, models: list[str], sweep_rows: list[int]
+    result: dict,
+    save,
+    device: torch.device,
+    out: Path,
+    models: list[str],
+    sweep_rows: list[int],
+    tps: tuple[int, ...],
 ) -> None:
     num_sms = launch.num_sms(device)
     gpu = torch.cuda.get_device_name(device)
@@ -168,7 +177,7 @@ def sweep(
     table: dict = {}
     swept: set[str] = set()
     shapes = []
-    for label, n, k in rank_projections(models):
+    for label, n, k in rank_projections(models, tps):
         shapes.append((label, n, k, False))
         if label.endswith(" down"):
             shapes.append((label + " swiglu", n, k, True))
@@ -251,7 +260,7 @@ def check(result: dict, save, device: torch.device, models: list[str]) -> None:
     gen = torch.Generator(device).manual_seed(0)
     for label, n, k in rank_projections(models):
         w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16()
-        for m in (1, 8):
+        for m in (1, 8, 64):
             x = torch.randn(m, k, device=device, generator=gen).bfloat16()
             want = (x.float() @ w.float().T).bfloat16().float()
             rows[f"{label} m{m}"] = {
@@ -401,6 +410,7 @@ def main() -> None:
     # 8 rows: each 7B entry beat cuBLAS alone, yet a step's chain of them at 8 rows was slower
     # (4.33 ms against 3.85); one row only until that is understood
     parser.add_argument("--sweep-rows", default="1")
+    parser.add_argument("--tps", default="1,2", help="the sweep's 7B and 13B ranks: tp = 1, 2")
     args = parser.parse_args()
     if args.deadline:
         faulthandler.dump_traceback_later(args.deadline, exit=True)
@@ -421,7 +431,8 @@ def main() -> None:
     start = time.perf_counter()
     models = args.models.split(",")
     if "sweep" in parts:
-        sweep(result, save, device, out, models, [int(m) for m in args.sweep_rows.split(",")])
+        rows = [int(m) for m in args.sweep_rows.split(",")]
+        sweep(result, save, device, out, models, rows, tuple(int(t) for t in args.tps.split(",")))
     if "check" in parts:
         check(result, save, device, models)
     if "alone" in parts:

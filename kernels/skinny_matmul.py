@@ -1,6 +1,6 @@
 """y = x W^T for a few rows of x (a decode step's tokens): a weight-streaming matmul.
 
-At decode a linear layer multiplies M <= 16 rows by a weight of N x K: the FLOPs are nothing, the
+At decode a linear layer multiplies M <= 64 rows by a weight of N x K: the FLOPs are nothing, the
 time is reading W once. What limits the read is how many bytes are in flight: a tile scheme made
 for large M gives a small matrix (a 2048 x 2048 o_proj, 8 MiB) only a few dozen tiles of N, so
 most of the GPU's SMs sit idle while those few stream their rows. Here the work is cut both ways:
@@ -10,7 +10,8 @@ most of the GPU's SMs sit idle while those few stream their rows. Here the work 
 so every SM streams a share of W even when N is small. Each program loads [BLOCK_N, BLOCK_K]
 tiles of W (K contiguous, so each row of the tile is one coalesced read) with its [16, BLOCK_K]
 tile of x (rows past M masked to zero) and accumulates x W^T in fp32 with `tl.dot`. x's rows are
-padded to 16, so a row's result does not depend on how many other rows came with it. A config
+padded to 16 (to 64 for 17 to 64 rows), so a row's result does not depend on how many other rows
+of its class came with it; a decode batch is graphed at a size of its own class. A config
 with `fma` runs a one-row call on the CUDA cores instead (products summed along each W row, no
 padding): a batch of one is graphed at its own size, so its row never meets others.
 
@@ -20,7 +21,7 @@ cuBLAS and writes skinny_matmul_configs.json, beside this file, with the shapes 
 workers/layers/fused.py sends only those shapes here unless told otherwise).
 
 With SPLIT > 1 the slices' fp32 partial sums meet without another launch: each program writes its
-[16, BLOCK_N] partial to a workspace and bumps its N tile's counter (acq_rel, GPU scope); the
+[16 (64), BLOCK_N] partial to a workspace and bumps its N tile's counter (acq_rel, GPU scope); the
 program that brings the counter to SPLIT sums the SPLIT partials in slice order (so the result
 does not depend on which program came last), writes y in x's dtype and sets the counter back to
 zero for the next call. The workspace is one per device, shared by every layer: a call's partials
@@ -44,7 +45,7 @@ import triton.language as tl
 
 from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
 
-MAX_ROWS = 16
+MAX_ROWS = 64
 """Rows of x one call takes (decode batches up to this size)."""
 _BLOCK_K = 128
 _WORKSPACE_FLOATS = 1 << 22  # 16 MiB of fp32 partials
@@ -166,16 +167,23 @@ def plan(n: int, k: int, num_sms: int, split: int | None = None) -> Config:
     return Config(block_n, _BLOCK_K, split)
 
 
-def _slices(n: int, k: int, config: Config) -> tuple[int, int]:
-    """(slices, K per slice) of a config: no empty slice; one slice where the workspace or the
-    counters would not hold the partials."""
+def row_tile(m: int, config: Config) -> int:
+    """The rows x is padded to: 1 for a one-row call on the CUDA cores, else 16, or 64 past 16."""
+    if config.fma and m == 1:
+        return 1
+    return 16 if m <= 16 else MAX_ROWS
+
+
+def _slices(n: int, k: int, config: Config, rows: int = 16) -> tuple[int, int]:
+    """(slices, K per slice) of a config at `rows` padded rows: no empty slice, and no more
+    slices than the workspace holds partials for (one where the counters would not do)."""
     steps = triton.cdiv(k, config.block_k)
-    k_per_split = triton.cdiv(steps, max(1, min(config.split, steps))) * config.block_k
-    split = triton.cdiv(k, k_per_split)
     tiles = triton.cdiv(n, config.block_n)
-    if split * MAX_ROWS * config.block_n * tiles > _WORKSPACE_FLOATS or tiles > _COUNTERS:
-        return 1, steps * config.block_k
-    return split, k_per_split
+    fits = _WORKSPACE_FLOATS // (max(rows, 16) * config.block_n * tiles)
+    if tiles > _COUNTERS:
+        fits = 1
+    k_per_split = triton.cdiv(steps, max(1, min(config.split, steps, fits))) * config.block_k
+    return triton.cdiv(k, k_per_split), k_per_split
 
 
 _TABLE_PATH = Path(__file__).with_name("skinny_matmul_configs.json")
@@ -192,8 +200,9 @@ def _table(gpu: str) -> dict[str, Config]:
 
 
 def table_key(n: int, k: int, m: int, swiglu: bool = False) -> str:
-    """A measured shape: N, K, one row or several, SwiGLU inside or not."""
-    return f"{n}x{k} {'m1' if m == 1 else 'm16'}{' swiglu' if swiglu else ''}"
+    """A measured shape: N, K, its class of rows (one, 2 to 16, 17 to 64), SwiGLU inside or not."""
+    rows = "m1" if m == 1 else "m16" if m <= 16 else "m64"
+    return f"{n}x{k} {rows}{' swiglu' if swiglu else ''}"
 
 
 @functools.lru_cache
@@ -226,7 +235,7 @@ def skinny_matmul(
     split: int | None = None,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (M <= 16) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
+    """x [M, K] (M <= 64) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
 
     `swiglu`: x is a gate/up projection's output [M, 2K] (gate first) and the rows multiplied are
     silu(gate) * up, computed on the way in exactly as `kernels.activation.silu_and_mul` does
@@ -242,8 +251,8 @@ def skinny_matmul(
         raise ValueError("skinny_matmul: x and weight of one dtype, rows contiguous")
     if config is None:
         config = plan(n, k, num_sms(x.device), split)
-    slices, k_per_split = _slices(n, k, config)
-    rows = 1 if config.fma and m == 1 else MAX_ROWS
+    rows = row_tile(m, config)
+    slices, k_per_split = _slices(n, k, config, rows)
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, config.block_n), slices)

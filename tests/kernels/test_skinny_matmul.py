@@ -29,7 +29,14 @@ def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "m, n, k, split",
-    [(1, 100, 300, None), (3, 130, 257, 1), (5, 64, 1024, 3), (16, 200, 640, None)],
+    [
+        (1, 100, 300, None),
+        (3, 130, 257, 1),
+        (5, 64, 1024, 3),
+        (16, 200, 640, None),
+        (17, 96, 300, 2),
+        (64, 70, 512, None),
+    ],
 )
 def test_matches_x_w_transposed(dtype, m, n, k, split):
     gen = torch.Generator().manual_seed(m * n + k)
@@ -53,6 +60,10 @@ def test_a_row_does_not_depend_on_the_others_and_calls_repeat(split):
     together = skinny_matmul(x, w, split=split)
     assert torch.equal(skinny_matmul(x[2:3], w, split=split)[0], together[2])
     assert torch.equal(skinny_matmul(x, w, split=split), together)
+    # past 16 rows x is padded to 64: a row is the same with 17 others as with 40
+    x = torch.randn(40, 512, generator=gen).to(DEVICE)
+    together = skinny_matmul(x, w, split=split)
+    assert torch.equal(skinny_matmul(x[3:20], w, split=split)[2], together[5])
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -160,6 +171,23 @@ def test_layers_send_only_measured_shapes_by_default(monkeypatch):
         monkeypatch.setattr(module, "measured_config", lookup)
         torch.testing.assert_close(fused.linear(x, w), x @ w.T)
         assert seen == want, mode
+    # each class of rows has its own entry; past 64 rows (a prompt) F.linear, whatever is set
+    monkeypatch.setattr(fused, "SKINNY_MATMUL", None)
+    table = {"8x32 m64": measured}
+    monkeypatch.setattr(
+        module,
+        "measured_config",
+        lambda x, w, swiglu=False: table.get(module.table_key(*w.shape, x.shape[0], swiglu)),
+    )
+    for rows, want in ((16, []), (17, [measured]), (64, [measured]), (65, [])):
+        seen.clear()
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(fused.linear(x, w), x @ w.T)
+        assert seen == want, rows
+    monkeypatch.setattr(fused, "SKINNY_MATMUL", True)
+    seen.clear()
+    fused.linear(torch.randn(65, 32), w)
+    assert seen == []
 
 
 def test_bad_input_is_refused():
@@ -188,7 +216,7 @@ def test_the_plan_spreads_small_matrices_and_leaves_no_empty_slice(n, k):
 def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
     """Decode steps' projections (down_proj with SwiGLU inside) and LM head through the kernel
     (the interpreter on CPU) give the tokens and log-probabilities of the engine through
-    F.linear; batches past 16 rows (the prompts) still take F.linear."""
+    F.linear; the prompts' step (60 tokens) takes it with its rows padded to 64."""
     from checkpoints import make_checkpoint
 
     from workers.engine.llm_engine import LLMEngine

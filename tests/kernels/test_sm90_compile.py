@@ -104,6 +104,7 @@ CASES = {
     ),
     "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
+    "skinny_matmul_64_rows": _skinny(SPLIT_K=True, ROWS=64, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
 }
 
 

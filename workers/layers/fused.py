@@ -5,7 +5,7 @@ the kernels are tested against. `FORCE_TRITON` overrides the choice: tests set i
 the kernels on CPU through Triton's interpreter, or to False for the PyTorch path on a GPU. The
 environment variable AFS_FORCE_TRITON (1 or 0) sets it at import, so tensor-parallel ranks
 spawned as processes of their own make the same choice.
-Decode batches (up to 16 rows) multiply with `kernels/skinny_matmul.py` instead of cuBLAS where
+Decode batches (up to 64 rows) multiply with `kernels/skinny_matmul.py` instead of cuBLAS where
 that kernel was measured faster on this GPU for the weight's shape (its table of measured configs,
 kernels/skinny_matmul_configs.json); AFS_SKINNY_MATMUL=1 sends every decode batch through it,
 AFS_SKINNY_MATMUL=0 none.
@@ -39,7 +39,7 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor
         SKINNY_MATMUL is False
         or not use_triton(x)
         or x.dim() != 2
-        or not 1 <= x.shape[0] <= 16
+        or not 1 <= x.shape[0] <= 64
         or x.dtype != weight.dtype
         or x.stride(1) != 1
         or weight.stride(1) != 1
@@ -55,7 +55,7 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T: a decode batch (2-D, up to 16 rows) through the skinny matmul kernel where it
+    """x W^T: a decode batch (2-D, up to 64 rows) through the skinny matmul kernel where it
     applies (see above), anything else through F.linear."""
     out = _skinny(x, weight, swiglu=False)
     return F.linear(x, weight) if out is None else out
