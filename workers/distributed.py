@@ -267,12 +267,15 @@ def check_peer_collectives() -> None:
 
 
 def destroy_tensor_parallel() -> None:
+    """Leave the group: this process is one rank again even while (or if) the collective
+    teardown of the process group below waits for the other ranks."""
     set_peer_buffers(None)
     _PEER_MEMORY.clear()
     _PEER_STATUS.clear()
-    if _TP.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    parallel = _TP.size > 1
     set_tp_group(TensorParallelGroup(rank=0, size=1, group=None))
+    if parallel and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def tp_broadcast_object(obj: object = None) -> object:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import threading
 from collections.abc import Sequence
 
 from workers.config import EngineConfig
@@ -95,14 +96,21 @@ class LLMEngine:
         self._in_flight = None  # (schedule, StepInFlight) of a step queued ahead
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel followers (and wait for the ones this engine spawned)."""
+        """Stop the tensor-parallel followers (and wait for the ones this engine spawned).
+
+        Tearing down an NCCL group is collective: each follower's teardown waits for this
+        rank's, so this rank tears its own down before it waits for them to exit (in a thread,
+        so that a follower stuck in a collective its peer never joined cannot hold it for good).
+        """
         if self.config.tp > 1 and get_tp_size() > 1:
             shutdown_followers()
+            teardown = threading.Thread(target=destroy_tensor_parallel, daemon=True)
+            teardown.start()
+            teardown.join(30)
             for process in self._followers:
                 process.join(30)
                 if process.is_alive():  # stuck (a collective its peer never joined): stop it
                     process.kill()
-            destroy_tensor_parallel()
 
     # -- requests --
 
