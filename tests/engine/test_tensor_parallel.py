@@ -1,4 +1,4 @@
-"""Tensor parallelism over gloo on CPU: tp = 2 and 4 give what tp = 1 gives."""
+"""Tensor parallelism over gloo on CPU: tp = 2 and 4 give what tp = 1 gives; shutdown order."""
 
 from __future__ import annotations
 
@@ -128,3 +128,27 @@ def test_the_roofline_of_a_rank_counts_its_shard(tmp_path):
     assert floors[1].attention_width == config.num_hidden_layers * config.q_size
     assert floors[2].attention_width * 2 == floors[1].attention_width
     assert floors[2].linear_params * 2 == floors[1].linear_params
+
+
+def test_shutdown_tears_down_rank_0s_group_before_it_waits_for_the_followers(monkeypatch):
+    """NCCL's teardown is collective: a follower's waits for rank 0's, so rank 0 must not wait
+    for the follower to exit before it tears its own group down."""
+    import workers.engine.llm_engine as module
+    from workers.config import EngineConfig
+
+    events = []
+
+    class Follower:
+        def join(self, timeout=None):
+            events.append("join")
+
+        def is_alive(self):
+            return False
+
+    monkeypatch.setattr(module, "get_tp_size", lambda: 2)
+    monkeypatch.setattr(module, "shutdown_followers", lambda: events.append("stop"))
+    monkeypatch.setattr(module, "destroy_tensor_parallel", lambda: events.append("teardown"))
+    engine = LLMEngine.__new__(LLMEngine)  # the shutdown alone, no model
+    engine.config, engine._followers = EngineConfig(tp=2), [Follower()]
+    engine.shutdown()
+    assert events == ["stop", "teardown", "join"]
