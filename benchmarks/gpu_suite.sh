@@ -22,8 +22,10 @@
 #                                             benchmarks/skinny_gpu.py: the sweep of its cuts
 #                                             against cuBLAS, which writes the measured table
 #                                             (kernels/skinny_matmul_configs.json, a copy under
-#                                             $OUT), then a step's chain (SKINNY_PARTS=sweep,
-#                                             chain, the default; STEP_TIMEOUT=560); in the next
+#                                             $OUT), at one row (SKINNY_ROWS=1, the default;
+#                                             64 for batches of 17 to 64), then a step's chain
+#                                             (SKINNY_PARTS=sweep,chain, the default;
+#                                             STEP_TIMEOUT=560); in the next
 #                                             call SKINNY_PARTS=check,rates (SKINNY_MODELS=1b,7b)
 #                                             with that table in place: batch-1 decode with
 #                                             cuBLAS, the table, the kernel everywhere
@@ -86,7 +88,8 @@ case "$part" in
     guard env AFS_SKINNY_MATMUL=1 python3 -m pytest -q -m gpu \
       tests/kernels/test_skinny_matmul.py tests/engine/test_decode_graphs.py
     guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
-      --parts "${SKINNY_PARTS:-sweep,chain}" --models "${SKINNY_MODELS:-1b,7b}"
+      --parts "${SKINNY_PARTS:-sweep,chain}" --models "${SKINNY_MODELS:-1b,7b}" \
+      --sweep-rows "${SKINNY_ROWS:-1}"
     ;;
   cluster)
     python3 -m protos.build || exit 1 # the gRPC stubs the load test's client imports
