@@ -49,7 +49,7 @@ import tp_gpu
 from kernels import launch
 from kernels import skinny_matmul as skinny_module
 from kernels.activation import silu_and_mul
-from kernels.skinny_matmul import Config, plan, skinny_matmul, table_key
+from kernels.skinny_matmul import Config, plan, row_tile, skinny_matmul, table_key
 from workers.attention import triton_backend
 from workers.bench.ceilings import free_memory, measure_ceilings
 from workers.bench.results import git_commit
@@ -144,7 +144,7 @@ def candidates(n: int, k: int, m: int, num_sms: int) -> list[Config]:
         (64, 64, (4, 8)),
         (128, 64, (4, 8)),
     )
-    pad = 16 if m <= 16 else 64  # x's rows as the kernel pads them
+    pad = row_tile(m, found[0])  # x's rows as the kernel pads them for tl.dot
     for block_n, block_k, stage_counts in dot_tiles:
         for stages in stage_counts:
             smem = stages * (block_n + pad) * block_k * 2

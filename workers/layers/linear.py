@@ -25,6 +25,15 @@ if TYPE_CHECKING:
     be formed by the next layer that reads it (x: a row-parallel layer's partial sum)."""
 
 
+def form_stream(x: torch.Tensor, pending: PendingNorm | None) -> torch.Tensor:
+    """The residual stream: x itself, or with `pending` = (norm, residual), residual + norm(x
+    summed over the ranks), by the norm's fused norm-and-add kernel."""
+    if pending is None:
+        return x
+    norm, residual = pending
+    return norm.norm_and_add(x, residual, reduce=True)
+
+
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
     """Copy (and convert the dtype of) a checkpoint tensor or lazy slice after checking shapes."""
     if tuple(param.shape) != tuple(loaded.shape):
@@ -79,13 +88,9 @@ class ColumnParallelLinear(LinearBase):
     def forward_stream(
         self, x: torch.Tensor, pending: PendingNorm | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stream, this layer of stream): the stream is x, or with `pending` = (norm, residual),
-        residual + norm(x summed over the ranks), formed by the norm's fused norm-and-add kernel
-        before the matmul."""
-        if pending is None:
-            return x, self(x)
-        norm, residual = pending
-        stream = norm.norm_and_add(x, residual, reduce=True)
+        """(stream, this layer of stream), the stream formed from x and `pending` by
+        `form_stream` before the matmul."""
+        stream = form_stream(x, pending)
         return stream, self(stream)
 
 

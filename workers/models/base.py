@@ -15,7 +15,7 @@ from torch import nn
 
 from workers.config import ModelConfig
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from workers.layers.linear import default_weight_loader
+from workers.layers.linear import default_weight_loader, form_stream
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 
@@ -53,8 +53,7 @@ class DecoderStack(nn.Module):
         if residual is None:
             return self.norm(hidden)
         if isinstance(residual, tuple):
-            norm, stream = residual
-            return self.norm(norm.norm_and_add(hidden, stream, reduce=True))
+            return self.norm(form_stream(hidden, residual))
         return self.norm.add_and_norm(hidden, residual)[0]
 
 

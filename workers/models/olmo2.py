@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from workers.config import ModelConfig
+from workers.layers.linear import form_stream
 from workers.layers.mlp import GatedMLP
 from workers.layers.norm import RMSNorm, ShardedRMSNorm
 from workers.layers.rotary import RotaryStep
@@ -76,8 +77,7 @@ class Olmo2DecoderLayer(nn.Module):
 def stream_after(layer_output: tuple[torch.Tensor, PendingNorm]) -> torch.Tensor:
     """The residual stream after a layer, formed from what its forward returned (hooks that
     watch the stream)."""
-    mlp, (norm, stream) = layer_output
-    return norm.norm_and_add(mlp, stream, reduce=True)
+    return form_stream(*layer_output)
 
 
 class Olmo2ForCausalLM(CausalLM):
