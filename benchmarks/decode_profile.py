@@ -11,7 +11,10 @@ on the same static inputs:
 - kernels: one eager run of the same padded forward under the PyTorch profiler, GPU time summed by
   kind (cuBLAS GEMMs, our Triton kernels, other);
 and the weight + KV read floor of the step at the measured copy bandwidth. The difference between
-the engine step and the replay is the host's share.
+the engine step and the replay is the host's share. Last, a timeline of 20 engine steps under the
+profiler: the GPU's period per step (from one step's embedding kernel to the next), the time its
+kernels and copies take, and each op outside the model's kernels (copies, the draw) with the idle
+gap before it.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ def main() -> None:
             launches += count
     top = sorted(kernels, key=lambda row: -row[1])[:12]
 
+    period = step_timeline(engine, 20)
+
     context = args.context + 60
     floor_ms = roofline.step_seconds([(context, 1)] * args.batch, args.batch) * 1e3
     result = {
@@ -125,6 +130,7 @@ def main() -> None:
         "eager_kernel_launches": launches,
         "top_kernels": top,
         "ceilings": ceilings,
+        "timeline": period,
     }
     (out / f"decode_profile_{args.model.split(':')[-1]}_b{args.batch}.json").write_text(
         json.dumps(result, indent=1)
@@ -141,6 +147,51 @@ def main() -> None:
         print(f"  {kind:<16} {ms:8.3f} ms  {ms / total:6.1%}")
     for name, ms, count in top:
         print(f"  {ms:8.3f} ms  x{count:<4} {name[:90]}")
+    print(
+        f"timeline: GPU period {period['period_ms']:.3f} ms a step, ops busy "
+        f"{period['busy_ms']:.3f} ms, {period['ops']} ops; outside the model's kernels:"
+    )
+    for name, gap_us, busy_us in period["outside"]:
+        print(f"  gap {gap_us:6.1f} us, then {busy_us:6.1f} us  {name[:80]}")
+
+
+def step_timeline(engine: LLMEngine, steps: int) -> dict:
+    """GPU ops of `steps` engine steps in start order, cut into periods at each embedding kernel
+    (a decode step's first); the median period's figures and its ops outside the model."""
+    cuda = torch.autograd.DeviceType.CUDA
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    ops = sorted(
+        (
+            (e.time_range.start, e.time_range.end, e.name)
+            for e in prof.events()
+            if e.device_type == cuda
+        ),
+        key=lambda op: op[0],
+    )
+    starts = [
+        i for i, (_, _, name) in enumerate(ops) if "indexSelect" in name or "embedding" in name
+    ]
+    periods = []
+    for a, b in zip(starts, starts[1:], strict=False):
+        window = ops[a:b]
+        outside, last_end = [], window[0][0]
+        for start, end, name in window:
+            if kind_of(name) == "other" and "indexSelect" not in name:
+                outside.append((name, start - last_end, end - start))
+            last_end = max(last_end, end)
+        periods.append({
+            "period_ms": (ops[b][0] - ops[a][0]) / 1e3,
+            "busy_ms": sum(end - start for start, end, _ in window) / 1e3,
+            "ops": len(window),
+            "outside": outside,
+        })  # fmt: skip
+    if not periods:
+        return {"period_ms": 0.0, "busy_ms": 0.0, "ops": 0, "outside": []}
+    periods.sort(key=lambda period: period["period_ms"])
+    return periods[len(periods) // 2]
 
 
 if __name__ == "__main__":
