@@ -7,8 +7,9 @@ addresses, so every input lives in a static buffer sized for the largest batch:
 
     input_ids [N]  positions [N]  slot_mapping [N]  seq_lens [N]  block_tables [N, max_blocks]
 
-and each step copies its values into the first `size` rows, where `size` is the step's batch
-rounded up to a captured size (1, 2, 4, 8, then steps of 8 up to max_num_seqs). Padding rows
+(views of one device buffer) and each step fills the first `size` rows of a pinned host buffer of
+the same layout and copies it over in one transfer, where `size` is the step's batch rounded up
+to a captured size (1, 2, 4, 8, then steps of 8 up to max_num_seqs). Padding rows
 have slot -1 (the KV store skips them) and length 0 (decode attention gives them zeros); their
 logits are never read.
 
@@ -31,6 +32,35 @@ from torch import nn
 
 from workers.attention import AttentionBackend, AttentionMetadata
 from workers.forward_context import ForwardContext, forward_context
+
+
+class _Layout:
+    """Where each static input lies in the one buffer: ids, positions and slots as rows of an
+    [3, N] int64 block, then seq_lens [N] int32, then block_tables [N, max_blocks] int32; each
+    part starts on a 256-byte boundary (as separate allocations would), rows of the first block
+    too."""
+
+    def __init__(self, size: int, max_blocks: int) -> None:
+        self.size, self.max_blocks = size, max_blocks
+        self.row = _align(size * 8) // 8  # int64s from one row of the first block to the next
+        self.lens_at = 3 * self.row * 8
+        self.tables_at = self.lens_at + _align(size * 4)
+        self.total = self.tables_at + size * max_blocks * 4
+
+    def views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """([3, N] int64, [N] int32, [N, max_blocks] int32) views of a uint8 buffer."""
+        ids = buffer[: self.lens_at].view(torch.int64).view(3, self.row)[:, : self.size]
+        lens = buffer[self.lens_at : self.lens_at + self.size * 4].view(torch.int32)
+        tables = buffer[self.tables_at :].view(torch.int32).view(self.size, self.max_blocks)
+        return ids, lens, tables
+
+    def end(self, size: int) -> int:
+        """Bytes up to the last table row of a step of `size` rows (all other inputs before)."""
+        return self.tables_at + size * self.max_blocks * 4
+
+
+def _align(nbytes: int, to: int = 256) -> int:
+    return -(-nbytes // to) * to
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -63,24 +93,20 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.max_blocks = -(-max_model_len // block_size)
         size = self.sizes[-1]
-        # -- static inputs --
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)  # [N]
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)  # [N]
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)  # [N]
-        self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)  # [N]
-        self.block_tables = torch.zeros(
-            size, self.max_blocks, dtype=torch.int32, device=device
-        )  # [N, max_blocks]
+        # -- static inputs: views of one device buffer, staged in one pinned host buffer of the
+        # same layout, so that a step's inputs cross in one copy --
+        self._layout = _Layout(size, self.max_blocks)
+        pin = device.type == "cuda"
+        self._staged = torch.zeros(self._layout.total, dtype=torch.uint8, device=device)
+        self._host_staged = torch.zeros(self._layout.total, dtype=torch.uint8, pin_memory=pin)
+        ids, self.seq_lens, self.block_tables = self._layout.views(self._staged)
+        self.input_ids, self.positions, self.slot_mapping = ids[0], ids[1], ids[2]  # [N] int64
+        self.slot_mapping.fill_(-1)  # seq_lens [N] and block_tables [N, max_blocks]: int32
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)  # [N + 1]
-        # one host staging area for all of them, copied over in one transfer per buffer
-        self._host_ids = torch.zeros(3, size, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self._host_lens = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self._host_tables = torch.zeros(
-            size, self.max_blocks, dtype=torch.int32, pin_memory=device.type == "cuda"
+        # numpy views of the staging rows fill them from lists quickly
+        self._host_ids_np, self._host_lens_np, self._host_tables_np = (
+            view.numpy() for view in self._layout.views(self._host_staged)
         )
-        self._host_ids_np = self._host_ids.numpy()  # numpy fills rows from lists quickly
-        self._host_lens_np = self._host_lens.numpy()
-        self._host_tables_np = self._host_tables.numpy()
         # recorded once a step's copies are queued: the next step refills the staging rows after it
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
         # -- outputs, per size --
@@ -158,12 +184,10 @@ class DecodeGraphs:
             if len(table) > self.max_blocks:
                 raise ValueError(f"block table of {len(table)} blocks exceeds {self.max_blocks}")
             tables[row, : len(table)] = table
-        # -- copy to the static buffers --
-        self.input_ids[:size].copy_(self._host_ids[0, :size], non_blocking=True)
-        self.positions[:size].copy_(self._host_ids[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self._host_ids[2, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(self._host_lens[:size], non_blocking=True)
-        self.block_tables[:size].copy_(self._host_tables[:size], non_blocking=True)
+        # -- copy to the static buffers: one transfer, up to the last table row of this size
+        # (rows past `size` in the other inputs cross too; no graph of this size reads them) --
+        end = self._layout.end(size)
+        self._staged[:end].copy_(self._host_staged[:end], non_blocking=True)
         if on_device:
             self.input_ids[:batch].copy_(input_ids)
         if self._copied is not None:

@@ -361,6 +361,33 @@ def test_plain_greedy_batch_takes_the_same_tokens_as_the_full_path() -> None:
     assert torch.equal(plain, logits[:, :sampleable].float().argmax(dim=-1))
 
 
+def test_the_argmax_kernel_draws_the_tokens_torch_does(monkeypatch) -> None:
+    """kernels/argmax.py (forced here, through the interpreter on CPU) in every argmax of the
+    sampler: greedy rows on both paths and the race of sampled rows give the same ids."""
+    import kernels.argmax
+    from workers.layers import fused
+
+    calls = []
+    kernel = kernels.argmax.argmax
+    monkeypatch.setattr(kernels.argmax, "argmax", lambda x: calls.append(x.shape) or kernel(x))
+    vocab, sampleable = 5000, 4990
+    logits = (torch.randn(12, vocab, generator=torch.Generator().manual_seed(9)) * 3).bfloat16()
+    logits[:, ::97] = logits.amax(dim=-1, keepdim=True)  # ties across the kernel's chunks
+    sampler = Sampler(vocab, sampleable, (EOS,))
+    batches = [
+        make_batch([SamplingParams(temperature=0.0)] * 12),
+        make_batch([SamplingParams(temperature=0.0, presence_penalty=1.0)] * 12),
+        make_batch([SamplingParams(temperature=0.8, top_k=50 * (i % 3)) for i in range(12)]),
+    ]
+    monkeypatch.setattr(fused, "FORCE_TRITON", False)
+    want = [sampler(logits, batch).token_ids for batch in batches]
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    got = [sampler(logits, batch).token_ids for batch in batches]
+    assert calls == [(12, sampleable), (12, vocab), (12, vocab)]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.gpu
 def test_a_step_never_waits_for_the_gpu() -> None:
     rows, vocab = 32, 1001

@@ -25,6 +25,9 @@ Nothing in a step waits for the device: host lists reach it through pinned non-b
 no op has a data-dependent shape. The caller's read of the token ids is the step's one sync;
 logprobs, when a request asks for them, add another.
 
+Every argmax (greedy rows, the race) runs on CUDA as `kernels/argmax.py`, which spreads a row over
+many programs (PyTorch's reduction gives a row one block); it returns torch.argmax's index.
+
 Logprobs are `log_softmax` of the RAW logits given to the sampler (before penalties, bias,
 temperature and filtering) over the sampleable vocabulary: the model's own belief, as OpenAI and
 vLLM report it.
@@ -40,8 +43,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from workers.layers.fused import use_triton
+
 if TYPE_CHECKING:
     from workers.engine.sampling_params import SamplingParams
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """[R, V] to the [R] indices of each row's largest value, as torch.argmax(x, dim=-1): on CUDA
+    (or with the kernels forced) through kernels/argmax.py, else torch's."""
+    if use_triton(x):
+        from kernels.argmax import argmax, fits
+
+        if fits(x):
+            return argmax(x)
+    return x.argmax(dim=-1)
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
@@ -349,7 +365,7 @@ class Sampler:
         )
         if plain_greedy and not _early_rows(batch):
             # Nothing changes a logit: the argmax over the sampleable ids, without a copy.
-            token_ids = logits[:, : self.sampleable_vocab_size].argmax(dim=-1)  # [R]
+            token_ids = row_argmax(logits[:, : self.sampleable_vocab_size])  # [R]
         else:
             token_ids = self._sample(logits.float(), batch)  # [R]
 
@@ -374,7 +390,7 @@ class Sampler:
         sampled = [i for i, p in enumerate(batch.params) if not p.is_greedy]
         if greedy:
             greedy_index = to_device(greedy, torch.long, device)
-            chosen = _take_rows(processed, greedy, greedy_index).argmax(dim=-1)  # [G]
+            chosen = row_argmax(_take_rows(processed, greedy, greedy_index))  # [G]
             token_ids.index_copy_(0, greedy_index, chosen)
         if sampled:
             sampled_index = to_device(sampled, torch.long, device)
@@ -405,4 +421,4 @@ class Sampler:
         keys = [_signed64(draw_seed(batch.seeds[i], batch.output_positions[i])) for i in rows]
         noise = uniforms(to_device(keys, torch.long, device), vocab)  # [S, V]
         gumbel = noise.log_().neg_().log_().neg_()  # [S, V]
-        return gumbel.add_(x).argmax(dim=-1)  # [S]
+        return row_argmax(gumbel.add_(x))  # [S]
