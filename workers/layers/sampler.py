@@ -59,6 +59,7 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
             return argmax(x)
     return x.argmax(dim=-1)
 
+
 _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _MIX_ROUNDS = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB))
