@@ -362,7 +362,7 @@ def test_plain_greedy_batch_takes_the_same_tokens_as_the_full_path() -> None:
 
 
 def test_the_argmax_kernel_draws_the_tokens_torch_does(monkeypatch) -> None:
-    """kernels/argmax.py (forced here, through the interpreter on CPU) in every argmax of the
+    """kernels/argmax.py (forced here; on CPU through the interpreter) in every argmax of the
     sampler: greedy rows on both paths and the race of sampled rows give the same ids."""
     import kernels.argmax
     from workers.layers import fused
@@ -371,7 +371,8 @@ def test_the_argmax_kernel_draws_the_tokens_torch_does(monkeypatch) -> None:
     kernel = kernels.argmax.argmax
     monkeypatch.setattr(kernels.argmax, "argmax", lambda x: calls.append(x.shape) or kernel(x))
     vocab, sampleable = 5000, 4990
-    logits = (torch.randn(12, vocab, generator=torch.Generator().manual_seed(9)) * 3).bfloat16()
+    logits = torch.randn(12, vocab, generator=torch.Generator().manual_seed(9)) * 3
+    logits = logits.bfloat16().to("cuda" if torch.cuda.is_available() else "cpu")
     logits[:, ::97] = logits.amax(dim=-1, keepdim=True)  # ties across the kernel's chunks
     sampler = Sampler(vocab, sampleable, (EOS,))
     batches = [
