@@ -16,12 +16,37 @@ from checkpoints import make_checkpoint
 from paged import PagedSequences
 
 from workers.attention import get_backend
-from workers.decode_graphs import DecodeGraphs, capture_sizes
+from workers.decode_graphs import DecodeGraphs, _Layout, capture_sizes
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 from workers.weights.loader import load_model
 
 pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("size, max_blocks", [(1, 1), (3, 7), (64, 256), (100, 33)])
+def test_the_inputs_one_buffer_holds(size, max_blocks):
+    """The static inputs are views of one buffer: apart, each on a 256-byte boundary, and a step
+    of any size copies every view's first rows with the bytes up to `end(size)`."""
+    layout = _Layout(size, max_blocks)
+    buffer = torch.zeros(layout.total, dtype=torch.uint8)
+    ids, lens, tables = layout.views(buffer)
+    assert ids.shape == (3, size) and ids.dtype == torch.int64
+    assert lens.shape == (size,) and tables.shape == (size, max_blocks)
+    views = [ids[0], ids[1], ids[2], lens, tables]
+    for view in views:
+        assert (view.data_ptr() - buffer.data_ptr()) % 256 == 0
+    for i, view in enumerate(views):  # each view's bytes are its own
+        view.fill_(7)
+        for j, other in enumerate(views):
+            assert bool((other == (7 if j == i else 0)).all())
+        view.fill_(0)
+    for rows in range(1, size + 1):
+        end = buffer.data_ptr() + layout.end(rows)
+        for view in views:
+            last = view[rows - 1]
+            assert last.data_ptr() + last.numel() * last.element_size() <= end
+    assert layout.end(size) == layout.total
 
 
 def test_capture_sizes_and_padding():
