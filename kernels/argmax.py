@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import device_buffers, pdl_options, wait_for_previous
+from kernels.launch import device_buffers, last_to_arrive, pdl_options, rearm, wait_for_previous
 
 _BLOCK = 2048
 _MAX_CHUNKS = 128  # rows of up to 256k values
@@ -61,19 +61,16 @@ def _kernel(
     tl.store(rank_ptr + slot, best_rank)
     tl.store(key_ptr + slot, best_key)
     tl.store(index_ptr + slot, best_index)
-    tl.debug_barrier()  # the partial is written before the counter moves
-    arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
-    if arrived == CHUNKS - 1:
+    if last_to_arrive(count_ptr + row, CHUNKS):
         chunks = tl.arange(0, MAX_CHUNKS)
         mine = row * MAX_CHUNKS + chunks
         present = chunks < CHUNKS
-        # .cg: from L2, never an L1 line this SM may hold from an earlier call
         ranks = tl.load(rank_ptr + mine, mask=present, other=-1, cache_modifier=".cg")
         keys = tl.load(key_ptr + mine, mask=present, other=float("-inf"), cache_modifier=".cg")
         indices = tl.load(index_ptr + mine, mask=present, other=2147483647, cache_modifier=".cg")
         _, _, winner = _pick(ranks, keys, indices)
         tl.store(out_ptr + row, winner.to(tl.int64))
-        tl.atomic_xchg(count_ptr + row, 0, sem="relaxed", scope="gpu")
+        rearm(count_ptr + row)
 
 
 def _workspace(device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -50,7 +50,14 @@ import triton
 import triton.language as tl
 
 from kernels.kv_store import store_slot
-from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
+from kernels.launch import (
+    device_buffers,
+    last_to_arrive,
+    num_sms,
+    pdl_options,
+    rearm,
+    wait_for_previous,
+)
 from kernels.paged_checks import check_paged_attention
 from kernels.rope import check_prologue, norm_rotate, qk_tiles, rope_row, sum_squares
 
@@ -225,16 +232,14 @@ def _kernel(
         tl.store(
             partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None]
         )
-        tl.debug_barrier()  # every thread's stores are made before the counter moves
         counter = count_ptr + batch * tl.num_programs(1) + kv_head
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
+        if last_to_arrive(counter, num_splits):
             for g in tl.static_range(GROUP_SIZE):
                 _merge_splits(
                     partial_out_ptr, lse_ptr, out_ptr, stride_out_batch, stride_out_head,
                     batch, kv_head * GROUP_SIZE + g, num_heads, num_splits, SPLITS_PAD, HEAD_DIM,
                 )  # fmt: skip
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            rearm(counter)
 
 
 @triton.jit

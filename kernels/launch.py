@@ -67,6 +67,22 @@ def pdl_options(device: torch.device) -> dict:
 
 
 @triton.jit
+def last_to_arrive(counter, total):
+    """After this program's stores: count it in at `counter` (acq_rel, GPU scope) and say whether
+    it is the last of `total` programs. The last sees every other program's stores (read them
+    with .cg, from L2, never an L1 line its SM may hold from an earlier call) and then calls
+    `rearm(counter)`."""
+    tl.debug_barrier()  # every thread's stores are made before the counter moves
+    return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == total - 1
+
+
+@triton.jit
+def rearm(counter):
+    """A counter back to zero, ready for the kernel's next call."""
+    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def wait_for_previous(PDL: tl.constexpr):
     """With PDL: wait until the previous kernel has finished and its writes are visible, then let
     the next kernel launch. Called first, before any global memory access."""

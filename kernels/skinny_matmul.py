@@ -43,7 +43,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import device_buffers, num_sms, pdl_options, wait_for_previous
+from kernels.launch import (
+    device_buffers,
+    last_to_arrive,
+    num_sms,
+    pdl_options,
+    rearm,
+    wait_for_previous,
+)
 
 MAX_ROWS = 64
 """Rows of x one call takes (decode batches up to this size)."""
@@ -112,15 +119,12 @@ def _matmul_kernel(
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
         offsets = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         tl.store(tile_parts + split * (ROWS * BLOCK_N) + offsets, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
+        if last_to_arrive(count_ptr + tile, SPLIT):
             total = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT):
-                # .cg: from L2, never an L1 line this SM may hold from an earlier call
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+            rearm(count_ptr + tile)
 
 
 @triton.jit

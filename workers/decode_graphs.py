@@ -97,17 +97,18 @@ class DecodeGraphs:
         # same layout, so that a step's inputs cross in one copy --
         self._layout = _Layout(size, self.max_blocks)
         pin = device.type == "cuda"
-        self._staged = torch.zeros(self._layout.total, dtype=torch.uint8, device=device)
-        self._host_staged = torch.zeros(self._layout.total, dtype=torch.uint8, pin_memory=pin)
-        ids, self.seq_lens, self.block_tables = self._layout.views(self._staged)
-        self.input_ids, self.positions, self.slot_mapping = ids[0], ids[1], ids[2]  # [N] int64
-        self.slot_mapping.fill_(-1)  # seq_lens [N] and block_tables [N, max_blocks]: int32
+        self._inputs = torch.zeros(self._layout.total, dtype=torch.uint8, device=device)
+        self._host_inputs = torch.zeros(self._layout.total, dtype=torch.uint8, pin_memory=pin)
+        # [N] int64 x 3; [N] int32; [N, max_blocks] int32
+        ids, self.seq_lens, self.block_tables = self._layout.views(self._inputs)
+        self.input_ids, self.positions, self.slot_mapping = ids
+        self.slot_mapping.fill_(-1)
         self.query_start_loc = torch.arange(size + 1, dtype=torch.int32, device=device)  # [N + 1]
         # numpy views of the staging rows fill them from lists quickly
         self._host_ids_np, self._host_lens_np, self._host_tables_np = (
-            view.numpy() for view in self._layout.views(self._host_staged)
+            view.numpy() for view in self._layout.views(self._host_inputs)
         )
-        # recorded once a step's copies are queued: the next step refills the staging rows after it
+        # recorded once a step's copy is queued: the next step refills the staging rows after it
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
         # -- outputs, per size --
         self.logits: dict[int, torch.Tensor] = {}
@@ -168,7 +169,7 @@ class DecodeGraphs:
             raise ValueError(f"decode batch of {batch} exceeds the largest size {self.sizes[-1]}")
         # -- fill the host staging rows; padding: token 0 at position 0, no slot, length 0 --
         if self._copied is not None:
-            self._copied.synchronize()  # the last step's copies have left the staging rows
+            self._copied.synchronize()  # the last step's copy has left the staging rows
         ids, lens, tables = self._host_ids_np, self._host_lens_np, self._host_tables_np
         ids[:, :size] = 0
         ids[2, :size] = -1
@@ -187,7 +188,7 @@ class DecodeGraphs:
         # -- copy to the static buffers: one transfer, up to the last table row of this size
         # (rows past `size` in the other inputs cross too; no graph of this size reads them) --
         end = self._layout.end(size)
-        self._staged[:end].copy_(self._host_staged[:end], non_blocking=True)
+        self._inputs[:end].copy_(self._host_inputs[:end], non_blocking=True)
         if on_device:
             self.input_ids[:batch].copy_(input_ids)
         if self._copied is not None:
