@@ -92,6 +92,7 @@ def _matmul_kernel(
             w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
             mask=col_ok[:, None] & k_ok[None, :],
             other=0.0,
+            eviction_policy="evict_first",  # read once a step: leave L2 to what is read again
         )
         x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]
         x_ok = row_ok[:, None] & k_ok[None, :]
