@@ -74,8 +74,9 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [R, hidden] -> [R, vocab], in fp32 for sampling
-        return self.lm_head.compute_logits(hidden).float()
+        # hidden: [R, hidden] -> [R, vocab] in the model's dtype; the sampler widens to fp32
+        # where it computes (a plain greedy row's argmax needs no copy: widening is exact)
+        return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into this rank's parameters; all must be covered."""
