@@ -8,10 +8,11 @@ addresses, so every input lives in a static buffer sized for the largest batch:
     input_ids [N]  positions [N]  slot_mapping [N]  seq_lens [N]  block_tables [N, max_blocks]
 
 (views of one device buffer) and each step fills the first `size` rows of a pinned host buffer of
-the same layout and copies it over in one transfer, where `size` is the step's batch rounded up
-to a captured size (1, 2, 4, 8, then steps of 8 up to max_num_seqs). Padding rows
-have slot -1 (the KV store skips them) and length 0 (decode attention gives them zeros); their
-logits are never read.
+the same layout and copies it over in one transfer (on a stream of its own, as soon as the step
+before has run, so that it crosses while that step's draw is computed), where `size` is the
+step's batch rounded up to a captured size (1, 2, 4, 8, then steps of 8 up to max_num_seqs).
+Padding rows have slot -1 (the KV store skips them) and length 0 (decode attention gives them
+zeros); their logits are never read.
 
 Graphs on or off, a decode step runs this same padded computation (`enforce_eager` just calls
 the forward instead of replaying it), so both give bitwise-equal logits: the GEMMs see the same
@@ -108,8 +109,13 @@ class DecodeGraphs:
         self._host_ids_np, self._host_lens_np, self._host_tables_np = (
             view.numpy() for view in self._layout.views(self._host_inputs)
         )
+        # The copy crosses on a stream of its own, once the step before has run (it read the
+        # static buffers), so it overlaps that step's draw; the forward waits for it.
+        cuda = device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(device) if cuda else None
+        self._ran = torch.cuda.Event() if cuda else None  # the last step's forward is done
         # recorded once a step's copy is queued: the next step refills the staging rows after it
-        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._copied = torch.cuda.Event() if cuda else None
         # -- outputs, per size --
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -188,13 +194,22 @@ class DecodeGraphs:
         # -- copy to the static buffers: one transfer, up to the last table row of this size
         # (rows past `size` in the other inputs cross too; no graph of this size reads them) --
         end = self._layout.end(size)
-        self._inputs[:end].copy_(self._host_inputs[:end], non_blocking=True)
+        if self._copy_stream is None:
+            self._inputs[:end].copy_(self._host_inputs[:end])
+        else:
+            self._copy_stream.wait_event(self._ran)
+            with torch.cuda.stream(self._copy_stream):
+                self._inputs[:end].copy_(self._host_inputs[:end], non_blocking=True)
+                self._copied.record()
+            torch.cuda.current_stream(self.device).wait_event(self._copied)
         if on_device:
             self.input_ids[:batch].copy_(input_ids)
-        if self._copied is not None:
-            self._copied.record()
         # -- run --
         if size in self.graphs:
             self.graphs[size].replay()
-            return self.logits[size]
-        return self._forward(size)
+            logits = self.logits[size]
+        else:
+            logits = self._forward(size)
+        if self._ran is not None:
+            self._ran.record()
+        return logits

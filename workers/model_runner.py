@@ -94,6 +94,7 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs
         self.states: dict[str, RequestState] = {}
+        self._copy_stream: torch.cuda.Stream | None = None  # the sampled ids' copy to the host
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, torch.int64, self.device)
@@ -179,11 +180,20 @@ class ModelRunner:
         result = self.sampler(step.logits, batch)
         step.token_ids, step.token_logprobs = result.token_ids, result.logprobs
         if self.device.type == "cuda":
-            # a non-blocking copy to the host lands in pinned memory
-            step.host_token_ids = result.token_ids.to("cpu", non_blocking=True)
-            step.peer_status = queue_peer_status()
-            step.copied = torch.cuda.Event()
-            step.copied.record()
+            # The ids go to the host (pinned memory) on a stream of their own, so the next step
+            # queued behind the draw need not wait for the copy.
+            drawn = torch.cuda.Event()
+            drawn.record()
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(drawn)
+                step.host_token_ids = result.token_ids.to("cpu", non_blocking=True)
+                step.peer_status = queue_peer_status()
+                step.copied = torch.cuda.Event()
+                step.copied.record()
+            # made on the main stream, read on the copy's: not reused before the copy is done
+            result.token_ids.record_stream(self._copy_stream)
         return step
 
     def collect(self, step: StepInFlight) -> RunnerOutput:
