@@ -389,6 +389,29 @@ def test_the_argmax_kernel_draws_the_tokens_torch_does(monkeypatch) -> None:
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_in_bf16_draw_what_their_fp32_widening_draws(device: str) -> None:
+    """The model hands the sampler logits in its own dtype: every path (greedy, penalties, bias,
+    filters, seeded draws, logprobs) gives the tokens and logprobs of the same logits in fp32."""
+    rows, vocab = 24, 1001
+    generator = torch.Generator().manual_seed(11)
+    logits = (torch.randn(rows, vocab, generator=generator) * 3).bfloat16().to(device)
+    params = [
+        p if p.logprobs is not None else SamplingParams(**{**vars(p), "logprobs": 2})
+        for p in varied_params(rows)
+    ]
+    outputs = [[(i * 5 + j) % vocab for j in range(i % 4)] for i in range(rows)]
+    batch = make_batch(
+        params, seeds=[50 + i for i in range(rows)], prompts=[[3, 4]] * rows, outputs=outputs
+    )
+    sampler = Sampler(vocab, vocab - 7, (EOS,))
+    narrow, wide = sampler(logits, batch), sampler(logits.float(), batch)
+    assert torch.equal(narrow.token_ids, wide.token_ids)
+    assert narrow.logprobs == wide.logprobs
+    greedy = make_batch([SamplingParams(temperature=0.0)] * rows)
+    assert torch.equal(sampler(logits, greedy).token_ids, sampler(logits.float(), greedy).token_ids)
+
+
 @pytest.mark.gpu
 def test_a_step_never_waits_for_the_gpu() -> None:
     rows, vocab = 32, 1001
