@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workers.bench.results import load_result
+
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     """'name=A=1,B=2' -> ('name', {'A': '1', 'B': '2'}); 'name=' -> ('name', {})."""
@@ -41,8 +43,7 @@ def decode_rate(out_dir: Path, before: set[Path]) -> float:
     new = sorted(set(out_dir.glob("latency-*.json")) - before)
     if len(new) != 1:
         raise RuntimeError(f"expected one new latency result under {out_dir}, found {len(new)}")
-    figures = json.loads(new[0].read_text())["figures"]
-    return figures["prompt_len_128"]["decode_tok_s"]
+    return load_result(new[0])["figures"]["prompt_len_128"]["decode_tok_s"]
 
 
 def main() -> None:

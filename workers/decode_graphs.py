@@ -97,9 +97,9 @@ class DecodeGraphs:
         # -- static inputs: views of one device buffer, staged in one pinned host buffer of the
         # same layout, so that a step's inputs cross in one copy --
         self._layout = _Layout(size, self.max_blocks)
-        pin = device.type == "cuda"
+        cuda = device.type == "cuda"
         self._inputs = torch.zeros(self._layout.total, dtype=torch.uint8, device=device)
-        self._host_inputs = torch.zeros(self._layout.total, dtype=torch.uint8, pin_memory=pin)
+        self._host_inputs = torch.zeros(self._layout.total, dtype=torch.uint8, pin_memory=cuda)
         # [N] int64 x 3; [N] int32; [N, max_blocks] int32
         ids, self.seq_lens, self.block_tables = self._layout.views(self._inputs)
         self.input_ids, self.positions, self.slot_mapping = ids
@@ -111,7 +111,6 @@ class DecodeGraphs:
         )
         # The copy crosses on a stream of its own, once the step before has run (it read the
         # static buffers), so it overlaps that step's draw; the forward waits for it.
-        cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._ran = torch.cuda.Event() if cuda else None  # the last step's forward is done
         # recorded once a step's copy is queued: the next step refills the staging rows after it

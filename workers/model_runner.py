@@ -94,7 +94,8 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs
         self.states: dict[str, RequestState] = {}
-        self._copy_stream: torch.cuda.Stream | None = None  # the sampled ids' copy to the host
+        # the sampled ids' copy to the host
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         return to_device(values, torch.int64, self.device)
@@ -179,15 +180,11 @@ class ModelRunner:
         )
         result = self.sampler(step.logits, batch)
         step.token_ids, step.token_logprobs = result.token_ids, result.logprobs
-        if self.device.type == "cuda":
+        if self._copy_stream is not None:
             # The ids go to the host (pinned memory) on a stream of their own, so the next step
             # queued behind the draw need not wait for the copy.
-            drawn = torch.cuda.Event()
-            drawn.record()
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream(self.device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._copy_stream):
-                self._copy_stream.wait_event(drawn)
                 step.host_token_ids = result.token_ids.to("cpu", non_blocking=True)
                 step.peer_status = queue_peer_status()
                 step.copied = torch.cuda.Event()

@@ -39,15 +39,16 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor
         SKINNY_MATMUL is False
         or not use_triton(x)
         or x.dim() != 2
-        or not 1 <= x.shape[0] <= 64
         or x.dtype != weight.dtype
         or x.stride(1) != 1
         or weight.stride(1) != 1
         or x.shape[1] != weight.shape[1] * (2 if swiglu else 1)
     ):
         return None
-    from kernels.skinny_matmul import measured_config, skinny_matmul
+    from kernels.skinny_matmul import MAX_ROWS, measured_config, skinny_matmul
 
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        return None
     config = measured_config(x, weight, swiglu)
     if config is None and not SKINNY_MATMUL:
         return None
