@@ -112,7 +112,7 @@ def main() -> None:
             launches += count
     top = sorted(kernels, key=lambda row: -row[1])[:12]
 
-    period = step_timeline(engine, 20)
+    period = step_timeline(engine, 20, engine.model_config.num_hidden_layers)
 
     context = args.context + 60
     floor_ms = roofline.step_seconds([(context, 1)] * args.batch, args.batch) * 1e3
@@ -153,11 +153,22 @@ def main() -> None:
     )
     for name, gap_us, busy_us in period["outside"]:
         print(f"  gap {gap_us:6.1f} us, then {busy_us:6.1f} us  {name[:80]}")
+    exposed = period.get("exposed")
+    if exposed:
+        print(f"exposed time a layer: {exposed['layer_us']:.1f} us; by place in the layer:")
+        for place, us in exposed["per_layer_us"]:
+            print(f"  {us:7.2f} us  {place}")
+        print("outside the layers:")
+        for name, us in exposed["rest_us"]:
+            print(f"  {us:7.2f} us  {name}")
+        print(f"  {exposed['to_next_step_us']:7.2f} us  to the next step's first op")
 
 
-def step_timeline(engine: LLMEngine, steps: int) -> dict:
+def step_timeline(engine: LLMEngine, steps: int, layers: int) -> dict:
     """GPU ops of `steps` engine steps in start order, cut into periods at each embedding kernel
-    (a decode step's first); the median period's figures and its ops outside the model."""
+    (a decode step's first); the median period's figures, its ops outside the model, and each
+    kernel's exposed time (its end less the latest end before it: with PDL a kernel starts early,
+    so this is what it adds to the step), averaged by its place in a layer."""
     cuda = torch.autograd.DeviceType.CUDA
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -187,11 +198,37 @@ def step_timeline(engine: LLMEngine, steps: int) -> dict:
             "busy_ms": sum(end - start for start, end, _ in window) / 1e3,
             "ops": len(window),
             "outside": outside,
+            "exposed": exposed_by_place(window, ops[b][0], layers),
         })  # fmt: skip
     if not periods:
         return {"period_ms": 0.0, "busy_ms": 0.0, "ops": 0, "outside": []}
     periods.sort(key=lambda period: period["period_ms"])
     return periods[len(periods) // 2]
+
+
+def exposed_by_place(window: list, period_end: float, layers: int) -> dict:
+    """Exposed microseconds of a step's ops: the model's kernels between the embedding and the
+    last layer's end averaged by their place in a layer (named by kernel and place), the rest
+    (embedding, final norm, LM head, draw, copies) one by one, and the gap to the next step."""
+    exposed, last_end = [], window[0][0]
+    for start, end, name in window:
+        exposed.append((name, max(0.0, end - last_end)))  # any idle gap before it included
+        last_end = max(last_end, end)
+    model = [i for i, (name, _) in enumerate(exposed) if kind_of(name) != "other"]
+    per_layer = (len(model) - 2) // layers if model else 0  # less the final norm and LM head
+    places: list[list[float]] = [[] for _ in range(per_layer)]
+    for n, i in enumerate(model[: per_layer * layers]):
+        places[n % per_layer].append(exposed[i][1])
+    layer_ops = set(model[: per_layer * layers])
+    names = [exposed[i][0] for i in model[:per_layer]]
+    return {
+        "per_layer_us": [
+            (f"{n}: {names[n][:40]}", statistics.mean(us)) for n, us in enumerate(places) if us
+        ],
+        "layer_us": sum(statistics.mean(us) for us in places if us),
+        "rest_us": [(name[:60], us) for i, (name, us) in enumerate(exposed) if i not in layer_ops],
+        "to_next_step_us": period_end - last_end,
+    }
 
 
 if __name__ == "__main__":
