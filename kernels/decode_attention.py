@@ -13,7 +13,10 @@ a GPU idle when the batch is small and the context long. Flash-Decoding (Dao, Ha
 
 One launch, grid (B, KVH, num_splits): each program owns one KV head and a contiguous run of that
 sequence's key tiles (BLOCK_N tokens, several whole blocks; the tiles are divided evenly among the
-splits per sequence, so a short sequence leaves some of its splits empty). It loads the G query
+splits per sequence). A sequence shorter than the grid is sized for uses only as many splits as
+it has runs of tiles: the others leave at once (a graph's grid is fixed by the longest context its
+block tables can hold, so at a short context most of its programs would otherwise redo the
+prologue, bump the counter and be merged for nothing). It loads the G query
 heads that share the KV head once, then streams its tiles, gathering each tile's blocks through
 the block table (several [BS, D] loads in flight per iteration: one block at a time leaves HBM
 waiting on latency) and reading each K and V element exactly once for all G heads, with the
@@ -21,7 +24,8 @@ online softmax of FlashAttention (Dao et al. 2022) in fp32, rescaling only the a
 normalising once at the end (FlashAttention-2, Dao 2023). With one split that is the output.
 Otherwise it writes its normalised partial output [B, H, splits, D] and its log-sum-exp
 [B, H, splits] (base 2; -inf for an empty split) and bumps its (sequence, KV head)'s counter
-(acq_rel, GPU scope); the program that brings it to num_splits merges the partials of the G heads,
+(acq_rel, GPU scope); the program that brings it to the splits used merges the partials of the G
+heads,
 with weights exp2(lse_s - max_s lse_s) divided by their sum (the exact softmax over the whole
 context; in split order, whichever program came last), and sets the counter back to zero. No
 second launch: at batch 1 a step has one launch fewer per layer. A sequence of length 0 (a
@@ -41,6 +45,15 @@ in flight); otherwise split until they do, keeping at least one tile per split o
 sequence so that the extra partial-output traffic stays small next to the K/V read, and at most
 `_MAX_SPLITS`. The longest sequence is bounded by the width of block_tables, which the host knows
 without a device sync (and which a captured CUDA graph keeps fixed).
+
+Key tiles are BLOCK_N = 64 tokens, or `SMALL_TILE` = 32 when the call has at most one (sequence,
+KV head) for every 8 SMs (Olmo 2 1B at batch 1: 16): at a few hundred tokens of context such a
+call has only a few dozen programs of work, and halving each one's tile halves the read on its
+critical path (measured on the H200 at batch 1: 1B faster with 32, 7B's 32 KV heads with 64).
+
+The kernel after this one (the output projection) is let launch only once a program's K/V reads
+are done, not at its start: launched early, its programs would prefetch their weights into L2
+while this kernel, bound by latency rather than bandwidth, still waits on its loads.
 """
 
 from __future__ import annotations
@@ -53,10 +66,11 @@ from kernels.kv_store import store_slot
 from kernels.launch import (
     device_buffers,
     last_to_arrive,
+    launch_next,
     num_sms,
     pdl_options,
     rearm,
-    wait_for_previous,
+    wait_for_previous_only,
 )
 from kernels.paged_checks import check_paged_attention
 from kernels.rope import check_prologue, norm_rotate, qk_tiles, rope_row, sum_squares
@@ -66,6 +80,7 @@ _MAX_SPLITS = 64
 # per SM the split heuristic aims for. Module-level so that a benchmark can sweep them.
 TILE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 PROGRAMS_PER_SM = 4
+SMALL_TILE = 32  # key tile of a call with at most one (sequence, KV head) for every 8 SMs
 _LOG2E = 1.4426950408889634
 
 
@@ -131,7 +146,9 @@ def _kernel(
     KV head) to finish merges them all. With PROLOGUE, q_ptr is the fused projection
     [B, (H + 2 KVH) D] of the new tokens, not yet normalised, rotated or stored (see
     `decode_attention_qkv`)."""
-    wait_for_previous(PDL)
+    # the next kernel (the output projection) launches once this one's K/V reads are done, so
+    # that its weight prefetch does not crowd them
+    wait_for_previous_only(PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -145,7 +162,13 @@ def _kernel(
     else:
         cached = seq_len
     num_tiles = tl.cdiv(cached, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    # the splits this sequence fills: a captured graph sizes num_splits for the longest context
+    # its block tables hold, so at a short one most would be empty; they leave now, and the
+    # used ones count and merge among themselves
+    used_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)
+    if split >= used_splits:
+        return
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
 
@@ -203,9 +226,10 @@ def _kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
+    launch_next(PDL)  # the K/V reads are done
     if PROLOGUE:
         # -- the new token, from registers, in the last split (a padding row has none) --
-        if (split == num_splits - 1) & (seq_len > 0):
+        if (split == used_splits - 1) & (seq_len > 0):
             k_f = k_new.to(cache_ptr.dtype.element_ty).to(tl.float32)
             v_f = v_new.to(cache_ptr.dtype.element_ty).to(tl.float32)
             score = tl.sum(q.to(tl.float32) * k_f, axis=1) * qk_scale  # [G]
@@ -221,7 +245,7 @@ def _kernel(
     # -- epilogue --
     nonempty = l > 0.0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    if num_splits == 1:  # the whole context here: the output, no partials
+    if used_splits == 1:  # the whole context here: the output, no partials
         out_rows = out_ptr + batch * stride_out_batch + heads[:, None] * stride_out_head
         tl.store(out_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
     else:
@@ -233,11 +257,12 @@ def _kernel(
             partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None]
         )
         counter = count_ptr + batch * tl.num_programs(1) + kv_head
-        if last_to_arrive(counter, num_splits):
+        if last_to_arrive(counter, used_splits):
             for g in tl.static_range(GROUP_SIZE):
                 _merge_splits(
                     partial_out_ptr, lse_ptr, out_ptr, stride_out_batch, stride_out_head,
-                    batch, kv_head * GROUP_SIZE + g, num_heads, num_splits, SPLITS_PAD, HEAD_DIM,
+                    batch, kv_head * GROUP_SIZE + g, num_heads, num_splits, used_splits,
+                    SPLITS_PAD, HEAD_DIM,
                 )  # fmt: skip
             rearm(counter)
 
@@ -245,15 +270,16 @@ def _kernel(
 @triton.jit
 def _merge_splits(
     partial_out_ptr, lse_ptr, out_ptr, stride_out_batch, stride_out_head,
-    batch, head, num_heads, num_splits,
+    batch, head, num_heads, num_splits, used_splits,
     SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, query head): its splits' partial outputs merged by their log-sum-exps."""
+    """One (sequence, query head): its first `used_splits` splits' partial outputs (rows of
+    `num_splits`) merged by their log-sum-exps."""
     # -- load the splits (.cg: from L2, where the other programs' stores are) --
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM)
     row = (batch * num_heads + head) * num_splits + splits  # [SPLITS_PAD]
-    in_range = splits < num_splits
+    in_range = splits < used_splits
     lse = tl.load(lse_ptr + row, mask=in_range, other=float("-inf"), cache_modifier=".cg")
     partial = tl.load(
         partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
@@ -396,6 +422,8 @@ def _launch(
             f"kv_cache: block_size must be a power of two of at least 16, got {block_size}"
         )
     config = {**TILE_CONFIG}
+    if batch * num_kv_heads <= num_sms(q.device) // 8:
+        config["BLOCK_N"] = min(config["BLOCK_N"], SMALL_TILE)
     tile_tokens = max(config["BLOCK_N"], block_size)
     config["BLOCK_N"] = tile_tokens
     if num_splits is None:

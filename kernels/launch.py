@@ -83,6 +83,23 @@ def rearm(counter):
 
 
 @triton.jit
+def wait_for_previous_only(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel has finished and its writes are visible, but let
+    the next kernel launch only at `launch_next` (or as each program ends). For a short kernel
+    bound by latency, not bandwidth: the next kernel's programs, launched early, would start
+    their weight prefetch while this kernel's own loads are still in flight."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def launch_next(PDL: tl.constexpr):
+    """With PDL: this program has done its part; the next kernel may launch."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def wait_for_previous(PDL: tl.constexpr):
     """With PDL: wait until the previous kernel has finished and its writes are visible, then let
     the next kernel launch. Called first, before any global memory access."""

@@ -107,6 +107,19 @@ def test_the_last_split_merges_and_calls_repeat_exactly(num_splits):
     assert torch.equal(first, second)
 
 
+def test_splits_past_a_sequences_tiles_leave_it_as_it_was():
+    """A graph sizes its splits for the widest block table: a short sequence uses as many as it
+    has key tiles and the rest leave at once, so its output is what a launch of exactly that many
+    splits gives (to fp32 rounding: the merge's sum may group its terms otherwise), up to the
+    largest grid, 64 splits."""
+    q, slab, tables, lengths = _paged_inputs([140, 1, 33], 4, 2, 64, torch.float32)
+    tiles, want = _run(q, slab, tables, lengths, num_splits=3)  # 140 tokens: 3 runs of tiles
+    for wide in (16, 64):
+        got, _ = _run(q, slab, tables, lengths, num_splits=wide)
+        torch.testing.assert_close(got, tiles, atol=1e-6, rtol=0)
+    _assert_close(tiles, want, torch.float32)
+
+
 def test_empty_sequence_gives_zeros():
     # a padding row of length 0 (CUDA-graph batch padding) must not produce NaN
     q, slab, tables, lengths = _paged_inputs([20, 1], 2, 1, 64, torch.float32)
