@@ -211,7 +211,7 @@ def exposed_by_place(window: list, period_end: float, layers: int) -> dict:
     last layer's end averaged by their place in a layer (named by kernel and place), the rest
     (embedding, final norm, LM head, draw, copies) one by one, and the gap to the next step."""
     exposed, last_end = [], window[0][0]
-    for start, end, name in window:
+    for _start, end, name in window:
         exposed.append((name, max(0.0, end - last_end)))  # any idle gap before it included
         last_end = max(last_end, end)
     model = [i for i, (name, _) in enumerate(exposed) if kind_of(name) != "other"]
