@@ -25,9 +25,8 @@ normalising once at the end (FlashAttention-2, Dao 2023). With one split that is
 Otherwise it writes its normalised partial output [B, H, splits, D] and its log-sum-exp
 [B, H, splits] (base 2; -inf for an empty split) and bumps its (sequence, KV head)'s counter
 (acq_rel, GPU scope); the program that brings it to the splits used merges the partials of the G
-heads,
-with weights exp2(lse_s - max_s lse_s) divided by their sum (the exact softmax over the whole
-context; in split order, whichever program came last), and sets the counter back to zero. No
+heads, with weights exp2(lse_s - max_s lse_s) divided by their sum (the exact softmax over the
+whole context; in split order, whichever program came last), and sets the counter back to zero. No
 second launch: at batch 1 a step has one launch fewer per layer. A sequence of length 0 (a
 padding row) gets zeros.
 
