@@ -188,17 +188,18 @@ def step_timeline(engine: LLMEngine, steps: int, layers: int) -> dict:
     periods = []
     for a, b in zip(starts, starts[1:], strict=False):
         window = ops[a:b]
-        outside, last_end = [], window[0][0]
+        outside, exposed, last_end = [], [], window[0][0]
         for start, end, name in window:
             if kind_of(name) == "other" and "indexSelect" not in name:
                 outside.append((name, start - last_end, end - start))
+            exposed.append((name, max(0.0, end - last_end)))  # any idle gap before it included
             last_end = max(last_end, end)
         periods.append({
             "period_ms": (ops[b][0] - ops[a][0]) / 1e3,
             "busy_ms": sum(end - start for start, end, _ in window) / 1e3,
             "ops": len(window),
             "outside": outside,
-            "exposed": exposed_by_place(window, ops[b][0], layers),
+            "exposed": exposed_by_place(exposed, ops[b][0] - last_end, layers),
         })  # fmt: skip
     if not periods:
         return {"period_ms": 0.0, "busy_ms": 0.0, "ops": 0, "outside": []}
@@ -206,14 +207,10 @@ def step_timeline(engine: LLMEngine, steps: int, layers: int) -> dict:
     return periods[len(periods) // 2]
 
 
-def exposed_by_place(window: list, period_end: float, layers: int) -> dict:
-    """Exposed microseconds of a step's ops: the model's kernels between the embedding and the
+def exposed_by_place(exposed: list, to_next_step: float, layers: int) -> dict:
+    """A step's (op, exposed microseconds): the model's kernels between the embedding and the
     last layer's end averaged by their place in a layer (named by kernel and place), the rest
     (embedding, final norm, LM head, draw, copies) one by one, and the gap to the next step."""
-    exposed, last_end = [], window[0][0]
-    for _start, end, name in window:
-        exposed.append((name, max(0.0, end - last_end)))  # any idle gap before it included
-        last_end = max(last_end, end)
     model = [i for i, (name, _) in enumerate(exposed) if kind_of(name) != "other"]
     per_layer = (len(model) - 2) // layers if model else 0  # less the final norm and LM head
     places: list[list[float]] = [[] for _ in range(per_layer)]
@@ -227,7 +224,7 @@ def exposed_by_place(window: list, period_end: float, layers: int) -> dict:
         ],
         "layer_us": sum(statistics.mean(us) for us in places if us),
         "rest_us": [(name[:60], us) for i, (name, us) in enumerate(exposed) if i not in layer_ops],
-        "to_next_step_us": period_end - last_end,
+        "to_next_step_us": to_next_step,
     }
 
 

@@ -103,6 +103,5 @@ def launch_next(PDL: tl.constexpr):
 def wait_for_previous(PDL: tl.constexpr):
     """With PDL: wait until the previous kernel has finished and its writes are visible, then let
     the next kernel launch. Called first, before any global memory access."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_previous_only(PDL)
+    launch_next(PDL)
