@@ -30,6 +30,11 @@ before the wait for the kernel before).
 
 With programmatic dependent launch (kernels/launch.py, on by default) a program starts while the
 kernel before it finishes; it spends that time prefetching its first two W tiles into L2.
+
+`rms_norm_add_matmul` takes Olmo 2's post-norm on the way in as well: x is a sublayer's output,
+and the rows multiplied are the residual stream, residual + rms_norm(x), which the call also
+returns. Each program takes the mean squares of all of x's rows first (x is a few KiB), so the
+norm costs no launch of its own; a batch of one skips a kernel twice a layer.
 """
 
 from __future__ import annotations
@@ -63,9 +68,10 @@ _COUNTERS = 1 << 16
 def _matmul_kernel(
     x_ptr, stride_x, w_ptr, stride_w, y_ptr, stride_y,
     part_ptr, count_ptr,
+    residual_ptr, stride_residual, norm_w_ptr, stream_ptr, stride_stream, eps,
     M, N, K, K_PER_SPLIT, SPLIT,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -80,6 +86,17 @@ def _matmul_kernel(
         # tiles into L2 (weights, which no kernel writes), then wait for it
         prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
     wait_for_previous(PDL)
+    if NORM:  # each row's 1 / rms over all of K (every program, whatever its slice)
+        squares = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            raw = tl.load(
+                x_ptr + rows[:, None] * stride_x + ks[None, :],
+                mask=row_ok[:, None] & (ks < K)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            squares += raw * raw
+        inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     if ROWS == 1:  # the products' running sums, each thread its own columns: one reduction, last
         wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -100,6 +117,18 @@ def _matmul_kernel(
             gate = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
             up = tl.load(x_tile + K, mask=x_ok, other=0.0).to(tl.float32)
             x = (gate * tl.sigmoid(gate) * up).to(w.dtype)
+        elif (
+            NORM
+        ):  # x is a sublayer's output: residual + rms_norm(x), rounded as kernels/rmsnorm.py
+            raw = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
+            scale = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            normed = (raw * inv_rms[:, None] * scale[None, :]).to(w.dtype)
+            residual = tl.load(
+                residual_ptr + rows[:, None] * stride_residual + ks[None, :], mask=x_ok, other=0.0
+            )
+            x = (residual.to(tl.float32) + normed.to(tl.float32)).to(w.dtype)
+            if tile == 0:  # the first tile's programs write the stream, each its slice of K
+                tl.store(stream_ptr + rows[:, None] * stride_stream + ks[None, :], x, mask=x_ok)
         else:
             x = tl.load(x_tile, mask=x_ok, other=0.0)
         if ROWS == 1:  # one row: products and sums on the CUDA cores, no padding to 16 rows
@@ -248,6 +277,53 @@ def skinny_matmul(
     `config` the whole plan (a measured one, or a sweep's candidate)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    return _launch(x, weight, swiglu, None, split, config)
+
+
+def rms_norm_add_matmul(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    split: int | None = None,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Olmo 2's post-norm and the next projection in one launch: stream = residual +
+    rms_norm(x) (x, residual [M, K]; rounded as `kernels.rmsnorm.rms_norm_add` rounds it), and
+    stream times weight [N, K] transposed. Returns (stream, product).
+
+    Every program takes its rows' mean squares over all of K before its loop (a few KiB, from
+    L2), then forms the stream tile by tile as it goes; the first N tile's programs write it. The
+    norm's own launch, and its round trip through memory ahead of the matmul, are gone."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"rms_norm_add_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1:
+        raise ValueError(
+            f"rms_norm_add_matmul: residual {tuple(residual.shape)} {residual.dtype} for x "
+            f"{tuple(x.shape)} {x.dtype}, rows contiguous"
+        )
+    if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
+        raise ValueError(
+            f"rms_norm_add_matmul: norm weight {tuple(norm_weight.shape)}, expected [{x.shape[1]}]"
+        )
+    stream = torch.empty_like(x)
+    product = _launch(x, weight, False, (residual, norm_weight, stream, eps), split, config)
+    return stream, product
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    swiglu: bool,
+    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
+    split: int | None,
+    config: Config | None,
+) -> torch.Tensor:
+    """One call: x (or what `swiglu` or `norm` = (residual, norm weight, stream out, eps) forms
+    from it on the way in) times weight transposed."""
     m = x.shape[0]
     n, k = weight.shape
     if not 1 <= m <= MAX_ROWS:
@@ -260,13 +336,15 @@ def skinny_matmul(
     slices, k_per_split = _slices(n, k, config, rows)
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    residual, norm_weight, stream, eps = norm if norm is not None else (x, x, x, 0.0)
     grid = (triton.cdiv(n, config.block_n), slices)
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
+        residual, residual.stride(0), norm_weight, stream, stream.stride(0), eps,
         m, n, k, k_per_split, slices,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        IEEE=x.dtype == torch.float32, SWIGLU=swiglu,
+        IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return y

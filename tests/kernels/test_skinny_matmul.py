@@ -11,7 +11,14 @@ import json
 import pytest
 import torch
 
-from kernels.skinny_matmul import MAX_ROWS, Config, _slices, plan, skinny_matmul
+from kernels.skinny_matmul import (
+    MAX_ROWS,
+    Config,
+    _slices,
+    plan,
+    rms_norm_add_matmul,
+    skinny_matmul,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [
@@ -113,6 +120,50 @@ def test_the_one_row_path_with_swiglu_is_the_activation_then_the_matmul():
     config = Config(16, 64, 2, fma=True)
     fused = skinny_matmul(gate_up, w, swiglu=True, config=config)
     assert torch.equal(fused, skinny_matmul(silu_and_mul(gate_up), w, config=config))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m, config",
+    [
+        (1, Config(8, 256, 1, fma=True)),  # the one-row cut of 1B's QKV
+        (1, Config(16, 128, 3, num_warps=2, num_stages=2, fma=True)),  # K in slices
+        (1, Config(64, 128, 1)),  # one row padded to 16 for tl.dot (1B's gate/up)
+        (3, Config(32, 128, 2)),
+    ],
+)
+def test_the_post_norm_on_the_way_in_is_the_norm_then_the_matmul(dtype, m, config):
+    """stream = residual + rms_norm(x) as the norm kernel rounds it (its mean square summed in
+    another order: one rounding apart at most), and the product is bitwise the plain kernel's
+    on that stream; x and residual are left as they were."""
+    from kernels.rmsnorm import rms_norm_add
+
+    n, k, eps = 150, 700, 1e-6
+    gen = torch.Generator().manual_seed(n + m)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype) * 3
+    residual = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    norm_weight = (1 + torch.randn(k, generator=gen) / 4).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    x_before, residual_before = x.clone(), residual.clone()
+    stream, product = rms_norm_add_matmul(x, residual, norm_weight, eps, w, config=config)
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
+    want = rms_norm_add(x, residual, norm_weight, eps)
+    ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(stream.float(), want.float(), atol=ulp * 8, rtol=ulp)
+    assert torch.equal(product, skinny_matmul(stream, w, config=config))
+    again = rms_norm_add_matmul(x, residual, norm_weight, eps, w, config=config)
+    assert torch.equal(again[0], stream) and torch.equal(again[1], product)
+
+
+def test_the_post_norm_on_the_way_in_refuses_mismatched_input():
+    x, w = torch.randn(1, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE)
+    norm_weight = torch.ones(32, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_add_matmul(x, torch.randn(2, 32, device=DEVICE), norm_weight, 1e-6, w)
+    with pytest.raises(ValueError, match="norm weight"):
+        rms_norm_add_matmul(x, x.clone(), norm_weight[:16], 1e-6, w)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm_add_matmul(x, x.clone(), norm_weight, 1e-6, w[:, :16])
 
 
 def test_measured_configs_are_read_per_gpu_and_shape(tmp_path, monkeypatch):
@@ -250,6 +301,53 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
         assert got.token_ids == want.token_ids
         for a, b in zip(want.logprobs, got.logprobs, strict=True):
             assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+
+
+def test_an_olmo2_engine_at_batch_one_forms_its_post_norms_inside_the_matmul(
+    tmp_path, monkeypatch
+):
+    """A one-sequence decode step forms each post-norm's stream inside the next projection's
+    kernel (QKV, gate/up): tokens and log-probabilities as with the norm's own kernel; a wider
+    batch keeps the norm's kernel."""
+    from checkpoints import make_checkpoint
+
+    from workers.engine.llm_engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
+    from workers.layers import fused
+
+    make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=4, num_key_value_heads=2))
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    monkeypatch.setattr(fused, "SKINNY_MATMUL", True)
+    import kernels.skinny_matmul as module
+
+    rows_seen = []
+    real = module.rms_norm_add_matmul
+
+    def counted(x, *args, **kwargs):
+        rows_seen.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(module, "rms_norm_add_matmul", counted)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    runs = {}
+    for fused_norm in (False, True):
+        monkeypatch.setattr(fused, "FUSED_POST_NORM", fused_norm)
+        engine = LLMEngine(model=str(tmp_path), device=DEVICE, dtype="float32", num_kv_blocks=64)
+        try:
+            runs[fused_norm] = engine.generate([list(range(5, 12))], params)[0].completions[0]
+            if fused_norm:
+                alone = len(rows_seen)
+                engine.generate([list(range(5, 12)), list(range(3, 9))], params)
+        finally:
+            engine.shutdown()
+    # 5 decode steps of 3 layers: each layer's post-attention norm (into gate/up) and each
+    # post-feedforward norm but the last (into the next QKV; the last goes to the final norm);
+    # all one row, and the batch of two never took it
+    assert alone == 5 * (2 * 3 - 1) and rows_seen == [1] * alone
+    want, got = runs[False], runs[True]
+    assert got.token_ids == want.token_ids
+    for a, b in zip(want.logprobs, got.logprobs, strict=True):
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
 
 
 def test_programmatic_dependent_launch_is_gpu_only(monkeypatch):

@@ -16,9 +16,13 @@ engine runs (only on Linux x86-64).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kernels.skinny_matmul import Config
 
 FORCE_TRITON: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_FORCE_TRITON", ""))
 
@@ -32,9 +36,11 @@ SKINNY_MATMUL: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_SKI
 """True: every decode batch through the skinny matmul; False: none; None: measured shapes only."""
 
 
-def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor | None:
-    """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
-    matmul where it applies (see above), or None."""
+def _skinny_route(
+    x: torch.Tensor, weight: torch.Tensor, swiglu: bool
+) -> tuple[bool, Config | None]:
+    """(whether the skinny matmul takes this call (see above), its config: a measured one, or
+    None for the default plan)."""
     if (
         SKINNY_MATMUL is False
         or not use_triton(x)
@@ -44,15 +50,56 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor
         or weight.stride(1) != 1
         or x.shape[1] != weight.shape[1] * (2 if swiglu else 1)
     ):
-        return None
-    from kernels.skinny_matmul import MAX_ROWS, measured_config, skinny_matmul
+        return False, None
+    from kernels.skinny_matmul import MAX_ROWS, measured_config
 
     if not 1 <= x.shape[0] <= MAX_ROWS:
-        return None
+        return False, None
     config = measured_config(x, weight, swiglu)
-    if config is None and not SKINNY_MATMUL:
+    return config is not None or bool(SKINNY_MATMUL), config
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor | None:
+    """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
+    matmul where it applies (see above), or None."""
+    takes, config = _skinny_route(x, weight, swiglu)
+    if not takes:
         return None
+    from kernels.skinny_matmul import skinny_matmul
+
     return skinny_matmul(x, weight, swiglu=swiglu, config=config)
+
+
+FUSED_POST_NORM = os.environ.get("AFS_FUSED_POST_NORM", "1") != "0"
+"""A one-row decode step forms a post-norm's stream inside the next projection's skinny matmul
+(AFS_FUSED_POST_NORM=0: with the norm's own kernel)."""
+
+
+def rms_norm_add_linear(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """(stream, stream W^T) with stream = residual + rms_norm(x), in one skinny matmul launch for
+    a one-row decode step where that kernel applies to the weight (see above), or None. Only one
+    row: every program reads all of x's rows for their norms, which a wider batch would pay for
+    many times over."""
+    if (
+        not FUSED_POST_NORM
+        or x.dim() != 2
+        or x.shape[0] != 1
+        or residual.shape != x.shape
+        or residual.dtype != x.dtype
+        or residual.stride(1) != 1
+        or norm_weight.dim() != 1
+        or not norm_weight.is_contiguous()
+    ):
+        return None
+    takes, config = _skinny_route(x, weight, swiglu=False)
+    if not takes:
+        return None
+    from kernels.skinny_matmul import rms_norm_add_matmul
+
+    return rms_norm_add_matmul(x, residual, norm_weight, eps, weight, config=config)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,13 @@ class ColumnParallelLinear(LinearBase):
         self, x: torch.Tensor, pending: PendingNorm | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream, this layer of stream), the stream formed from x and `pending` by
-        `form_stream` before the matmul."""
+        `form_stream` before the matmul, or, on one rank for a one-row decode step, inside it
+        (`fused.rms_norm_add_linear`: one launch fewer)."""
+        if pending is not None and self.tp_size == 1 and self.int4 is None and self.bias is None:
+            norm, residual = pending
+            both = fused.rms_norm_add_linear(x, residual, norm.weight, norm.eps, self.weight)
+            if both is not None:
+                return both
         stream = form_stream(x, pending)
         return stream, self(stream)
 
