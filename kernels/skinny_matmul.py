@@ -33,8 +33,8 @@ kernel before it finishes; it spends that time prefetching its first two W tiles
 
 `rms_norm_add_matmul` takes Olmo 2's post-norm on the way in as well: x is a sublayer's output,
 and the rows multiplied are the residual stream, residual + rms_norm(x), which the call also
-returns. Each program takes the mean squares of all of x's rows first (x is a few KiB), so the
-norm costs no launch of its own; a batch of one skips a kernel twice a layer.
+returns. It takes one row (a batch of one): each program first takes the row's mean square over
+all of K, its chunks loaded at once (a few KiB, from L2), so the norm costs no launch of its own.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ MAX_ROWS = 64
 _BLOCK_K = 128
 _WORKSPACE_FLOATS = 1 << 22  # 16 MiB of fp32 partials
 _COUNTERS = 1 << 16
+_NORM_CHUNK = 2048  # elements of x a program loads at once for the norm's mean square
 
 
 @triton.jit
@@ -71,7 +72,8 @@ def _matmul_kernel(
     residual_ptr, stride_residual, norm_w_ptr, stream_ptr, stride_stream, eps,
     M, N, K, K_PER_SPLIT, SPLIT,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
+    NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -86,17 +88,13 @@ def _matmul_kernel(
         # tiles into L2 (weights, which no kernel writes), then wait for it
         prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
     wait_for_previous(PDL)
-    if NORM:  # each row's 1 / rms over all of K (every program, whatever its slice)
-        squares = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            raw = tl.load(
-                x_ptr + rows[:, None] * stride_x + ks[None, :],
-                mask=row_ok[:, None] & (ks < K)[None, :],
-                other=0.0,
-            ).to(tl.float32)
+    if NORM:  # the row's 1 / rms over all of K (every program): its chunks' loads all in flight
+        squares = tl.zeros([NORM_CHUNK], dtype=tl.float32)
+        for c in tl.static_range(0, NORM_CHUNKS):
+            ks = c * NORM_CHUNK + tl.arange(0, NORM_CHUNK)
+            raw = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
             squares += raw * raw
-        inv_rms = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+        inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     if ROWS == 1:  # the products' running sums, each thread its own columns: one reduction, last
         wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -122,7 +120,7 @@ def _matmul_kernel(
         ):  # x is a sublayer's output: residual + rms_norm(x), rounded as kernels/rmsnorm.py
             raw = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
             scale = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            normed = (raw * inv_rms[:, None] * scale[None, :]).to(w.dtype)
+            normed = (raw * inv_rms * scale[None, :]).to(w.dtype)
             residual = tl.load(
                 residual_ptr + rows[:, None] * stride_residual + ks[None, :], mask=x_ok, other=0.0
             )
@@ -293,9 +291,9 @@ def rms_norm_add_matmul(
     rms_norm(x) (x, residual [M, K]; rounded as `kernels.rmsnorm.rms_norm_add` rounds it), and
     stream times weight [N, K] transposed. Returns (stream, product).
 
-    Every program takes its rows' mean squares over all of K before its loop (a few KiB, from
-    L2), then forms the stream tile by tile as it goes; the first N tile's programs write it. The
-    norm's own launch, and its round trip through memory ahead of the matmul, are gone."""
+    One row only (M = 1). Every program takes the row's mean square over all of K before its
+    loop, then forms the stream tile by tile as it goes; the first N tile's programs write it.
+    The norm's own launch, and its round trip through memory ahead of the matmul, are gone."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"rms_norm_add_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}"
@@ -309,6 +307,8 @@ def rms_norm_add_matmul(
         raise ValueError(
             f"rms_norm_add_matmul: norm weight {tuple(norm_weight.shape)}, expected [{x.shape[1]}]"
         )
+    if x.shape[0] != 1:
+        raise ValueError(f"rms_norm_add_matmul takes one row, got {x.shape[0]}")
     stream = torch.empty_like(x)
     product = _launch(x, weight, False, (residual, norm_weight, stream, eps), split, config)
     return stream, product
@@ -337,6 +337,7 @@ def _launch(
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     residual, norm_weight, stream, eps = norm if norm is not None else (x, x, x, 0.0)
+    chunk = min(triton.next_power_of_2(k), _NORM_CHUNK)
     grid = (triton.cdiv(n, config.block_n), slices)
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
@@ -345,6 +346,7 @@ def _launch(
         m, n, k, k_per_split, slices,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
+        NORM_CHUNK=chunk, NORM_CHUNKS=triton.cdiv(k, chunk),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return y
