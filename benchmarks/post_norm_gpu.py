@@ -27,6 +27,7 @@ import torch
 from kernels.rmsnorm import rms_norm_add
 from kernels.skinny_matmul import measured_config, rms_norm_add_matmul, skinny_matmul
 
+EPS = 1e-6
 SHAPES = {  # name: (N, K)
     "1b qkv": (6144, 2048),
     "1b gate_up": (16384, 2048),
@@ -60,6 +61,36 @@ def time_chain(step, copies: int, reps: int = 20) -> float:
     return best
 
 
+def measure(n: int, k: int) -> dict:
+    """One shape: the checks and the three chains' microseconds per call."""
+    copies = max(2, -(-(512 << 20) // (n * k * 2)))
+    weights = [torch.randn(n, k, device="cuda").bfloat16() / k**0.5 for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda").bfloat16() * 4
+    residual = torch.randn(1, k, device="cuda").bfloat16()
+    norm_weight = (1 + torch.randn(k, device="cuda") / 4).bfloat16()
+    config = measured_config(x, weights[0])
+    stream, product = rms_norm_add_matmul(x, residual, norm_weight, EPS, weights[0], config=config)
+    want = rms_norm_add(x, residual, norm_weight, EPS)
+
+    def matmul(i):
+        skinny_matmul(want, weights[i], config=config)
+
+    def apart(i):
+        skinny_matmul(rms_norm_add(x, residual, norm_weight, EPS), weights[i], config=config)
+
+    def fused(i):
+        rms_norm_add_matmul(x, residual, norm_weight, EPS, weights[i], config=config)
+
+    chains = (("matmul", matmul), ("apart", apart), ("fused", fused))
+    return dict(
+        n=n, k=k, config=list(config) if config else None, copies=copies,
+        stream_max_diff=(stream.float() - want.float()).abs().max().item(),
+        product_bitwise=torch.equal(product, skinny_matmul(stream, weights[0], config=config)),
+        us={label: time_chain(fn, copies) for label, fn in chains},
+        read_us_at_4249=n * k * 2 / 4249e3,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -67,48 +98,19 @@ def main() -> None:
     torch.manual_seed(0)
     rows = {}
     for name, (n, k) in SHAPES.items():
-        copies = max(2, -(-(512 << 20) // (n * k * 2)))
-        weights = [torch.randn(n, k, device="cuda").bfloat16() / k**0.5 for _ in range(copies)]
-        x = torch.randn(1, k, device="cuda").bfloat16() * 4
-        residual = torch.randn(1, k, device="cuda").bfloat16()
-        norm_weight = (1 + torch.randn(k, device="cuda") / 4).bfloat16()
-        config = measured_config(x, weights[0])
-        stream, product = rms_norm_add_matmul(
-            x, residual, norm_weight, 1e-6, weights[0], config=config
-        )
-        want = rms_norm_add(x, residual, norm_weight, 1e-6)
-        stream_diff = (stream.float() - want.float()).abs().max().item()
-        bitwise = torch.equal(product, skinny_matmul(stream, weights[0], config=config))
-
-        def matmul(i):
-            skinny_matmul(want, weights[i], config=config)
-
-        def apart(i):
-            skinny_matmul(rms_norm_add(x, residual, norm_weight, 1e-6), weights[i], config=config)
-
-        def fused(i):
-            rms_norm_add_matmul(x, residual, norm_weight, 1e-6, weights[i], config=config)
-
-        us = {
-            label: time_chain(fn, copies)
-            for label, fn in (("matmul", matmul), ("apart", apart), ("fused", fused))
-        }
-        rows[name] = dict(
-            n=n, k=k, config=list(config) if config else None, copies=copies,
-            stream_max_diff=stream_diff, product_bitwise=bitwise, us=us,
-            read_us_at_4249=n * k * 2 / 4249e3,
-        )  # fmt: skip
-        del weights
+        rows[name] = measure(n, k)
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "post_norm_gpu.json").write_text(json.dumps(rows, indent=1))
     print(
-        f"{'shape':>12} | {'read':>6} | {'matmul':>7} | {'apart':>7} | {'fused':>7} | saves | checks"
+        f"{'shape':>12} | {'read':>6} | {'matmul':>7} | {'apart':>7} | {'fused':>7} | saves"
+        " | checks"
     )
     for name, row in rows.items():
         us = row["us"]
         print(
-            f"{name:>12} | {row['read_us_at_4249']:6.2f} | {us['matmul']:7.2f} | {us['apart']:7.2f} "
+            f"{name:>12} | {row['read_us_at_4249']:6.2f} | {us['matmul']:7.2f} "
+            f"| {us['apart']:7.2f} "
             f"| {us['fused']:7.2f} | {us['apart'] - us['fused']:5.2f} | stream diff "
             f"{row['stream_max_diff']:.3g}, product bitwise {row['product_bitwise']}"
         )
