@@ -91,9 +91,9 @@ def _matmul_kernel(
     if NORM:  # the row's 1 / rms over all of K (every program): its chunks' loads all in flight
         squares = tl.zeros([NORM_CHUNK], dtype=tl.float32)
         for c in tl.static_range(0, NORM_CHUNKS):
-            ks = c * NORM_CHUNK + tl.arange(0, NORM_CHUNK)
-            raw = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-            squares += raw * raw
+            chunk = c * NORM_CHUNK + tl.arange(0, NORM_CHUNK)
+            part = tl.load(x_ptr + chunk, mask=chunk < K, other=0.0).to(tl.float32)
+            squares += part * part
         inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     if ROWS == 1:  # the products' running sums, each thread its own columns: one reduction, last

@@ -59,7 +59,7 @@ def _skinny(**constants) -> tuple:
     """A case of the skinny matmul: bf16, no SwiGLU unless given."""
     return (
         kernels.skinny_matmul._matmul_kernel,
-        dict(IEEE=False, SWIGLU=False) | constants,
+        dict(IEEE=False, SWIGLU=False, NORM=False, NORM_CHUNK=2048, NORM_CHUNKS=2) | constants,
     )
 
 
@@ -105,6 +105,12 @@ CASES = {
     "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
     "skinny_matmul_64_rows": _skinny(SPLIT_K=True, ROWS=64, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
+    "skinny_matmul_post_norm_one_row": _skinny(
+        SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, NORM=True
+    ),
+    "skinny_matmul_post_norm_16_rows": _skinny(
+        SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=64, NORM=True
+    ),
 }
 
 
