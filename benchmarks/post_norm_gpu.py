@@ -1,18 +1,22 @@
 """Olmo 2's post-norm formed inside the next projection (`rms_norm_add_matmul`) against the norm's
 own kernel then the projection, at batch 1 on one GPU, in one call.
 
-    python3 benchmarks/post_norm_gpu.py [--out DIR]
+    python3 benchmarks/post_norm_gpu.py [--out DIR] [--sweep] [--write-table]
 
-For each projection a post-norm feeds (QKV and gate/up of dummy:olmo2-1b and -7b, one row, the
-layers' measured configs): the fused call checked against the two kernels (the stream within one
-bf16 rounding, the product bitwise the plain kernel's on that stream), then three chains timed,
-each replayed from a CUDA graph with PDL as the engine runs them, every call on another copy of
-the weight (copies > 512 MiB in all, so L2 never holds the next one):
+For each projection a post-norm feeds (QKV and gate/up of dummy:olmo2-1b and -7b, one row): the
+fused call checked against the two kernels (the stream within one bf16 rounding, the product
+bitwise the plain kernel's on that stream), then chains timed, each replayed from a CUDA graph
+with PDL as the engine runs them, every call on another copy of the weight (copies > 512 MiB in
+all, so L2 never holds the next one):
 
-    matmul   the projection alone (its floor here)
+    matmul   the projection alone, the layers' config (its floor here)
     apart    the norm-and-add kernel, then the projection
-    fused    rms_norm_add_matmul
+    fused    rms_norm_add_matmul with the config the layers would give it (fused.py), if any
 
+With --sweep, one-row cuts on the CUDA cores (`fma`: tile width, K step, warps, stages) are timed
+fused as well; the fastest is listed for the shape if it beats `apart` by 2% or more, in
+post_norm_configs.json under --out and, with --write-table, in kernels/skinny_matmul_configs.json
+under this GPU's name (key "NxK m1 norm"), which the layers then follow.
 Prints microseconds per call and what the fused call saves; writes post_norm_gpu.json under --out.
 """
 
@@ -24,8 +28,15 @@ from pathlib import Path
 
 import torch
 
+import kernels.skinny_matmul as skinny_module
 from kernels.rmsnorm import rms_norm_add
-from kernels.skinny_matmul import measured_config, rms_norm_add_matmul, skinny_matmul
+from kernels.skinny_matmul import (
+    Config,
+    measured_config,
+    rms_norm_add_matmul,
+    skinny_matmul,
+    table_key,
+)
 
 EPS = 1e-6
 SHAPES = {  # name: (N, K)
@@ -61,59 +72,129 @@ def time_chain(step, copies: int, reps: int = 20) -> float:
     return best
 
 
-def measure(n: int, k: int) -> dict:
-    """One shape: the checks and the three chains' microseconds per call."""
+SWEEP = [
+    Config(block_n, block_k, 1, warps, stages, fma=True)
+    for block_n in (8, 16)
+    for block_k in (512, 1024)
+    for warps in (2, 4)
+    for stages in (2, 4)
+]
+
+
+def measure(n: int, k: int, sweep: bool) -> dict:
+    """One shape: the checks and each chain's microseconds per call."""
     copies = max(2, -(-(512 << 20) // (n * k * 2)))
     weights = [torch.randn(n, k, device="cuda").bfloat16() / k**0.5 for _ in range(copies)]
     x = torch.randn(1, k, device="cuda").bfloat16() * 4
     residual = torch.randn(1, k, device="cuda").bfloat16()
     norm_weight = (1 + torch.randn(k, device="cuda") / 4).bfloat16()
-    config = measured_config(x, weights[0])
-    stream, product = rms_norm_add_matmul(x, residual, norm_weight, EPS, weights[0], config=config)
+    plain = measured_config(x, weights[0])
     want = rms_norm_add(x, residual, norm_weight, EPS)
 
     def matmul(i):
-        skinny_matmul(want, weights[i], config=config)
+        skinny_matmul(want, weights[i], config=plain)
 
     def apart(i):
-        skinny_matmul(rms_norm_add(x, residual, norm_weight, EPS), weights[i], config=config)
+        skinny_matmul(rms_norm_add(x, residual, norm_weight, EPS), weights[i], config=plain)
 
-    def fused(i):
-        rms_norm_add_matmul(x, residual, norm_weight, EPS, weights[i], config=config)
+    def fused_with(config):
+        def fused(i):
+            rms_norm_add_matmul(x, residual, norm_weight, EPS, weights[i], config=config)
 
-    chains = (("matmul", matmul), ("apart", apart), ("fused", fused))
-    return dict(
-        n=n, k=k, config=list(config) if config else None, copies=copies,
-        stream_max_diff=(stream.float() - want.float()).abs().max().item(),
-        product_bitwise=torch.equal(product, skinny_matmul(stream, weights[0], config=config)),
-        us={label: time_chain(fn, copies) for label, fn in chains},
-        read_us_at_4249=n * k * 2 / 4249e3,
-    )  # fmt: skip
+        return fused
+
+    def checks(config) -> dict:
+        stream, product = rms_norm_add_matmul(
+            x, residual, norm_weight, EPS, weights[0], config=config
+        )
+        return dict(
+            stream_max_diff=(stream.float() - want.float()).abs().max().item(),
+            product_bitwise=torch.equal(product, skinny_matmul(stream, weights[0], config=config)),
+        )
+
+    row = dict(n=n, k=k, plain=list(plain) if plain else None, copies=copies)
+    row["us"] = {"matmul": time_chain(matmul, copies), "apart": time_chain(apart, copies)}
+    layers = layers_config(x, weights[0])
+    if layers is not False:
+        row["layers"] = list(layers) if layers else None
+        row["us"]["fused"] = time_chain(fused_with(layers), copies)
+        row |= checks(layers)
+    if sweep:
+        row["sweep"] = {}
+        for config in SWEEP:
+            bad = checks(config)
+            if bad["stream_max_diff"] > 0.0625 or not bad["product_bitwise"]:
+                row["sweep"][json.dumps(list(config))] = dict(bad, us=None)
+                continue
+            row["sweep"][json.dumps(list(config))] = dict(
+                bad, us=time_chain(fused_with(config), copies)
+            )
+        timed = [(v["us"], c) for c, v in row["sweep"].items() if v["us"] is not None]
+        row["best"] = min(timed) if timed else None
+    return row
+
+
+def layers_config(x: torch.Tensor, weight: torch.Tensor):
+    """The config the layers would give the fused call (fused.rms_norm_add_linear's rule), or
+    False where they would not fuse it."""
+    config = measured_config(x, weight, norm=True)
+    if config is not None:
+        return config
+    plain = measured_config(x, weight)
+    return plain if plain is not None and plain.fma else False
+
+
+def write_table(entries: dict, out: Path, write: bool) -> None:
+    """The sweep's winners into post_norm_configs.json under out (and the kernel's table)."""
+    (out / "post_norm_configs.json").write_text(json.dumps(entries, indent=1))
+    if not write or not entries:
+        return
+    path = Path(skinny_module.__file__).with_name("skinny_matmul_configs.json")
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(torch.cuda.get_device_name(), {}).update(entries)
+    for gpu in table:
+        table[gpu] = dict(sorted(table[gpu].items()))
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    skinny_module._table.cache_clear()
+    skinny_module._device_table.cache_clear()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--write-table", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = {}
-    for name, (n, k) in SHAPES.items():
-        rows[name] = measure(n, k)
-        torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "post_norm_gpu.json").write_text(json.dumps(rows, indent=1))
+    rows, entries = {}, {}
+    for name, (n, k) in SHAPES.items():
+        rows[name] = row = measure(n, k, args.sweep)
+        torch.cuda.empty_cache()
+        best = row.get("best")
+        if best and best[0] < 0.98 * row["us"]["apart"]:
+            entries[table_key(n, k, 1, norm=True)] = {
+                "config": json.loads(best[1]),
+                "apart_us": row["us"]["apart"],
+                "label": f"{name} m1 norm",
+                "us": best[0],
+            }
+        (args.out / "post_norm_gpu.json").write_text(json.dumps(rows, indent=1))
+    if args.sweep:
+        write_table(entries, args.out, args.write_table)
     print(
-        f"{'shape':>12} | {'read':>6} | {'matmul':>7} | {'apart':>7} | {'fused':>7} | saves"
-        " | checks"
+        f"{'shape':>12} | {'read':>6} | {'matmul':>7} | {'apart':>7} | {'fused':>7} | {'swept':>7}"
     )
     for name, row in rows.items():
         us = row["us"]
+        fused = f"{us['fused']:7.2f}" if "fused" in us else "      -"
+        swept = f"{row['best'][0]:7.2f} {row['best'][1]}" if row.get("best") else "-"
+        read = row["n"] * row["k"] * 2 / 4249e3
         print(
-            f"{name:>12} | {row['read_us_at_4249']:6.2f} | {us['matmul']:7.2f} "
-            f"| {us['apart']:7.2f} "
-            f"| {us['fused']:7.2f} | {us['apart'] - us['fused']:5.2f} | stream diff "
-            f"{row['stream_max_diff']:.3g}, product bitwise {row['product_bitwise']}"
+            f"{name:>12} | {read:6.2f} | {us['matmul']:7.2f} | {us['apart']:7.2f} | {fused} "
+            f"| {swept}"
         )
+    print("listed:", ", ".join(entries) or "none")
 
 
 if __name__ == "__main__":

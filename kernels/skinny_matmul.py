@@ -231,10 +231,11 @@ def _table(gpu: str) -> dict[str, Config]:
     return {key: Config(*value["config"]) for key, value in entries.items()}
 
 
-def table_key(n: int, k: int, m: int, swiglu: bool = False) -> str:
-    """A measured shape: N, K, its class of rows (one, 2 to 16, 17 to 64), SwiGLU inside or not."""
+def table_key(n: int, k: int, m: int, swiglu: bool = False, norm: bool = False) -> str:
+    """A measured shape: N, K, its class of rows (one, 2 to 16, 17 to 64), SwiGLU inside or not,
+    the post-norm inside (`rms_norm_add_matmul`) or not."""
     rows = "m1" if m == 1 else "m16" if m <= 16 else "m64"
-    return f"{n}x{k} {rows}{' swiglu' if swiglu else ''}"
+    return f"{n}x{k} {rows}{' swiglu' if swiglu else ''}{' norm' if norm else ''}"
 
 
 @functools.lru_cache
@@ -242,9 +243,12 @@ def _device_table(device: torch.device) -> dict[str, Config]:
     return _table(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
 
 
-def measured_config(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> Config | None:
-    """The config measured faster than cuBLAS for this call's shape on this GPU, or None."""
-    key = table_key(weight.shape[0], weight.shape[1], x.shape[0], swiglu)
+def measured_config(
+    x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False, norm: bool = False
+) -> Config | None:
+    """The config measured faster than cuBLAS (with `norm`: than the norm's kernel then the
+    matmul) for this call's shape on this GPU, or None."""
+    key = table_key(weight.shape[0], weight.shape[1], x.shape[0], swiglu, norm)
     return _device_table(x.device).get(key)
 
 

@@ -16,13 +16,9 @@ engine runs (only on Linux x86-64).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from kernels.skinny_matmul import Config
 
 FORCE_TRITON: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_FORCE_TRITON", ""))
 
@@ -36,11 +32,9 @@ SKINNY_MATMUL: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_SKI
 """True: every decode batch through the skinny matmul; False: none; None: measured shapes only."""
 
 
-def _skinny_route(
-    x: torch.Tensor, weight: torch.Tensor, swiglu: bool
-) -> tuple[bool, Config | None]:
-    """(whether the skinny matmul takes this call (see above), its config: a measured one, or
-    None for the default plan)."""
+def _skinny_fits(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> bool:
+    """The skinny matmul can take this call: a decode batch of one dtype with contiguous rows,
+    on the Triton path and not turned off."""
     if (
         SKINNY_MATMUL is False
         or not use_triton(x)
@@ -50,23 +44,22 @@ def _skinny_route(
         or weight.stride(1) != 1
         or x.shape[1] != weight.shape[1] * (2 if swiglu else 1)
     ):
-        return False, None
-    from kernels.skinny_matmul import MAX_ROWS, measured_config
+        return False
+    from kernels.skinny_matmul import MAX_ROWS
 
-    if not 1 <= x.shape[0] <= MAX_ROWS:
-        return False, None
-    config = measured_config(x, weight, swiglu)
-    return config is not None or bool(SKINNY_MATMUL), config
+    return 1 <= x.shape[0] <= MAX_ROWS
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor | None:
     """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
     matmul where it applies (see above), or None."""
-    takes, config = _skinny_route(x, weight, swiglu)
-    if not takes:
+    if not _skinny_fits(x, weight, swiglu):
         return None
-    from kernels.skinny_matmul import skinny_matmul
+    from kernels.skinny_matmul import measured_config, skinny_matmul
 
+    config = measured_config(x, weight, swiglu)
+    if config is None and not SKINNY_MATMUL:
+        return None
     return skinny_matmul(x, weight, swiglu=swiglu, config=config)
 
 
@@ -80,12 +73,15 @@ def rms_norm_add_linear(
     weight: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
     """(stream, stream W^T) with stream = residual + rms_norm(x), in one skinny matmul launch for
-    a one-row decode step where that kernel applies to the weight (see above), or None. Only one
-    row: every program reads all of x's rows for their norms, which a wider batch would pay for
-    many times over."""
+    a one-row decode step, or None. It applies where a config was measured for the call with the
+    norm inside (its table entry "... norm", which benchmarks/post_norm_gpu.py --sweep writes), or
+    where the plain call's measured config runs on the CUDA cores (`fma`: the stream is formed
+    in registers, which a `tl.dot` operand would pay for with a trip through shared memory each
+    step), or everywhere with AFS_SKINNY_MATMUL=1. Only one row: every program reads all of the
+    row for its norm, which a wider batch would pay for many times over."""
     if (
         not FUSED_POST_NORM
-        or x.dim() != 2
+        or not _skinny_fits(x, weight, swiglu=False)
         or x.shape[0] != 1
         or residual.shape != x.shape
         or residual.dtype != x.dtype
@@ -94,11 +90,15 @@ def rms_norm_add_linear(
         or not norm_weight.is_contiguous()
     ):
         return None
-    takes, config = _skinny_route(x, weight, swiglu=False)
-    if not takes:
-        return None
-    from kernels.skinny_matmul import rms_norm_add_matmul
+    from kernels.skinny_matmul import measured_config, rms_norm_add_matmul
 
+    config = measured_config(x, weight, norm=True)
+    if config is None:
+        plain = measured_config(x, weight)
+        if plain is not None and plain.fma:
+            config = plain
+        elif not SKINNY_MATMUL:
+            return None
     return rms_norm_add_matmul(x, residual, norm_weight, eps, weight, config=config)
 
 
