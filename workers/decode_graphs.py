@@ -44,6 +44,7 @@ class _Layout:
     def __init__(self, size: int, max_blocks: int) -> None:
         self.size, self.max_blocks = size, max_blocks
         self.row = _align(size * 8) // 8  # int64s from one row of the first block to the next
+        self.ids_end = self.row * 8  # bytes of the ids' row
         self.lens_at = 3 * self.row * 8
         self.tables_at = self.lens_at + _align(size * 4)
         self.total = self.tables_at + size * max_blocks * 4
@@ -172,7 +173,8 @@ class DecodeGraphs:
         size = self.padded_size(batch)
         if size is None:
             raise ValueError(f"decode batch of {batch} exceeds the largest size {self.sizes[-1]}")
-        # -- fill the host staging rows; padding: token 0 at position 0, no slot, length 0 --
+        # -- fill the host staging rows; padding: token 0 (ids on the device: an earlier step's)
+        # at position 0, no slot, length 0 --
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy has left the staging rows
         ids, lens, tables = self._host_ids_np, self._host_lens_np, self._host_tables_np
@@ -191,18 +193,23 @@ class DecodeGraphs:
                 raise ValueError(f"block table of {len(table)} blocks exceeds {self.max_blocks}")
             tables[row, : len(table)] = table
         # -- copy to the static buffers: one transfer, up to the last table row of this size
-        # (rows past `size` in the other inputs cross too; no graph of this size reads them) --
+        # (rows past `size` in the other inputs cross too; no graph of this size reads them).
+        # Ids already on the device are copied in on this stream, right behind the draw that
+        # made them, and the transfer starts past their row: it need not wait for that copy,
+        # nor that copy for it (padding rows keep an earlier step's ids, all valid tokens) --
+        start = 0
+        if on_device:
+            start = self._layout.ids_end
+            self.input_ids[:batch].copy_(input_ids)
         end = self._layout.end(size)
         if self._copy_stream is None:
-            self._inputs[:end].copy_(self._host_inputs[:end])
+            self._inputs[start:end].copy_(self._host_inputs[start:end])
         else:
             self._copy_stream.wait_event(self._ran)
             with torch.cuda.stream(self._copy_stream):
-                self._inputs[:end].copy_(self._host_inputs[:end], non_blocking=True)
+                self._inputs[start:end].copy_(self._host_inputs[start:end], non_blocking=True)
                 self._copied.record()
             torch.cuda.current_stream(self.device).wait_event(self._copied)
-        if on_device:
-            self.input_ids[:batch].copy_(input_ids)
         # -- run --
         if size in self.graphs:
             self.graphs[size].replay()
