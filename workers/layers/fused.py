@@ -8,7 +8,8 @@ spawned as processes of their own make the same choice.
 Decode batches (up to 64 rows) multiply with `kernels/skinny_matmul.py` instead of cuBLAS where
 that kernel was measured faster on this GPU for the weight's shape (its table of measured configs,
 kernels/skinny_matmul_configs.json); AFS_SKINNY_MATMUL=1 sends every decode batch through it,
-AFS_SKINNY_MATMUL=0 none.
+AFS_SKINNY_MATMUL=0 none. A one-row decode step on one rank forms Olmo 2's post-norm inside the
+next projection's skinny matmul (`rms_norm_add_linear`) where that pays, as measured.
 Layers import a kernel module only on the Triton path: Triton is not installed everywhere the
 engine runs (only on Linux x86-64).
 """
