@@ -115,9 +115,8 @@ def _matmul_kernel(
             gate = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
             up = tl.load(x_tile + K, mask=x_ok, other=0.0).to(tl.float32)
             x = (gate * tl.sigmoid(gate) * up).to(w.dtype)
-        elif (
-            NORM
-        ):  # x is a sublayer's output: residual + rms_norm(x), rounded as kernels/rmsnorm.py
+        elif NORM:
+            # x is a sublayer's output: residual + rms_norm(x), rounded as kernels/rmsnorm.py
             raw = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
             scale = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             normed = (raw * inv_rms * scale[None, :]).to(w.dtype)
