@@ -23,12 +23,13 @@ Prints microseconds per call and what the fused call saves; writes post_norm_gpu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 import torch
+from skinny_gpu import MODELS, graph_us, projections, write_table
 
-import kernels.skinny_matmul as skinny_module
 from kernels.rmsnorm import rms_norm_add
 from kernels.skinny_matmul import (
     Config,
@@ -37,39 +38,22 @@ from kernels.skinny_matmul import (
     skinny_matmul,
     table_key,
 )
+from workers.layers.fused import post_norm_route
 
 EPS = 1e-6
-SHAPES = {  # name: (N, K)
-    "1b qkv": (6144, 2048),
-    "1b gate_up": (16384, 2048),
-    "7b qkv": (12288, 4096),
-    "7b gate_up": (22016, 4096),
+SHAPES = {  # name: (N, K), the projections a post-norm feeds
+    f"{model} {name}": projections(hidden, inter, vocab)[name]
+    for model in ("1b", "7b")
+    for hidden, inter, _, vocab in [MODELS[model]]
+    for name in ("qkv", "gate_up")
 }
 
 
-def time_chain(step, copies: int, reps: int = 20) -> float:
-    """Microseconds per call of `step(i)` for i over the copies, replayed from one graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(copies):  # compile and warm outside the capture
-            step(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            step(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / (reps * copies))
-    return best
+def chain_us(step, copies: int) -> float:
+    """Microseconds per call of `step(i)` for i over the copies, replayed from one graph (the
+    best of three timings of 20 replays)."""
+    calls = [functools.partial(step, i) for i in range(copies)]
+    return min(graph_us(calls, torch.device("cuda"), repeats=20) for _ in range(3))
 
 
 SWEEP = [
@@ -113,11 +97,11 @@ def measure(n: int, k: int, sweep: bool) -> dict:
         )
 
     row = dict(n=n, k=k, plain=list(plain) if plain else None, copies=copies)
-    row["us"] = {"matmul": time_chain(matmul, copies), "apart": time_chain(apart, copies)}
-    layers = layers_config(x, weights[0])
-    if layers is not False:
+    row["us"] = {"matmul": chain_us(matmul, copies), "apart": chain_us(apart, copies)}
+    takes, layers = post_norm_route(x, weights[0])
+    if takes:
         row["layers"] = list(layers) if layers else None
-        row["us"]["fused"] = time_chain(fused_with(layers), copies)
+        row["us"]["fused"] = chain_us(fused_with(layers), copies)
         row |= checks(layers)
     if sweep:
         row["sweep"] = {}
@@ -127,36 +111,11 @@ def measure(n: int, k: int, sweep: bool) -> dict:
                 row["sweep"][json.dumps(list(config))] = dict(bad, us=None)
                 continue
             row["sweep"][json.dumps(list(config))] = dict(
-                bad, us=time_chain(fused_with(config), copies)
+                bad, us=chain_us(fused_with(config), copies)
             )
         timed = [(v["us"], c) for c, v in row["sweep"].items() if v["us"] is not None]
         row["best"] = min(timed) if timed else None
     return row
-
-
-def layers_config(x: torch.Tensor, weight: torch.Tensor):
-    """The config the layers would give the fused call (fused.rms_norm_add_linear's rule), or
-    False where they would not fuse it."""
-    config = measured_config(x, weight, norm=True)
-    if config is not None:
-        return config
-    plain = measured_config(x, weight)
-    return plain if plain is not None and plain.fma else False
-
-
-def write_table(entries: dict, out: Path, write: bool) -> None:
-    """The sweep's winners into post_norm_configs.json under out (and the kernel's table)."""
-    (out / "post_norm_configs.json").write_text(json.dumps(entries, indent=1))
-    if not write or not entries:
-        return
-    path = Path(skinny_module.__file__).with_name("skinny_matmul_configs.json")
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table.setdefault(torch.cuda.get_device_name(), {}).update(entries)
-    for gpu in table:
-        table[gpu] = dict(sorted(table[gpu].items()))
-    path.write_text(json.dumps(table, indent=1) + "\n")
-    skinny_module._table.cache_clear()
-    skinny_module._device_table.cache_clear()
 
 
 def main() -> None:
@@ -181,7 +140,9 @@ def main() -> None:
             }
         (args.out / "post_norm_gpu.json").write_text(json.dumps(rows, indent=1))
     if args.sweep:
-        write_table(entries, args.out, args.write_table)
+        (args.out / "post_norm_configs.json").write_text(json.dumps(entries, indent=1))
+        if args.write_table and entries:  # added or replaced; other entries stay
+            write_table(torch.cuda.get_device_name(), entries, set(), args.out)
     print(
         f"{'shape':>12} | {'read':>6} | {'matmul':>7} | {'apart':>7} | {'fused':>7} | {'swept':>7}"
     )

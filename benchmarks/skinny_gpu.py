@@ -98,7 +98,7 @@ def _max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).abs().max() / want.abs().max()).item()
 
 
-def _graph_us(calls: list, device: torch.device, repeats: int = 5) -> float:
+def graph_us(calls: list, device: torch.device, repeats: int = 5) -> float:
     """Microseconds per call of `calls` (thunks) captured in order in one graph and replayed."""
     for call in calls[:3]:
         call()  # compiled, workspace made, cuBLAS settled before the capture
@@ -210,7 +210,7 @@ def sweep(
                     got = skinny_matmul(x, weights[0], swiglu=swiglu, config=config)
                     if _max_rel_diff(got, want) > 1.6e-2:
                         continue
-                    timed.append((_graph_us(ours(config), device), config))
+                    timed.append((graph_us(ours(config), device), config))
                 except Exception as exc:  # noqa: BLE001 - a candidate that fails is skipped
                     print(label, m, config, "failed:", repr(exc)[:200], flush=True)
             if not timed:
@@ -218,8 +218,8 @@ def sweep(
             timed.sort(key=lambda t: t[0])
             best = timed[0][1]
             cublas_calls = [lambda w=w: cublas(w) for w in weights]
-            ours_us = min(_graph_us(ours(best), device, 20) for _ in range(2))
-            cublas_us = min(_graph_us(cublas_calls, device, 20) for _ in range(2))
+            ours_us = min(graph_us(ours(best), device, 20) for _ in range(2))
+            cublas_us = min(graph_us(cublas_calls, device, 20) for _ in range(2))
             row = {
                 "label": f"{label} m{m}",
                 "config": list(best),
@@ -298,7 +298,7 @@ def alone(result: dict, save, device: torch.device, copy_gbps: float, models: li
             row = {"n": n, "k": k, "m": m, "plan": plan(n, k, launch.num_sms(device))}
             for label, op in (("cublas", F.linear), ("ours", skinny_matmul)):
                 calls = [lambda w=w, op=op, x=x: op(x, w) for w in weights]
-                us = _graph_us(calls, device)
+                us = graph_us(calls, device)
                 row[f"{label}_us"] = us
                 row[f"{label}_of_copy"] = nbytes / (us * 1e-6) / (copy_gbps * 1e9)
             rows[f"{shape} m{m}"] = row
@@ -353,7 +353,7 @@ def chain(result: dict, save, device: torch.device, models: list[str]) -> None:
                 calls = [lambda n=n, w=w, op=op: op(n, w) for n, w in weights]
                 try:
                     with switches(None, pdl, 0):  # PDL is read at each launch: the capture's
-                        ms = _graph_us(calls, device) * len(calls) / 1e3
+                        ms = graph_us(calls, device) * len(calls) / 1e3
                     row[f"{label}_ms_per_step"] = ms
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported
                     row[f"{label}_error"] = repr(exc)

@@ -339,8 +339,13 @@ def _launch(
     slices, k_per_split = _slices(n, k, config, rows)
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    residual, norm_weight, stream, eps = norm if norm is not None else (x, x, x, 0.0)
-    chunk = min(triton.next_power_of_2(k), _NORM_CHUNK)
+    if norm is None:  # the norm's arguments unused; its constexprs fixed, so K compiles nothing new
+        residual, norm_weight, stream, eps = x, x, x, 0.0
+        chunk = chunks = 1
+    else:
+        residual, norm_weight, stream, eps = norm
+        chunk = min(triton.next_power_of_2(k), _NORM_CHUNK)
+        chunks = triton.cdiv(k, chunk)
     grid = (triton.cdiv(n, config.block_n), slices)
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
@@ -349,7 +354,7 @@ def _launch(
         m, n, k, k_per_split, slices,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
-        NORM_CHUNK=chunk, NORM_CHUNKS=triton.cdiv(k, chunk),
+        NORM_CHUNK=chunk, NORM_CHUNKS=chunks,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return y

@@ -17,9 +17,13 @@ engine runs (only on Linux x86-64).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kernels.skinny_matmul import Config
 
 FORCE_TRITON: bool | None = {"1": True, "0": False}.get(os.environ.get("AFS_FORCE_TRITON", ""))
 
@@ -69,37 +73,38 @@ FUSED_POST_NORM = os.environ.get("AFS_FUSED_POST_NORM", "1") != "0"
 (AFS_FUSED_POST_NORM=0: with the norm's own kernel)."""
 
 
-def rms_norm_add_linear(
-    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
-    """(stream, stream W^T) with stream = residual + rms_norm(x), in one skinny matmul launch for
-    a one-row decode step, or None. It applies where a config was measured for the call with the
-    norm inside (its table entry "... norm", which benchmarks/post_norm_gpu.py --sweep writes), or
+def post_norm_route(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, Config | None]:
+    """(whether the skinny matmul takes x's post-norm inside its call with weight, its config).
+    It does for a one-row decode step where a config was measured for the call with the norm
+    inside (its table entry "... norm", which benchmarks/post_norm_gpu.py --sweep writes), or
     where the plain call's measured config runs on the CUDA cores (`fma`: the stream is formed
     in registers, which a `tl.dot` operand would pay for with a trip through shared memory each
     step), or everywhere with AFS_SKINNY_MATMUL=1. Only one row: every program reads all of the
     row for its norm, which a wider batch would pay for many times over."""
-    if (
-        not FUSED_POST_NORM
-        or not _skinny_fits(x, weight, swiglu=False)
-        or x.shape[0] != 1
-        or residual.shape != x.shape
-        or residual.dtype != x.dtype
-        or residual.stride(1) != 1
-        or norm_weight.dim() != 1
-        or not norm_weight.is_contiguous()
-    ):
-        return None
-    from kernels.skinny_matmul import measured_config, rms_norm_add_matmul
+    if not FUSED_POST_NORM or not _skinny_fits(x, weight, swiglu=False) or x.shape[0] != 1:
+        return False, None
+    from kernels.skinny_matmul import measured_config
 
     config = measured_config(x, weight, norm=True)
-    if config is None:
-        plain = measured_config(x, weight)
-        if plain is not None and plain.fma:
-            config = plain
-        elif not SKINNY_MATMUL:
-            return None
+    if config is not None:
+        return True, config
+    plain = measured_config(x, weight)
+    if plain is not None and plain.fma:
+        return True, plain
+    return bool(SKINNY_MATMUL), None
+
+
+def rms_norm_add_linear(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """(stream, stream W^T) with stream = residual + rms_norm(x), in one skinny matmul launch
+    where `post_norm_route` sends it, or None."""
+    takes, config = post_norm_route(x, weight)
+    if not takes:
+        return None
+    from kernels.skinny_matmul import rms_norm_add_matmul
+
     return rms_norm_add_matmul(x, residual, norm_weight, eps, weight, config=config)
 
 
