@@ -57,6 +57,8 @@ while this kernel, bound by latency rather than bandwidth, still waits on its lo
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -80,6 +82,10 @@ _MAX_SPLITS = 64
 TILE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 PROGRAMS_PER_SM = 4
 SMALL_TILE = 32  # key tile of a call with at most one (sequence, KV head) for every 8 SMs
+# warps of a call with at most one (sequence, KV head) per SM (a decode step at batch 1)
+SMALL_WARPS = int(os.environ.get("AFS_ATTN_SMALL_WARPS", "8"))
+# with the prologue inside: the first key tile read before the wait for the projection
+EARLY = os.environ.get("AFS_ATTN_EARLY", "1") != "0"
 _LOG2E = 1.4426950408889634
 
 
@@ -139,20 +145,21 @@ def _kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PROLOGUE: tl.constexpr, QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
-    BLOCK_HEADS: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split) over its run of key tiles; the last split of a (sequence,
     KV head) to finish merges them all. With PROLOGUE, q_ptr is the fused projection
     [B, (H + 2 KVH) D] of the new tokens, not yet normalised, rotated or stored (see
     `decode_attention_qkv`)."""
-    # the next kernel (the output projection) launches once this one's K/V reads are done, so
-    # that its weight prefetch does not crowd them
-    wait_for_previous_only(PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     num_heads = num_kv_heads * GROUP_SIZE
+    if not EARLY:
+        # the next kernel (the output projection) launches once this one's K/V reads are done,
+        # so that its weight prefetch does not crowd them
+        wait_for_previous_only(PDL)
 
     # -- this split's tiles of BLOCK_N tokens (with PROLOGUE, of the tokens before the new one) --
     seq_len = tl.load(seq_lens_ptr + batch)
@@ -170,10 +177,22 @@ def _kernel(
         return
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    dims = tl.arange(0, HEAD_DIM)
+    head_base = cache_ptr + kv_head * stride_cache_head
+    table = block_tables_ptr + batch * stride_table_batch
+    if EARLY:
+        # the cached tokens' K/V (no kernel of this step writes them: the new token is this
+        # kernel's to store) and the step's tables (copied in before the step's first kernel)
+        # are read before the wait for the projection, so the first tile is in flight while
+        # it finishes
+        k_first, v_first, valid_first = _load_tile(
+            head_base, table, first_tile, last_tile, cached, dims, stride_cache_kv,
+            stride_cache_block, stride_cache_slot, BLOCK_SIZE, BLOCK_N,
+        )  # fmt: skip
+        wait_for_previous_only(PDL)
 
     # -- q --
     group = tl.arange(0, GROUP_PAD)
-    dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP_SIZE + group  # [GROUP_PAD] query heads of this KV head
     in_group = group < GROUP_SIZE
     if PROLOGUE:
@@ -205,26 +224,19 @@ def _kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    head_base = cache_ptr + kv_head * stride_cache_head
-    table = block_tables_ptr + batch * stride_table_batch
-    for tile in range(first_tile, last_tile):
-        # -- gather the tile's pages: BLOCK_N / BLOCK_SIZE blocks, each a contiguous [BS, D] --
-        tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        valid = tokens < cached  # the last tile may end mid-block
-        block = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offsets = block * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
-        tile_ptrs = head_base + offsets[:, None] + dims[None, :]  # [BLOCK_N, D]
-        k = tl.load(tile_ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(tile_ptrs + stride_cache_kv, mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BLOCK_N]
-        # every tile here holds a valid token, so m is finite after the first iteration
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp2(m - m_new)  # rescales what was summed under the old max
-        p = tl.exp2(scores - m_new[:, None])  # [G, BLOCK_N]
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+    loop_start = first_tile
+    if EARLY:
+        if first_tile < last_tile:
+            m, l, acc = _attend_tile(
+                q, k_first, v_first, valid_first, m, l, acc, qk_scale, DOT_PRECISION
+            )
+        loop_start = first_tile + 1
+    for tile in range(loop_start, last_tile):
+        k, v, valid = _load_tile(
+            head_base, table, tile, last_tile, cached, dims, stride_cache_kv,
+            stride_cache_block, stride_cache_slot, BLOCK_SIZE, BLOCK_N,
+        )  # fmt: skip
+        m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale, DOT_PRECISION)
     launch_next(PDL)  # the K/V reads are done
     if PROLOGUE:
         # -- the new token, from registers, in the last split (a padding row has none) --
@@ -264,6 +276,39 @@ def _kernel(
                     SPLITS_PAD, HEAD_DIM,
                 )  # fmt: skip
             rearm(counter)
+
+
+@triton.jit
+def _load_tile(
+    head_base, table, tile, last_tile, cached, dims, stride_cache_kv, stride_cache_block,
+    stride_cache_slot, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """K and V [BLOCK_N, D] of one key tile of a KV head, gathered from its BLOCK_N / BLOCK_SIZE
+    blocks (each a contiguous [BS, D]), and which of its tokens are in the context (none when
+    tile is past last_tile)."""
+    tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    # the last tile may end mid-block; one at or past last_tile has no token
+    valid = tokens < tl.minimum(cached, last_tile * BLOCK_N)
+    block = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    offsets = block * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
+    tile_ptrs = head_base + offsets[:, None] + dims[None, :]  # [BLOCK_N, D]
+    k = tl.load(tile_ptrs, mask=valid[:, None], other=0.0)
+    v = tl.load(tile_ptrs + stride_cache_kv, mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _attend_tile(q, k, v, valid, m, l, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """The online softmax's step over one key tile that holds at least one valid token: the
+    running max m (base 2), sum l and unnormalised output acc of each query head, updated."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, BLOCK_N]
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: the tile has a valid token
+    alpha = tl.exp2(m - m_new)  # rescales what was summed under the old max
+    p = tl.exp2(scores - m_new[:, None])  # [G, BLOCK_N]
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
 
 
 @triton.jit
@@ -388,7 +433,7 @@ def decode_attention_qkv(
     )  # fmt: skip
     prologue = dict(
         PROLOGUE=True, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
-        BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1],
+        BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1], EARLY=EARLY,
     )  # fmt: skip
     return _launch(
         qkv, 0, prologue_args, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits
@@ -397,7 +442,9 @@ def decode_attention_qkv(
 
 # the prologue's arguments and constexprs of a launch without it
 _NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None)
-_NO_PROLOGUE = dict(PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1)
+_NO_PROLOGUE = dict(
+    PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False
+)
 
 
 def _launch(
@@ -423,6 +470,8 @@ def _launch(
     config = {**TILE_CONFIG}
     if batch * num_kv_heads <= num_sms(q.device) // 8:
         config["BLOCK_N"] = min(config["BLOCK_N"], SMALL_TILE)
+    if batch * num_kv_heads <= num_sms(q.device):
+        config["num_warps"] = SMALL_WARPS
     tile_tokens = max(config["BLOCK_N"], block_size)
     config["BLOCK_N"] = tile_tokens
     if num_splits is None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -217,7 +218,10 @@ def _slices(n: int, k: int, config: Config, rows: int = 16) -> tuple[int, int]:
     return triton.cdiv(k, k_per_split), k_per_split
 
 
-_TABLE_PATH = Path(__file__).with_name("skinny_matmul_configs.json")
+# AFS_SKINNY_TABLE names another table (a benchmark's A/B of configs end to end)
+_TABLE_PATH = Path(
+    os.environ.get("AFS_SKINNY_TABLE", Path(__file__).with_name("skinny_matmul_configs.json"))
+)
 
 
 @functools.lru_cache
