@@ -442,9 +442,7 @@ def decode_attention_qkv(
 
 # the prologue's arguments and constexprs of a launch without it
 _NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None)
-_NO_PROLOGUE = dict(
-    PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False
-)
+_NO_PROLOGUE = dict(PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False)
 
 
 def _launch(

@@ -80,7 +80,9 @@ CASES = {
     ),  # fmt: skip
     "decode_attention": (
         kernels.decode_attention._kernel,
-        dict(DECODE, PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False),
+        dict(
+            DECODE, PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False
+        ),
     ),
     "decode_attention_prologue": (
         kernels.decode_attention._kernel,
