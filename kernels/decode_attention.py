@@ -92,17 +92,16 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _new_token(
     row, q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-    cos_ptr, sin_ptr, position,
+    cos, signed_sin, rolled,
     batch, kv_head, heads, in_group, num_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
 ):  # fmt: skip
     """The attention prologue (kernels/rope.py's, through its helpers) for one KV head of one
-    token, from its fused projection `row`: its G query heads [GROUP_PAD, D] and its key [1, D]
-    normalised (full width) and rotated, each rounded to the activation dtype as the prologue
-    stores them, and its value [1, D]."""
+    token, from its fused projection `row` and its position's `rope_row`: its G query heads
+    [GROUP_PAD, D] and its key [1, D] normalised (full width) and rotated, each rounded to the
+    activation dtype as the prologue stores them, and its value [1, D]."""
     dims = tl.arange(0, HEAD_DIM)
-    cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position * HEAD_DIM, dims, HEAD_DIM)
     k_row = row + num_heads * HEAD_DIM
     q_inv_rms = 1.0
     k_inv_rms = 1.0
@@ -189,6 +188,10 @@ def _kernel(
             head_base, table, first_tile, last_tile, cached, dims, stride_cache_kv,
             stride_cache_block, stride_cache_slot, BLOCK_SIZE, BLOCK_N,
         )  # fmt: skip
+        # and the new token's position and its rows of the cos and sin tables, the other chain
+        # of loads ahead of the prologue
+        position = tl.load(positions_ptr + batch).to(tl.int64) * HEAD_DIM
+        cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position, dims, HEAD_DIM)
         wait_for_previous_only(PDL)
 
     # -- q --
@@ -198,10 +201,12 @@ def _kernel(
     if PROLOGUE:
         # this KV head's share of the prologue, done by each of its splits (the rows are in L2);
         # split 0 stores the new key and value, which no program of this launch reads
-        position = tl.load(positions_ptr + batch).to(tl.int64)
+        if not EARLY:
+            position = tl.load(positions_ptr + batch).to(tl.int64) * HEAD_DIM
+            cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position, dims, HEAD_DIM)
         q, k_new, v_new = _new_token(
             q_ptr + batch * stride_q_batch, q_norm_ptr, k_norm_ptr, eps, squares_ptr,
-            Q_WIDTH, K_WIDTH, cos_ptr, sin_ptr, position,
+            Q_WIDTH, K_WIDTH, cos, signed_sin, rolled,
             batch, kv_head, heads, in_group, num_heads, num_kv_heads,
             HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN,
         )  # fmt: skip
