@@ -49,6 +49,17 @@ Key tiles are BLOCK_N = 64 tokens, or `SMALL_TILE` = 32 when the call has at mos
 KV head) for every 8 SMs (Olmo 2 1B at batch 1: 16): at a few hundred tokens of context such a
 call has only a few dozen programs of work, and halving each one's tile halves the read on its
 critical path (measured on the H200 at batch 1: 1B faster with 32, 7B's 32 KV heads with 64).
+A call of 64-token tiles with at most one (sequence, KV head) per SM runs `SMALL_WARPS` = 8
+warps, not 4 (7B at batch 1: 254.7 against 252.4 tok/s end to end; 2 and 16 were slower).
+
+With the prologue inside, a program reads what no kernel of its step writes before it waits for
+the projection (programmatic dependent launch, kernels/launch.py): the sequence's length, its
+first key tile's block ids, that tile's K and V (the tokens before the new one, stored by earlier
+steps; the new one is this kernel's to store) and the new token's position with its rows of the
+cos and sin tables. The step's inputs are copied in before its first kernel, so all of it is
+there. At batch 1 a split holds one tile, so its whole K/V read overlaps the projection's tail,
+and after the wait only the prologue's reads of the projection (in L2) remain on its critical
+path. AFS_ATTN_EARLY=0 reads everything after the wait.
 
 The kernel after this one (the output projection) is let launch only once a program's K/V reads
 are done, not at its start: launched early, its programs would prefetch their weights into L2
@@ -82,7 +93,7 @@ _MAX_SPLITS = 64
 TILE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 PROGRAMS_PER_SM = 4
 SMALL_TILE = 32  # key tile of a call with at most one (sequence, KV head) for every 8 SMs
-# warps of a call with at most one (sequence, KV head) per SM (a decode step at batch 1)
+# warps of a call with at most one (sequence, KV head) per SM that keeps the full key tile
 SMALL_WARPS = int(os.environ.get("AFS_ATTN_SMALL_WARPS", "8"))
 # with the prologue inside: the first key tile read before the wait for the projection
 EARLY = os.environ.get("AFS_ATTN_EARLY", "1") != "0"
@@ -473,7 +484,7 @@ def _launch(
     config = {**TILE_CONFIG}
     if batch * num_kv_heads <= num_sms(q.device) // 8:
         config["BLOCK_N"] = min(config["BLOCK_N"], SMALL_TILE)
-    if batch * num_kv_heads <= num_sms(q.device):
+    elif batch * num_kv_heads <= num_sms(q.device):
         config["num_warps"] = SMALL_WARPS
     tile_tokens = max(config["BLOCK_N"], block_size)
     config["BLOCK_N"] = tile_tokens

@@ -246,6 +246,51 @@ def test_prologue_inside_is_the_prologue_then_attention(
         torch.testing.assert_close(given, got, atol=few_ulps, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3], ids=lambda n: f"splits{n}")
+def test_first_tile_read_before_the_wait_changes_nothing(monkeypatch, dtype, num_splits):
+    """The prologue's launch with its first key tile and rope rows read before the wait for the
+    projection, and with everything read after it: the same output and slab, bit for bit (one
+    order of arithmetic, only the loads moved), over a long sequence, a one-token one (no cached
+    tile), one within a tile and a padding row."""
+    import kernels.decode_attention as attention
+
+    num_heads, num_kv_heads, head_dim, lengths = 4, 2, 32, [140, 1, 33, 0]
+    _, slab, tables, seq_lens = _paged_inputs(lengths, num_heads, num_kv_heads, head_dim, dtype)
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(len(lengths), (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(DEVICE, dtype)
+    positions = (seq_lens - 1).clamp(min=0).long()
+    slots = torch.full((len(lengths),), -1, dtype=torch.long, device=DEVICE)
+    for i, n in enumerate(lengths):
+        if n:
+            slots[i] = tables[i, (n - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (n - 1) % BLOCK_SIZE
+    from workers.layers.rotary import RotaryEmbedding
+
+    rotary = RotaryEmbedding(head_dim, 256, 10000.0).to(DEVICE)
+    norm = dict(
+        q_norm_weight=torch.rand(num_heads * head_dim, generator=gen).to(DEVICE, dtype) + 0.5,
+        k_norm_weight=torch.rand(num_kv_heads * head_dim, generator=gen).to(DEVICE, dtype) + 0.5,
+        eps=1e-6,
+    )
+    results = []
+    for early in (True, False):
+        monkeypatch.setattr(attention, "EARLY", early)
+        got_slab = slab.clone()
+        out = torch.full(
+            (len(lengths), num_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE
+        )
+        attention.decode_attention_qkv(
+            qkv, num_heads, num_kv_heads, positions, rotary.cos_cache, rotary.sin_cache,
+            got_slab, slots, tables, seq_lens, head_dim**-0.5, out, **norm,
+            num_splits=num_splits,
+        )  # fmt: skip
+        results.append((out, got_slab))
+    (early_out, early_slab), (late_out, late_slab) = results
+    assert torch.equal(early_out, late_out) and not early_out[:3].isnan().any()
+    assert torch.equal(early_slab, late_slab)
+
+
 def test_prologue_inside_refuses_bad_input():
     from kernels.decode_attention import decode_attention_qkv
     from workers.layers.rotary import RotaryEmbedding

@@ -1,7 +1,8 @@
 """The decode step's kernels, the peer collectives among them, compile for Hopper (sm_90) with
 and without programmatic dependent launch, here without a GPU: Triton lowers them to PTX and its
 bundled ptxas assembles them. With PDL the wait for the kernel before comes ahead of every global
-load and store, the skinny matmul's L2 prefetches before it."""
+load and store, the skinny matmul's L2 prefetches before it; decode attention with its prologue
+inside and its first tile read early loads before the wait but stores nothing before it."""
 
 from __future__ import annotations
 
