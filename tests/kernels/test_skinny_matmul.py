@@ -169,6 +169,18 @@ def test_the_post_norm_on_the_way_in_refuses_mismatched_input():
         rms_norm_add_matmul(two, two.clone(), norm_weight, 1e-6, w)
 
 
+def test_the_post_norm_of_a_padded_cut_refuses_a_grid_past_its_scratch(monkeypatch):
+    import kernels.skinny_matmul as module
+
+    x, w = torch.randn(1, 32, device=DEVICE), torch.randn(64, 32, device=DEVICE)
+    norm_weight = torch.ones(32, device=DEVICE)
+    monkeypatch.setattr(module, "_STAGE_ELEMENTS", 32 * 3)  # rows for three programs
+    with pytest.raises(ValueError, match="scratch"):  # four tiles of 16
+        rms_norm_add_matmul(x, x.clone(), norm_weight, 1e-6, w, config=Config(16, 32, 1))
+    stream, _ = rms_norm_add_matmul(x, x.clone(), norm_weight, 1e-6, w, config=Config(32, 32, 1))
+    assert stream.shape == x.shape  # two tiles fit
+
+
 def test_measured_configs_are_read_per_gpu_and_shape(tmp_path, monkeypatch):
     import kernels.skinny_matmul as module
 
@@ -242,6 +254,43 @@ def test_layers_send_only_measured_shapes_by_default(monkeypatch):
     seen.clear()
     fused.linear(torch.randn(65, 32), w)
     assert seen == []
+
+
+def test_which_post_norms_go_inside_the_matmul(monkeypatch):
+    """AFS_FUSED_POST_NORM: "1" takes a one-row call inside where a "... norm" config is listed
+    or the plain config sums on the CUDA cores; "all" wherever a plain config is listed, the
+    tl.dot cuts too; "0" never; a wider batch never."""
+    import kernels.skinny_matmul as module
+    from workers.layers import fused
+
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    monkeypatch.setattr(fused, "SKINNY_MATMUL", None)
+    dot, fma, norm = Config(16, 64, 1), Config(8, 256, 1, fma=True), Config(16, 128, 1, fma=True)
+    tables = {
+        "dot": {"8x32 m1": dot},
+        "fma": {"8x32 m1": fma},
+        "norm": {"8x32 m1": dot, "8x32 m1 norm": norm},
+        "none": {},
+    }
+    want = {
+        "0": {"dot": None, "fma": None, "norm": None, "none": None},
+        "1": {"dot": None, "fma": fma, "norm": norm, "none": None},
+        "all": {"dot": dot, "fma": fma, "norm": norm, "none": None},
+    }
+    w = torch.randn(8, 32)
+    for mode, by_table in want.items():
+        monkeypatch.setattr(fused, "FUSED_POST_NORM", mode)
+        for name, config in by_table.items():
+            table = tables[name]
+
+            def lookup(x, w, swiglu=False, norm=False, table=table):
+                key = module.table_key(w.shape[0], w.shape[1], x.shape[0], swiglu, norm)
+                return table.get(key)
+
+            monkeypatch.setattr(module, "measured_config", lookup)
+            takes, got = fused.post_norm_route(torch.randn(1, 32), w)
+            assert (takes, got) == (config is not None, config), (mode, name)
+            assert fused.post_norm_route(torch.randn(2, 32), w) == (False, None)
 
 
 def test_bad_input_is_refused():
@@ -331,12 +380,12 @@ def test_an_olmo2_engine_at_batch_one_forms_its_post_norms_inside_the_matmul(tmp
     monkeypatch.setattr(module, "rms_norm_add_matmul", counted)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
     runs = {}
-    for fused_norm in (False, True):
+    for fused_norm in ("0", "1"):
         monkeypatch.setattr(fused, "FUSED_POST_NORM", fused_norm)
         engine = LLMEngine(model=str(tmp_path), device=DEVICE, dtype="float32", num_kv_blocks=64)
         try:
             runs[fused_norm] = engine.generate([list(range(5, 12))], params)[0].completions[0]
-            if fused_norm:
+            if fused_norm == "1":
                 alone = len(rows_seen)
                 engine.generate([list(range(5, 12)), list(range(3, 9))], params)
         finally:
@@ -345,7 +394,7 @@ def test_an_olmo2_engine_at_batch_one_forms_its_post_norms_inside_the_matmul(tmp
     # post-feedforward norm but the last (into the next QKV; the last goes to the final norm);
     # all one row, and the batch of two never took it
     assert alone == 5 * (2 * 3 - 1) and rows_seen == [1] * alone
-    want, got = runs[False], runs[True]
+    want, got = runs["0"], runs["1"]
     assert got.token_ids == want.token_ids
     for a, b in zip(want.logprobs, got.logprobs, strict=True):
         assert b.logprob == pytest.approx(a.logprob, abs=1e-4)

@@ -68,9 +68,13 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor
     return skinny_matmul(x, weight, swiglu=swiglu, config=config)
 
 
-FUSED_POST_NORM = os.environ.get("AFS_FUSED_POST_NORM", "1") != "0"
-"""A one-row decode step forms a post-norm's stream inside the next projection's skinny matmul
-(AFS_FUSED_POST_NORM=0: with the norm's own kernel)."""
+FUSED_POST_NORM = os.environ.get("AFS_FUSED_POST_NORM", "1")
+"""Where a one-row decode step forms a post-norm's stream inside the next projection's skinny
+matmul: "1" where `post_norm_route` says, "all" wherever a config is measured for the plain call
+(the `tl.dot` cuts too, which stage the stream before their loop), "0" nowhere (the norm's own
+kernel)."""
+if FUSED_POST_NORM not in ("0", "1", "all"):
+    raise ValueError(f"AFS_FUSED_POST_NORM: 0, 1 or all, got {FUSED_POST_NORM!r}")
 
 
 def post_norm_route(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, Config | None]:
@@ -78,10 +82,11 @@ def post_norm_route(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, Config
     It does for a one-row decode step where a config was measured for the call with the norm
     inside (its table entry "... norm", which benchmarks/post_norm_gpu.py --sweep writes), or
     where the plain call's measured config runs on the CUDA cores (`fma`: the stream is formed
-    in registers, which a `tl.dot` operand would pay for with a trip through shared memory each
-    step), or everywhere with AFS_SKINNY_MATMUL=1. Only one row: every program reads all of the
+    tile by tile in registers), or with AFS_FUSED_POST_NORM=all where any plain config is
+    measured (a `tl.dot` cut stages the stream once before its loop), or everywhere with
+    AFS_SKINNY_MATMUL=1. Only one row: every program reads all of the
     row for its norm, which a wider batch would pay for many times over."""
-    if not FUSED_POST_NORM or not _skinny_fits(x, weight, swiglu=False) or x.shape[0] != 1:
+    if FUSED_POST_NORM == "0" or not _skinny_fits(x, weight, swiglu=False) or x.shape[0] != 1:
         return False, None
     from kernels.skinny_matmul import measured_config
 
@@ -89,7 +94,7 @@ def post_norm_route(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, Config
     if config is not None:
         return True, config
     plain = measured_config(x, weight)
-    if plain is not None and plain.fma:
+    if plain is not None and (plain.fma or FUSED_POST_NORM == "all"):
         return True, plain
     return bool(SKINNY_MATMUL), None
 
