@@ -29,6 +29,13 @@
 #                                             call SKINNY_PARTS=check,rates (SKINNY_MODELS=1b,7b)
 #                                             with that table in place: batch-1 decode with
 #                                             cuBLAS, the table, the kernel everywhere
+#   bash benchmarks/gpu_suite.sh postnorm     the post-norm inside every listed one-row
+#                                             projection (AFS_FUSED_POST_NORM=all, the tl.dot
+#                                             cuts staging the stream): the kernel's and the
+#                                             engine's GPU tests with it, each call alone against
+#                                             the norm then the matmul (post_norm_gpu.py), and
+#                                             batch-1 decode of 1B and 7B with it against the
+#                                             default (ab_latency.py, two rounds)
 #   bash benchmarks/gpu_suite.sh cluster      (2 GPUs) dummy:olmo2-7b served by one tp = 1 and
 #                                             one tp = 2 replica under the load test, the
 #                                             in-process engine beside; needs ray, jsonschema
@@ -37,7 +44,7 @@
 # Each run is stopped after STEP_TIMEOUT seconds (default 300) and the part goes on with the next,
 # so a hang costs one run, not the part; the runs that failed are listed at the end.
 set -uo pipefail
-part=${1:?kernels, decode, throughput, tp, tpcheck, skinny or cluster}
+part=${1:?kernels, decode, throughput, tp, tpcheck, skinny, postnorm or cluster}
 out=${OUT:-benchmarks/results}
 runs=${OUT:+$OUT/runs.md}
 runs=${runs:-benchmarks/BENCHMARKS.md}
@@ -90,6 +97,13 @@ case "$part" in
     guard python3 benchmarks/skinny_gpu.py --out "$out" --deadline $((step_timeout - 20)) \
       --parts "${SKINNY_PARTS:-sweep,chain}" --models "${SKINNY_MODELS:-1b,7b}" \
       --sweep-rows "${SKINNY_ROWS:-1}"
+    ;;
+  postnorm)
+    guard env AFS_FUSED_POST_NORM=all python3 -m pytest -q -m gpu \
+      tests/kernels/test_skinny_matmul.py tests/engine
+    guard env AFS_FUSED_POST_NORM=all python3 benchmarks/post_norm_gpu.py --out "$out"
+    guard python3 benchmarks/ab_latency.py --models 1b,7b --rounds 2 --out "$out/ab" \
+      base= all=AFS_FUSED_POST_NORM=all
     ;;
   cluster)
     python3 -m protos.build || exit 1 # the gRPC stubs the load test's client imports
