@@ -17,7 +17,8 @@ With --sweep, one-row cuts on the CUDA cores (`fma`: tile width, K step, warps, 
 fused as well; the fastest is listed for the shape if it beats `apart` by 2% or more, in
 post_norm_configs.json under --out and, with --write-table, in kernels/skinny_matmul_configs.json
 under this GPU's name (key "NxK m1 norm"), which the layers then follow.
-Prints microseconds per call and what the fused call saves; writes post_norm_gpu.json under --out.
+Prints microseconds per call, the weight's read at the copy rate measured first, and what the
+fused call saves; writes post_norm_gpu.json under --out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from kernels.skinny_matmul import (
     skinny_matmul,
     table_key,
 )
+from workers.bench.ceilings import measure_ceilings
 from workers.layers.fused import post_norm_route
 
 EPS = 1e-6
@@ -126,6 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
+    copy_gbps = measure_ceilings(torch.device("cuda"), dtypes=["bfloat16"], repeats=20)["copy_gbps"]
     rows, entries = {}, {}
     for name, (n, k) in SHAPES.items():
         rows[name] = row = measure(n, k, args.sweep)
@@ -138,7 +141,9 @@ def main() -> None:
                 "label": f"{name} m1 norm",
                 "us": best[0],
             }
-        (args.out / "post_norm_gpu.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "post_norm_gpu.json").write_text(
+            json.dumps({"copy_gbps": copy_gbps, **rows}, indent=1)
+        )
     if args.sweep:
         (args.out / "post_norm_configs.json").write_text(json.dumps(entries, indent=1))
         if args.write_table and entries:  # added or replaced; other entries stay
@@ -150,7 +155,7 @@ def main() -> None:
         us = row["us"]
         fused = f"{us['fused']:7.2f}" if "fused" in us else "      -"
         swept = f"{row['best'][0]:7.2f} {row['best'][1]}" if row.get("best") else "-"
-        read = row["n"] * row["k"] * 2 / 4249e3
+        read = row["n"] * row["k"] * 2 / (copy_gbps * 1e3)
         print(
             f"{name:>12} | {read:6.2f} | {us['matmul']:7.2f} | {us['apart']:7.2f} | {fused} "
             f"| {swept}"

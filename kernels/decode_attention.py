@@ -190,19 +190,18 @@ def _kernel(
     dims = tl.arange(0, HEAD_DIM)
     head_base = cache_ptr + kv_head * stride_cache_head
     table = block_tables_ptr + batch * stride_table_batch
+    if PROLOGUE:  # the new token's position and its rows of the cos and sin tables
+        position = tl.load(positions_ptr + batch).to(tl.int64) * HEAD_DIM
+        cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position, dims, HEAD_DIM)
     if EARLY:
         # the cached tokens' K/V (no kernel of this step writes them: the new token is this
-        # kernel's to store) and the step's tables (copied in before the step's first kernel)
-        # are read before the wait for the projection, so the first tile is in flight while
-        # it finishes
+        # kernel's to store), the step's tables (copied in before the step's first kernel) and
+        # the rope rows above are read before the wait for the projection, so they are in
+        # flight while it finishes
         k_first, v_first, valid_first = _load_tile(
             head_base, table, first_tile, last_tile, cached, dims, stride_cache_kv,
             stride_cache_block, stride_cache_slot, BLOCK_SIZE, BLOCK_N,
         )  # fmt: skip
-        # and the new token's position and its rows of the cos and sin tables, the other chain
-        # of loads ahead of the prologue
-        position = tl.load(positions_ptr + batch).to(tl.int64) * HEAD_DIM
-        cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position, dims, HEAD_DIM)
         wait_for_previous_only(PDL)
 
     # -- q --
@@ -212,9 +211,6 @@ def _kernel(
     if PROLOGUE:
         # this KV head's share of the prologue, done by each of its splits (the rows are in L2);
         # split 0 stores the new key and value, which no program of this launch reads
-        if not EARLY:
-            position = tl.load(positions_ptr + batch).to(tl.int64) * HEAD_DIM
-            cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position, dims, HEAD_DIM)
         q, k_new, v_new = _new_token(
             q_ptr + batch * stride_q_batch, q_norm_ptr, k_norm_ptr, eps, squares_ptr,
             Q_WIDTH, K_WIDTH, cos, signed_sin, rolled,

@@ -62,6 +62,7 @@ from kernels.launch import (
     rearm,
     wait_for_previous,
 )
+from kernels.rmsnorm import add_rounded
 
 MAX_ROWS = 64
 """Rows of x one call takes (decode batches up to this size)."""
@@ -110,11 +111,13 @@ def _matmul_kernel(
             for c in tl.static_range(0, NORM_CHUNKS):
                 chunk = c * NORM_CHUNK + tl.arange(0, NORM_CHUNK)
                 in_k = chunk < K
-                raw = tl.load(x_ptr + chunk, mask=in_k, other=0.0).to(tl.float32)
-                scale = tl.load(norm_w_ptr + chunk, mask=in_k, other=0.0).to(tl.float32)
-                normed = (raw * inv_rms * scale).to(w_ptr.dtype.element_ty)
-                residual = tl.load(residual_ptr + chunk, mask=in_k, other=0.0)
-                formed = (residual.to(tl.float32) + normed.to(tl.float32)).to(normed.dtype)
+                formed = _post_norm(
+                    tl.load(x_ptr + chunk, mask=in_k, other=0.0),
+                    tl.load(residual_ptr + chunk, mask=in_k, other=0.0),
+                    tl.load(norm_w_ptr + chunk, mask=in_k, other=0.0),
+                    inv_rms,
+                    w_ptr.dtype.element_ty,
+                )
                 tl.store(staged + chunk, formed, mask=in_k)
                 if (tile == 0) & (split == 0):  # one program writes the stream
                     tl.store(stream_ptr + chunk, formed, mask=in_k)
@@ -143,13 +146,17 @@ def _matmul_kernel(
             x = tl.load(staged + rows[:, None] * 0 + ks[None, :], mask=x_ok, other=0.0)
         elif NORM:
             # x is a sublayer's output: residual + rms_norm(x), rounded as kernels/rmsnorm.py
-            raw = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
-            scale = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            normed = (raw * inv_rms * scale[None, :]).to(w.dtype)
-            residual = tl.load(
-                residual_ptr + rows[:, None] * stride_residual + ks[None, :], mask=x_ok, other=0.0
+            x = _post_norm(
+                tl.load(x_tile, mask=x_ok, other=0.0),
+                tl.load(
+                    residual_ptr + rows[:, None] * stride_residual + ks[None, :],
+                    mask=x_ok,
+                    other=0.0,
+                ),
+                tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0)[None, :],
+                inv_rms,
+                w.dtype,
             )
-            x = (residual.to(tl.float32) + normed.to(tl.float32)).to(w.dtype)
             if tile == 0:  # the first tile's programs write the stream, each its slice of K
                 tl.store(stream_ptr + rows[:, None] * stride_stream + ks[None, :], x, mask=x_ok)
         else:
@@ -178,6 +185,14 @@ def _matmul_kernel(
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
             rearm(count_ptr + tile)
+
+
+@triton.jit
+def _post_norm(x, residual, weight, inv_rms, dtype: tl.constexpr):
+    """residual + rms_norm(x), given x's 1 / rms, rounded as kernels/rmsnorm.py rounds it: the
+    norm to dtype, then the add in fp32, rounded once."""
+    normed = (x.to(tl.float32) * inv_rms * weight.to(tl.float32)).to(dtype)
+    return add_rounded(residual, normed, dtype)
 
 
 @triton.jit
@@ -334,7 +349,9 @@ def rms_norm_add_matmul(
     stream times weight [N, K] transposed. Returns (stream, product).
 
     One row only (M = 1). Every program takes the row's mean square over all of K before its
-    loop, then forms the stream tile by tile as it goes; the first N tile's programs write it.
+    loop, then forms the stream: tile by tile as it goes (a cut on the CUDA cores; the first N
+    tile's programs write it), or the whole row once before its loop (a cut padded for tl.dot;
+    one program writes it).
     The norm's own launch, and its round trip through memory ahead of the matmul, are gone."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
