@@ -52,14 +52,17 @@ critical path (measured on the H200 at batch 1: 1B faster with 32, 7B's 32 KV he
 A call of 64-token tiles with at most one (sequence, KV head) per SM runs `SMALL_WARPS` = 8
 warps, not 4 (7B at batch 1: 254.7 against 252.4 tok/s end to end; 2 and 16 were slower).
 
-With the prologue inside, a program reads what no kernel of its step writes before it waits for
-the projection (programmatic dependent launch, kernels/launch.py): the sequence's length, its
-first key tile's block ids, that tile's K and V (the tokens before the new one, stored by earlier
-steps; the new one is this kernel's to store) and the new token's position with its rows of the
-cos and sin tables. The step's inputs are copied in before its first kernel, so all of it is
-there. At batch 1 a split holds one tile, so its whole K/V read overlaps the projection's tail,
-and after the wait only the prologue's reads of the projection (in L2) remain on its critical
-path. AFS_ATTN_EARLY=0 reads everything after the wait.
+With the prologue inside, a program reads what no kernel of its step writes before it waits for the
+projection (programmatic dependent launch, kernels/launch.py): the sequence's length, its first key
+tile's block ids, that tile's K and V (the tokens before the new one, stored by earlier steps; the
+new one is this kernel's to store), the new token's position with its rows of the cos and sin
+tables, and its heads' QK-norm weights. The step's inputs are copied in before its first kernel, so
+all of it is there. At batch 1 a split holds one tile, so its whole K/V read overlaps the
+projection's tail, and after the wait only the prologue's reads of the projection (in L2) remain on
+its critical path; they are all issued before the first is used (the rows of this KV head's heads,
+and the chunks of q and k the full-width norm sums, a chunk of each at once). Chunks of all of 7B's
+q and k (32 heads, not 16) were slower end to end (250.5 against 252.9 tok/s at batch 1).
+AFS_ATTN_EARLY=0 reads everything after the wait.
 
 The kernel after this one (the output projection) is let launch only once a program's K/V reads
 are done, not at its start: launched early, its programs would prefetch their weights into L2
@@ -85,7 +88,14 @@ from kernels.launch import (
     wait_for_previous_only,
 )
 from kernels.paged_checks import check_paged_attention
-from kernels.rope import check_prologue, norm_rotate, qk_tiles, rope_row, sum_squares
+from kernels.rope import (
+    check_prologue,
+    norm_weights,
+    qk_tiles,
+    rope_row,
+    rotate,
+    sum_squares_qk,
+)
 
 _MAX_SPLITS = 64
 # Pass 1's launch: key tile (tokens, whole blocks), warps, pipeline stages, and how many programs
@@ -102,18 +112,24 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _new_token(
-    row, q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-    cos, signed_sin, rolled,
-    batch, kv_head, heads, in_group, num_heads, num_kv_heads,
+    row, eps, squares_ptr, Q_WIDTH, K_WIDTH,
+    cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
+    batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
 ):  # fmt: skip
     """The attention prologue (kernels/rope.py's, through its helpers) for one KV head of one
-    token, from its fused projection `row` and its position's `rope_row`: its G query heads
-    [GROUP_PAD, D] and its key [1, D] normalised (full width) and rotated, each rounded to the
-    activation dtype as the prologue stores them, and its value [1, D]."""
-    dims = tl.arange(0, HEAD_DIM)
+    token, from its fused projection `row`, its position's `rope_row` and its heads' QK-norm
+    weights (q's and k's, each at the rolled dims as well, read beforehand): its G query
+    heads [GROUP_PAD, D] and its key [1, D] normalised (full width) and rotated, each rounded to
+    the activation dtype as the prologue stores them, and its value [1, D]. Every load of the
+    row is issued before the first is used: one round trip to L2 where one chunk holds q."""
     k_row = row + num_heads * HEAD_DIM
+    q_x = tl.load(row + q_offsets, mask=in_group[:, None], other=0.0)
+    q_x_rolled = tl.load(row + q_rolled, mask=in_group[:, None], other=0.0)
+    k_x = tl.load(k_row + k_offsets)
+    k_x_rolled = tl.load(k_row + k_rolled)
+    v = tl.load(k_row + num_kv_heads * HEAD_DIM + k_offsets)
     q_inv_rms = 1.0
     k_inv_rms = 1.0
     if QK_NORM:
@@ -121,22 +137,14 @@ def _new_token(
             q_inv_rms = tl.rsqrt(tl.load(squares_ptr + batch * 2) / Q_WIDTH + eps)
             k_inv_rms = tl.rsqrt(tl.load(squares_ptr + batch * 2 + 1) / K_WIDTH + eps)
         else:
-            q_total = sum_squares(row, num_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS)
-            k_total = sum_squares(k_row, num_kv_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS)
+            q_total, k_total = sum_squares_qk(
+                row, k_row, num_heads, num_kv_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS
+            )
             q_inv_rms = tl.rsqrt(q_total / (num_heads * HEAD_DIM) + eps)
             k_inv_rms = tl.rsqrt(k_total / (num_kv_heads * HEAD_DIM) + eps)
     dtype = row.dtype.element_ty
-    q = norm_rotate(
-        row, heads[:, None] * HEAD_DIM + dims[None, :], heads[:, None] * HEAD_DIM + rolled[None, :],
-        in_group[:, None], q_norm_ptr, q_inv_rms, cos, signed_sin, QK_NORM,
-    ).to(dtype)  # fmt: skip
-    k_head = kv_head + tl.arange(0, 1)  # [1]
-    k = norm_rotate(
-        k_row, k_head[:, None] * HEAD_DIM + dims[None, :],
-        k_head[:, None] * HEAD_DIM + rolled[None, :], (dims < HEAD_DIM)[None, :], k_norm_ptr,
-        k_inv_rms, cos, signed_sin, QK_NORM,
-    ).to(dtype)  # fmt: skip
-    v = tl.load(row + (num_heads + num_kv_heads + k_head[:, None]) * HEAD_DIM + dims[None, :])
+    q = rotate(q_x, q_x_rolled, q_w, q_w_rolled, q_inv_rms, cos, signed_sin, QK_NORM).to(dtype)
+    k = rotate(k_x, k_x_rolled, k_w, k_w_rolled, k_inv_rms, cos, signed_sin, QK_NORM).to(dtype)
     return q, k, v
 
 
@@ -190,9 +198,23 @@ def _kernel(
     dims = tl.arange(0, HEAD_DIM)
     head_base = cache_ptr + kv_head * stride_cache_head
     table = block_tables_ptr + batch * stride_table_batch
-    if PROLOGUE:  # the new token's position and its rows of the cos and sin tables
+    group = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP_SIZE + group  # [GROUP_PAD] query heads of this KV head
+    in_group = group < GROUP_SIZE
+    if PROLOGUE:
+        # the new token's position, its rows of the cos and sin tables, and the QK-norm's
+        # weights of this KV head's heads (q's and k's, each at the rolled dims as well)
         position = tl.load(positions_ptr + batch).to(tl.int64) * HEAD_DIM
         cos, signed_sin, rolled = rope_row(cos_ptr, sin_ptr, position, dims, HEAD_DIM)
+        q_offsets = heads[:, None] * HEAD_DIM + dims[None, :]
+        q_rolled = heads[:, None] * HEAD_DIM + rolled[None, :]
+        k_head = kv_head + tl.arange(0, 1)  # [1]
+        k_offsets = k_head[:, None] * HEAD_DIM + dims[None, :]
+        k_rolled = k_head[:, None] * HEAD_DIM + rolled[None, :]
+        q_w, q_w_rolled = norm_weights(q_norm_ptr, q_offsets, q_rolled, in_group[:, None], QK_NORM)
+        k_w, k_w_rolled = norm_weights(
+            k_norm_ptr, k_offsets, k_rolled, (dims < HEAD_DIM)[None, :], QK_NORM
+        )
     if EARLY:
         # the cached tokens' K/V (no kernel of this step writes them: the new token is this
         # kernel's to store), the step's tables (copied in before the step's first kernel) and
@@ -205,16 +227,13 @@ def _kernel(
         wait_for_previous_only(PDL)
 
     # -- q --
-    group = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP_SIZE + group  # [GROUP_PAD] query heads of this KV head
-    in_group = group < GROUP_SIZE
     if PROLOGUE:
         # this KV head's share of the prologue, done by each of its splits (the rows are in L2);
         # split 0 stores the new key and value, which no program of this launch reads
         q, k_new, v_new = _new_token(
-            q_ptr + batch * stride_q_batch, q_norm_ptr, k_norm_ptr, eps, squares_ptr,
-            Q_WIDTH, K_WIDTH, cos, signed_sin, rolled,
-            batch, kv_head, heads, in_group, num_heads, num_kv_heads,
+            q_ptr + batch * stride_q_batch, eps, squares_ptr, Q_WIDTH, K_WIDTH,
+            cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
+            batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
             HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN,
         )  # fmt: skip
         slot = tl.load(slot_mapping_ptr + batch).to(tl.int64)

@@ -5,9 +5,11 @@ A kernel launched this way may start while the kernel before it on the stream is
 programs become resident and wait at `griddepcontrol.wait` until the previous grid has completed
 and its writes are visible, instead of the launch starting only then. A decode step at batch 1 is
 hundreds of short kernels in a row, so the launch and ramp-up between each pair is a large part
-of it. Every kernel that takes `PDL` calls `wait_for_previous` before it reads or writes global
-memory, so nothing it touches can race with the kernel before it; it then lets the next kernel
-launch early in turn.
+of it. Every kernel that takes `PDL` calls `wait_for_previous` before it writes global memory or
+reads anything a kernel of the step may write, so nothing it touches can race with the kernel
+before it; it then lets the next kernel launch early in turn. What none of them writes (weights,
+the step's inputs, the slab's earlier tokens) may be read before the wait, while the kernel before
+finishes.
 """
 
 from __future__ import annotations

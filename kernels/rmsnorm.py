@@ -12,7 +12,10 @@ in registers, on the side each model family needs:
     post-norm (Olmo 2): out = residual + rms_norm(x), the norm rounded to the dtype before the add
 
 One program per row (token): the whole row is one power-of-two tile masked past the hidden size
-(hidden sizes up to 8192 keep it in registers), read once, reduced, scaled and written.
+(hidden sizes up to 8192 keep it in registers), read once, reduced, scaled and written. With
+programmatic dependent launch (kernels/launch.py) the weight, which no kernel writes, is read
+before the wait for the kernel before; after it, the row and the residual are loaded together,
+so the wait is followed by one round trip to L2, not two.
 """
 
 from __future__ import annotations
@@ -52,29 +55,30 @@ def _kernel(
     ADD_BEFORE: tl.constexpr, ADD_AFTER: tl.constexpr,
     BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
     dtype = out_ptr.dtype.element_ty
+    # the norm's weight (no kernel writes it) is read while the kernel before finishes
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wait_for_previous(PDL)
 
-    # -- load the row (and add the residual before the norm) --
+    # -- load the row and the residual, both in flight at once (and add it before the norm) --
     x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    if ADD_BEFORE:
+    if ADD_BEFORE or ADD_AFTER:
         residual_row = residual_ptr + row * stride_residual_row + cols
-        residual = tl.load(residual_row, mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(residual_row, mask=mask, other=0.0)
+    if ADD_BEFORE:
         # the sum of two dtype values rounded once: what PyTorch's add in that dtype gives
-        x = (x + residual).to(dtype)
+        x = add_rounded(x, residual, dtype)
         tl.store(residual_row, x, mask=mask)
         x = x.to(tl.float32)
 
     # -- normalise in fp32 --
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = rms_normalise(x, weight, eps, HIDDEN, dtype)
 
     # -- epilogue: add the residual after the norm --
     if ADD_AFTER:
-        residual = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0)
         out = add_rounded(residual, out, dtype)
     tl.store(out_ptr + row * stride_out_row + cols, out, mask=mask)
 

@@ -60,6 +60,29 @@ def sum_squares(row, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 
 
 @triton.jit
+def sum_squares_qk(q_row, k_row, num_heads, num_kv_heads, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr):  # fmt: skip
+    """`sum_squares` of q's heads and of k's, each summed in the same order as there, with a
+    chunk of each loaded in the same step (both in flight at once)."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    q_squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
+    k_squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
+    for head_start in range(0, tl.maximum(num_heads, num_kv_heads), BLOCK_HEADS):
+        head = head_start + heads
+        offsets = head[:, None] * HEAD_DIM + dims[None, :]
+        q_mask = (head[:, None] < num_heads) & dim_mask[None, :]
+        k_mask = (head[:, None] < num_kv_heads) & dim_mask[None, :]
+        q = tl.load(q_row + offsets, mask=q_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_row + offsets, mask=k_mask, other=0.0).to(tl.float32)
+        q_squares += q * q
+        k_squares += k * k
+    q_total = tl.sum(tl.sum(q_squares, axis=1), axis=0)
+    return q_total, tl.sum(tl.sum(k_squares, axis=1), axis=0)
+
+
+@triton.jit
 def rope_row(cos_ptr, sin_ptr, row_offset, dims, HEAD_DIM: tl.constexpr):
     """One position's cos and signed sin (rows of the tables at `row_offset`; zero for dims past
     HEAD_DIM) and the rolled dims: out[d] = x[d] * cos[d] + x[rolled[d]] * signed_sin[d]."""
@@ -75,11 +98,30 @@ def norm_rotate(row, offsets, rolled_offsets, mask, norm_ptr, inv_rms, cos, sign
     """Heads of `row` at `offsets` ([heads, dims]) in fp32: with QK_NORM times inv_rms and the
     norm weight at the same offsets, then rotated (their rolled copies read at
     `rolled_offsets`); zero where not `mask`."""
-    x = tl.load(row + offsets, mask=mask, other=0.0).to(tl.float32)
-    x_rolled = tl.load(row + rolled_offsets, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(row + offsets, mask=mask, other=0.0)
+    x_rolled = tl.load(row + rolled_offsets, mask=mask, other=0.0)
+    weight, weight_rolled = norm_weights(norm_ptr, offsets, rolled_offsets, mask, QK_NORM)
+    return rotate(x, x_rolled, weight, weight_rolled, inv_rms, cos, signed_sin, QK_NORM)
+
+
+@triton.jit
+def norm_weights(norm_ptr, offsets, rolled_offsets, mask, QK_NORM: tl.constexpr):
+    """The QK-norm's weight at `offsets` and at `rolled_offsets` in fp32 (1.0 without QK_NORM)."""
     if QK_NORM:
         weight = tl.load(norm_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         weight_rolled = tl.load(norm_ptr + rolled_offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        weight = 1.0
+        weight_rolled = 1.0
+    return weight, weight_rolled
+
+
+@triton.jit
+def rotate(x, x_rolled, weight, weight_rolled, inv_rms, cos, signed_sin, QK_NORM: tl.constexpr):
+    """`norm_rotate` of heads already loaded (x and their rolled copies) with their norm weights."""
+    x = x.to(tl.float32)
+    x_rolled = x_rolled.to(tl.float32)
+    if QK_NORM:
         x = x * inv_rms * weight
         x_rolled = x_rolled * inv_rms * weight_rolled
     return x * cos[None, :] + x_rolled * signed_sin[None, :]

@@ -2,7 +2,8 @@
 and without programmatic dependent launch, here without a GPU: Triton lowers them to PTX and its
 bundled ptxas assembles them. With PDL the wait for the kernel before comes ahead of every global
 load and store, the skinny matmul's L2 prefetches before it; decode attention with its prologue
-inside and its first tile read early loads before the wait but stores nothing before it."""
+inside and its first tile read early, and the norm with its weight, load before the wait but
+store nothing before it."""
 
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ CASES = {
 }
 
 
-READ_EARLY = {"decode_attention_prologue_early"}
+READ_EARLY = {"decode_attention_prologue_early", "rmsnorm"}
 
 
 def _ptx(kernel, constants: dict, pdl: bool) -> str:
