@@ -50,7 +50,13 @@ KV head) for every 8 SMs (Olmo 2 1B at batch 1: 16): at a few hundred tokens of 
 call has only a few dozen programs of work, and halving each one's tile halves the read on its
 critical path (measured on the H200 at batch 1: 1B faster with 32, 7B's 32 KV heads with 64).
 A call of 64-token tiles with at most one (sequence, KV head) per SM runs `SMALL_WARPS` = 8
-warps, not 4 (7B at batch 1: 254.7 against 252.4 tok/s end to end; 2 and 16 were slower).
+warps, not 4 (7B at batch 1: 254.7 against 252.4 tok/s end to end; 2 and 16 were slower). Such
+a call also splits a sequence fewer ways (`FEW_SPLITS`; AFS_ATTN_FEW_SPLITS=0 turns it off): up
+to 3 splits of one tile each, and past 6 tiles at least 2 tiles a split, since every split redoes
+the prologue and joins the merge. 7B at batch 1 over a 128-token prompt and 256 new tokens (2 to
+6 tiles) ran at 255.8 and 255.4 tok/s with at most 3 splits against 253.3 and 252.8 with one
+tile a split, on two machines; at least 2 tiles a split at any length was slower (252.1), as was
+at least 3 (250.0). Past 6 tiles the rule is not measured.
 
 With the prologue inside, a program reads what no kernel of its step writes before it waits for the
 projection (programmatic dependent launch, kernels/launch.py): the sequence's length, its first key
@@ -105,6 +111,8 @@ PROGRAMS_PER_SM = 4
 SMALL_TILE = 32  # key tile of a call with at most one (sequence, KV head) for every 8 SMs
 # warps of a call with at most one (sequence, KV head) per SM that keeps the full key tile
 SMALL_WARPS = int(os.environ.get("AFS_ATTN_SMALL_WARPS", "8"))
+# such a call splits a sequence at most 3 ways, or at least 2 tiles a split past that
+FEW_SPLITS = os.environ.get("AFS_ATTN_FEW_SPLITS", "1") != "0"
 # with the prologue inside: the first key tile read before the wait for the projection
 EARLY = os.environ.get("AFS_ATTN_EARLY", "1") != "0"
 _LOG2E = 1.4426950408889634
@@ -163,7 +171,7 @@ def _kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PROLOGUE: tl.constexpr, QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
-    BLOCK_HEADS: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, EARLY: tl.constexpr, FEW_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split) over its run of key tiles; the last split of a (sequence,
     KV head) to finish merges them all. With PROLOGUE, q_ptr is the fused projection
@@ -186,7 +194,12 @@ def _kernel(
     else:
         cached = seq_len
     num_tiles = tl.cdiv(cached, BLOCK_N)
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    splits = num_splits
+    if FEW_SPLITS:
+        # a call of few (sequence, KV head)s: up to 3 splits of one tile, and past 6 tiles at
+        # least 2 tiles a split (each split redoes the prologue and joins the merge)
+        splits = tl.minimum(num_splits, tl.maximum(3, tl.cdiv(num_tiles, 2)))
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, splits), 1)
     # the splits this sequence fills: a captured graph sizes num_splits for the longest context
     # its block tables hold, so at a short one most would be empty; they leave now, and the
     # used ones count and merge among themselves
@@ -497,10 +510,12 @@ def _launch(
             f"kv_cache: block_size must be a power of two of at least 16, got {block_size}"
         )
     config = {**TILE_CONFIG}
+    few_splits = False
     if batch * num_kv_heads <= num_sms(q.device) // 8:
         config["BLOCK_N"] = min(config["BLOCK_N"], SMALL_TILE)
     elif batch * num_kv_heads <= num_sms(q.device):
         config["num_warps"] = SMALL_WARPS
+        few_splits = FEW_SPLITS
     tile_tokens = max(config["BLOCK_N"], block_size)
     config["BLOCK_N"] = tile_tokens
     if num_splits is None:
@@ -538,7 +553,7 @@ def _launch(
         **config,
         # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **prologue,
+        **prologue, FEW_SPLITS=few_splits,
         **pdl_options(q.device),
     )  # fmt: skip
     return out

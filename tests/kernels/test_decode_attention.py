@@ -120,6 +120,26 @@ def test_splits_past_a_sequences_tiles_leave_it_as_it_was():
     _assert_close(tiles, want, torch.float32)
 
 
+def test_a_call_of_few_sequence_heads_splits_fewer_ways(monkeypatch):
+    """A call of at most one (sequence, KV head) per SM with 64-token tiles (7B at batch 1)
+    splits a sequence at most 3 ways, or at least 2 tiles a split past 6 tiles: every tile still
+    counted once, whatever the length (1 to 15 tiles here, against a grid of 16 splits), and the
+    merge grouped otherwise than with one tile a split (AFS_ATTN_FEW_SPLITS=0)."""
+    import kernels.decode_attention as attention
+
+    # 6 sequences x 4 KV heads: above 132 // 8, at most 132
+    q, slab, tables, lengths = _paged_inputs([1, 65, 130, 200, 390, 900], 4, 4, 32, torch.float32)
+    outs = {}
+    for few in (True, False):
+        monkeypatch.setattr(attention, "FEW_SPLITS", few)
+        outs[few], want = _run(q, slab, tables, lengths, num_splits=16)
+        _assert_close(outs[few], want, torch.float32)
+        assert not attention._counters(q.device).any()
+    # one or two tiles: one tile a split either way, the same bits
+    assert torch.equal(outs[True][:2], outs[False][:2])
+    assert not torch.equal(outs[True][3:], outs[False][3:])
+
+
 def test_empty_sequence_gives_zeros():
     # a padding row of length 0 (CUDA-graph batch padding) must not produce NaN
     q, slab, tables, lengths = _paged_inputs([20, 1], 2, 1, 64, torch.float32)

@@ -54,6 +54,7 @@ DECODE = dict(
     HEAD_DIM=128,
     BLOCK_N=64,
     DOT_PRECISION="tf32",
+    FEW_SPLITS=False,
 )  # decode attention's constexprs but the prologue's
 
 
@@ -92,7 +93,15 @@ CASES = {
     ),
     "decode_attention_prologue_early": (
         kernels.decode_attention._kernel,
-        dict(DECODE, PROLOGUE=True, QK_NORM=True, SQUARES_GIVEN=False, BLOCK_HEADS=16, EARLY=True),
+        dict(
+            DECODE,
+            PROLOGUE=True,
+            QK_NORM=True,
+            SQUARES_GIVEN=False,
+            BLOCK_HEADS=16,
+            EARLY=True,
+            FEW_SPLITS=True,
+        ),
     ),
     "peer_all_reduce": (
         kernels.peer_collectives._all_reduce_kernel,
