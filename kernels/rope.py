@@ -43,19 +43,23 @@ _TILE_ELEMENTS = 2048  # heads per chunk: as many as fit this many elements
 
 
 @triton.jit
+def _head_squares(row, head, num_heads, dims, HEAD_DIM: tl.constexpr):
+    """The squares (fp32) of the heads `head` ([BLOCK_HEADS]) of `row`, zero past num_heads."""
+    mask = (head[:, None] < num_heads) & (dims < HEAD_DIM)[None, :]
+    x = tl.load(row + head[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    return x * x
+
+
+@triton.jit
 def sum_squares(row, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_HEADS: tl.constexpr):  # fmt: skip
     """The sum of squares of `num_heads` heads of HEAD_DIM values from `row`, in fp32."""
     heads = tl.arange(0, BLOCK_HEADS)
     dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
     squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
     for head_start in range(0, num_heads, BLOCK_HEADS):
-        head = head_start + heads
-        mask = (head[:, None] < num_heads) & dim_mask[None, :]
-        x = tl.load(row + head[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        squares += x * x
+        squares += _head_squares(row, head_start + heads, num_heads, dims, HEAD_DIM)
     return tl.sum(tl.sum(squares, axis=1), axis=0)
 
 
@@ -66,18 +70,11 @@ def sum_squares_qk(q_row, k_row, num_heads, num_kv_heads, HEAD_DIM: tl.constexpr
     chunk of each loaded in the same step (both in flight at once)."""
     heads = tl.arange(0, BLOCK_HEADS)
     dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
     q_squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
     k_squares = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
     for head_start in range(0, tl.maximum(num_heads, num_kv_heads), BLOCK_HEADS):
-        head = head_start + heads
-        offsets = head[:, None] * HEAD_DIM + dims[None, :]
-        q_mask = (head[:, None] < num_heads) & dim_mask[None, :]
-        k_mask = (head[:, None] < num_kv_heads) & dim_mask[None, :]
-        q = tl.load(q_row + offsets, mask=q_mask, other=0.0).to(tl.float32)
-        k = tl.load(k_row + offsets, mask=k_mask, other=0.0).to(tl.float32)
-        q_squares += q * q
-        k_squares += k * k
+        q_squares += _head_squares(q_row, head_start + heads, num_heads, dims, HEAD_DIM)
+        k_squares += _head_squares(k_row, head_start + heads, num_kv_heads, dims, HEAD_DIM)
     q_total = tl.sum(tl.sum(q_squares, axis=1), axis=0)
     return q_total, tl.sum(tl.sum(k_squares, axis=1), axis=0)
 
