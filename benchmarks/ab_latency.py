@@ -7,7 +7,8 @@ in one run (one GPU, rounds interleaved so that drift falls on every variant ali
 Each variant is NAME=VAR=VALUE[,VAR=VALUE...] (nothing after the first '=' for the defaults);
 the variable CWD names another checkout to run from instead of this one (an older commit, say).
 Every (round, model, variant) runs `afs bench latency --model dummy:olmo2-<model> --prompt-lens
-128 --new-tokens 256` in its own process with those variables set; its result JSON lands under
+128 --new-tokens 256` in its own process with those variables set (a model written `7b@2` runs
+at `--tp 2`); its result JSON lands under
 DIR/<variant>. Prints a table last (decode tok/s, each round and the mean) and writes
 ab_latency.json under DIR.
 """
@@ -62,13 +63,14 @@ def main() -> None:
     for _ in range(args.rounds):
         for model in models:
             for name, env in variants.items():
-                out_dir = (args.out / name).resolve()
+                out_dir = (args.out / name / model).resolve()
                 out_dir.mkdir(parents=True, exist_ok=True)
                 before = set(out_dir.glob("latency-*.json"))
+                size, _, tp = model.partition("@")
                 command = [
                     sys.executable, "-m", "cluster.cli", "bench", "latency",
-                    "--model", f"dummy:olmo2-{model}", "--prompt-lens", "128",
-                    "--new-tokens", "256", "--out-dir", str(out_dir),
+                    "--model", f"dummy:olmo2-{size}", "--prompt-lens", "128",
+                    "--new-tokens", "256", "--out-dir", str(out_dir), "--tp", tp or "1",
                 ]  # fmt: skip
                 try:
                     subprocess.run(

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: graph replay, kernels by kind, and the host around them.
 
     python3 benchmarks/decode_profile.py [--model dummy:olmo2-7b] [--batch 1] [--context 256]
-                                         [--out DIR]
+                                         [--tp 1] [--out DIR]
 
 Builds the engine (CUDA graphs on), fills `--batch` sequences to `--context` tokens, then measures
 on the same static inputs:
@@ -15,6 +15,10 @@ the engine step and the replay is the host's share. Last, a timeline of 20 engin
 profiler: the GPU's period per step (from one step's embedding kernel to the next), the time its
 kernels and copies take, and each op outside the model's kernels (copies, the draw) with the idle
 gap before it.
+
+At `--tp` above 1 the engine spawns the other ranks and everything is seen from rank 0: the engine
+steps and their timeline only (a graph replayed or a forward run on rank 0 alone would wait for
+ranks that are not stepping); a peer kernel's time then includes its wait for the other ranks.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from workers.engine.sampling_params import SamplingParams
 KINDS = [
     ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|splitk"),
     ("ours (Triton)", r"^_kernel$"),
+    ("peer collectives", r"^_all_(reduce|gather)"),
 ]
 
 
@@ -53,6 +58,7 @@ def main() -> None:
     parser.add_argument("--model", default="dummy:olmo2-7b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", default="decode_profile")
     args = parser.parse_args()
     out = Path(args.out)
@@ -60,8 +66,9 @@ def main() -> None:
 
     device = torch.device("cuda")
     engine = LLMEngine(
-        model=args.model, device="cuda", detokenize=False, max_num_seqs=max(8, args.batch)
-    )
+        model=args.model, device="cuda", detokenize=False, max_num_seqs=max(8, args.batch),
+        tp=args.tp,
+    )  # fmt: skip
     ceilings = measure_ceilings(device, (engine.model_config.dtype,), 1.0, 10, 4096)
     roofline = Roofline.for_model(engine.model, engine.model_config, ceilings)
     prompts = [[(7 * i + j) % 1000 + 10 for j in range(args.context)] for i in range(args.batch)]
@@ -85,24 +92,14 @@ def main() -> None:
         step_seconds.append(time.perf_counter() - start)
     step_ms = statistics.median(step_seconds) * 1e3
 
-    # -- the graph alone, on the last step's inputs --
+    # -- the graph alone, on the last step's inputs; kernels of one eager forward of the same
+    #    padded batch (one rank only) --
     graphs = engine.runner.graphs
     size = graphs.padded_size(args.batch)
-    replay_ms = median_seconds(graphs.graphs[size].replay, device, 50) * 1e3
-
-    # -- kernels of one eager forward of the same padded batch --
-    with torch.inference_mode():
-        graphs._forward(size)  # warm
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            graphs._forward(size)
-            torch.cuda.synchronize()
-    kernels = [  # (name, GPU ms, launches)
-        (e.key, (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / 1e3,
-         e.count)
-        for e in prof.key_averages()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    ]  # fmt: skip
+    replay_ms, kernels = float("nan"), []
+    if args.tp == 1:
+        replay_ms = median_seconds(graphs.graphs[size].replay, device, 50) * 1e3
+        kernels = eager_kernels(graphs, size)
     by_kind: dict[str, float] = {}
     launches = 0
     for name, gpu_ms, count in kernels:
@@ -116,8 +113,10 @@ def main() -> None:
 
     context = args.context + 60
     floor_ms = roofline.step_seconds([(context, 1)] * args.batch, args.batch) * 1e3
+    engine.shutdown()
     result = {
         "model": args.model,
+        "tp": args.tp,
         "batch": args.batch,
         "padded_batch": size,
         "context": context,
@@ -132,7 +131,8 @@ def main() -> None:
         "ceilings": ceilings,
         "timeline": period,
     }
-    (out / f"decode_profile_{args.model.split(':')[-1]}_b{args.batch}.json").write_text(
+    tp = f"_tp{args.tp}" if args.tp > 1 else ""
+    (out / f"decode_profile_{args.model.split(':')[-1]}_b{args.batch}{tp}.json").write_text(
         json.dumps(result, indent=1)
     )
     print(
@@ -162,6 +162,22 @@ def main() -> None:
         for name, us in exposed["rest_us"]:
             print(f"  {us:7.2f} us  {name}")
         print(f"  {exposed['to_next_step_us']:7.2f} us  to the next step's first op")
+
+
+def eager_kernels(graphs, size: int) -> list:
+    """(name, GPU ms, launches) of each kernel of one eager forward of the padded batch."""
+    with torch.inference_mode():
+        graphs._forward(size)  # warm
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            graphs._forward(size)
+            torch.cuda.synchronize()
+    return [
+        (e.key, (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / 1e3,
+         e.count)
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]  # fmt: skip
 
 
 def step_timeline(engine: LLMEngine, steps: int, layers: int) -> dict:
@@ -212,7 +228,11 @@ def exposed_by_place(exposed: list, to_next_step: float, layers: int) -> dict:
     last layer's end averaged by their place in a layer (named by kernel and place), the rest
     (embedding, final norm, LM head, draw, copies) one by one, and the gap to the next step."""
     model = [i for i, (name, _) in enumerate(exposed) if kind_of(name) != "other"]
-    per_layer = (len(model) - 2) // layers if model else 0  # less the final norm and LM head
+    # the layers start at the first GEMM (after the embedding's all-reduce, at tp > 1) and end
+    # before the final norm, the LM head and its gather
+    first = next((n for n, i in enumerate(model) if kind_of(exposed[i][0]) == "gemm"), 0)
+    model = model[first:]
+    per_layer = len(model) // layers
     places: list[list[float]] = [[] for _ in range(per_layer)]
     for n, i in enumerate(model[: per_layer * layers]):
         places[n % per_layer].append(exposed[i][1])
