@@ -12,6 +12,7 @@ Every rank owns one buffer that every rank has mapped (`PeerBuffers`):
                                      announced its data
     data   [2, WORLD] slots of CAPACITY bytes: a call uses half (epoch % 2), slot r for rank r's
            data
+    words  [2, WORLD] slots of CAPACITY bytes, the same for the tagged words below
 
 A call runs PROGRAMS programs on every rank (always that many, whatever the size, so every
 program's epoch counter counts every call):
@@ -32,6 +33,14 @@ A rank that waits too long for another (`max_spins` polls of a flag; a rank that
 ranks' calls out of step) stops waiting, sets `status` to 1 and finishes the call with whatever
 the other buffers hold: the caller must read `status` and give up on the group, but no GPU is
 left spinning forever.
+
+The two kernels a tensor-parallel layer runs three times (the post-norm with its all-reduce, the
+QK-norm's sums) can instead exchange tagged words (`PeerBuffers.tagged`), as NCCL's low-latency
+protocol does: each 8-byte word carries the call's epoch in its high half and 32 bits of data
+(two 16-bit elements, or one 32-bit) in its low half. A rank writes its words straight into
+every other rank's buffer and then polls its own until every word it needs carries the epoch;
+an aligned 8-byte store lands whole, so a word with the right tag holds the right data. No
+flags, no fence at system scope, no second round trip for the flag behind the data.
 
 Two halves make one barrier per call enough: a rank can only be one call ahead of another (it
 waits for the other's flag), so when it writes half h again, two calls later, the other rank has
@@ -71,6 +80,8 @@ class PeerBuffers:
     """int64 [WORLD] on this rank's device: the address of each rank's flags."""
     data_ptrs: torch.Tensor
     """int64 [WORLD]: the address of each rank's data region."""
+    words_ptrs: torch.Tensor
+    """int64 [WORLD]: the address of each rank's tagged words."""
     epochs: torch.Tensor
     """int32 [PROGRAMS]: calls made so far, per program (local to this rank)."""
     status: torch.Tensor
@@ -82,12 +93,15 @@ class PeerBuffers:
     """Write this rank's data into every rank's buffer before the barrier and read only local
     memory after it, instead of writing locally and reading the others' buffers. (The engine
     sets it: on by default, measured faster on two H200s.)"""
+    tagged: bool = False
+    """The post-norm's all-reduce and the QK-norm's sums exchange tagged words instead of data
+    and flags (the engine sets it, the same on every rank)."""
 
     @staticmethod
     def buffer_bytes(capacity: int, world: int) -> int:
         """The size of the buffer each rank allocates and shares: flags, then two halves of
-        `world` slots of `capacity` bytes."""
-        return _FLAG_BYTES + 2 * world * capacity
+        `world` slots of `capacity` bytes for data, then as many for tagged words."""
+        return _FLAG_BYTES + 4 * world * capacity
 
     @classmethod
     def from_addresses(
@@ -109,6 +123,7 @@ class PeerBuffers:
             capacity=capacity,
             flag_ptrs=base.to(device),
             data_ptrs=(base + _FLAG_BYTES).to(device),
+            words_ptrs=(base + _FLAG_BYTES + 2 * world * capacity).to(device),
             epochs=torch.zeros(PROGRAMS, dtype=torch.int32, device=device),
             status=torch.zeros(1, dtype=torch.int32, device=device),
         )
@@ -126,6 +141,14 @@ class PeerBuffers:
         return dict(
             WORLD=self.world, PROGRAMS=PROGRAMS, PUSH=self.push, **pdl_options(self.status.device)
         )
+
+    def words_args(self) -> tuple:
+        """The arguments a kernel exchanging tagged words takes after its own: words_ptrs,
+        epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins."""
+        return (
+            self.words_ptrs, self.epochs, self.rank,
+            self.capacity // 8, self.status, self.max_spins,
+        )  # fmt: skip
 
     def fits(self, x: torch.Tensor, nbytes: int | None = None) -> bool:
         """Whether one call can move x (its bytes on each rank; for a gather, the slice), or
@@ -210,6 +233,63 @@ def _source(data_ptrs, rank, peer, half, dtype: tl.constexpr, SLOT_ELEMENTS,
         return _slot(data_ptrs, rank, peer, half, dtype, WORLD, SLOT_ELEMENTS)
     else:
         return _slot(data_ptrs, peer, peer, half, dtype, WORLD, SLOT_ELEMENTS)
+
+
+@triton.jit
+def _pack_words(value, epoch, BLOCK: tl.constexpr, PACK: tl.constexpr):
+    """value [BLOCK] -> int64 [BLOCK // PACK]: the epoch in each word's high 32 bits, the bits
+    of PACK elements (two 16-bit, or one 32-bit) in its low 32, the first element lowest."""
+    tag = epoch.to(tl.int64) << 32
+    if PACK == 2:
+        low, high = tl.split(tl.reshape(value, [BLOCK // 2, 2]))
+        low = low.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        high = high.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        return tag | (high << 16) | low
+    else:
+        return tag | (value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _unpack_words(words, dtype: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr):
+    """What _pack_words packed, back as [BLOCK] of `dtype`."""
+    if PACK == 2:
+        low = words.to(tl.int16).to(dtype, bitcast=True)  # the low 16 bits
+        high = (words >> 16).to(tl.int16).to(dtype, bitcast=True)
+        return tl.reshape(tl.join(low, high), [BLOCK])
+    else:
+        return words.to(tl.int32).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _words_slot(words_ptrs, owner, slot, half, WORLD: tl.constexpr, SLOT_WORDS):
+    """Where `slot` of `half` starts in rank `owner`'s tagged words."""
+    base = tl.load(words_ptrs + owner).to(tl.pointer_type(tl.int64))
+    return base + (half * WORLD + slot) * SLOT_WORDS
+
+
+@triton.jit
+def _push_words(words, offsets, mask, words_ptrs, rank, half, WORLD: tl.constexpr, SLOT_WORDS):
+    """This rank's tagged words into slot `rank` of every other rank's buffer."""
+    for owner in tl.static_range(WORLD):
+        if owner != rank:
+            dst = _words_slot(words_ptrs, owner, rank, half, WORLD, SLOT_WORDS)
+            tl.store(dst + offsets, words, mask=mask)
+
+
+@triton.jit
+def _await_words(src, mask, epoch, status_ptr, max_spins):
+    """Poll the words at `src` (this rank's memory; masked lanes aside) until each carries
+    `epoch`, or max_spins polls (then status 1); returns them."""
+    words = tl.load(src, mask=mask, other=0, volatile=True)
+    missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
+    spins = 0
+    while (missing > 0) & (spins < max_spins):
+        words = tl.load(src, mask=mask, other=0, volatile=True)
+        missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
+        spins += 1
+    if spins >= max_spins:
+        tl.atomic_xchg(status_ptr, 1)
+    return words
 
 
 @triton.jit
@@ -344,6 +424,95 @@ def _all_reduce_qk_squares_kernel(
         tl.store(out_ptr + token * 2 + parts, total)
 
 
+@triton.jit
+def _tagged_all_reduce_rms_norm_add_kernel(
+    x_ptr, residual_ptr, out_ptr, weight_ptr, eps, ROWS, HIDDEN,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """_all_reduce_rms_norm_add_kernel's result through tagged words: program p owns rows p,
+    p + PROGRAMS, ...; a row is BLOCK // PACK words in the slots."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
+    wait_for_previous(PDL)
+    program = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program)
+    WORDS: tl.constexpr = BLOCK // PACK
+    word_cols = tl.arange(0, WORDS)
+    word_mask = word_cols * PACK < HIDDEN
+
+    # -- this rank's rows, tagged, into every other rank's buffer --
+    for row in range(program, ROWS, PROGRAMS):
+        value = tl.load(x_ptr + row * HIDDEN + cols, mask=mask, other=0.0)
+        words = _pack_words(value, epoch, BLOCK, PACK)
+        _push_words(words, row * WORDS + word_cols, word_mask, words_ptrs, rank, half, WORLD,
+                    SLOT_WORDS)  # fmt: skip
+
+    # -- each row: the others' words once they carry this call's epoch; the sum in rank order,
+    #    rounded as the all-reduce rounds it; then the post-norm --
+    for row in range(program, ROWS, PROGRAMS):
+        offsets = row * HIDDEN + cols
+        own = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for peer in tl.static_range(WORLD):
+            if peer == rank:
+                part = own
+            else:
+                src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
+                words = _await_words(src + row * WORDS + word_cols, word_mask, epoch,
+                                     status_ptr, max_spins)  # fmt: skip
+                part = _unpack_words(words, dtype, BLOCK, PACK)
+            total += part.to(tl.float32)
+        total = tl.where(mask, total, 0.0)
+        normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
+        residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+        tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
+
+
+@triton.jit
+def _tagged_all_reduce_qk_squares_kernel(
+    qkv_ptr, stride_qkv_token, out_ptr, k_scale, TOKENS, NUM_HEADS, NUM_KV_HEADS,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """_all_reduce_qk_squares_kernel's result through tagged words, two a token."""
+    wait_for_previous(PDL)  # before the first access to memory
+    program = tl.program_id(0)
+    epoch, half = _next_epoch(epochs_ptr, program)
+    parts = tl.arange(0, 2)  # q, k
+
+    # -- this rank's two sums per token, tagged, into every other rank's buffer --
+    for token in range(program, TOKENS, PROGRAMS):
+        row = qkv_ptr + token * stride_qkv_token
+        q_total = sum_squares(row, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+        k_row = row + NUM_HEADS * HEAD_DIM
+        k_total = sum_squares(k_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS) * k_scale
+        value = tl.where(parts == 0, q_total, k_total)
+        tl.store(out_ptr + token * 2 + parts, value)  # read back below, by this program
+        words = _pack_words(value, epoch, 2, 1)
+        _push_words(words, token * 2 + parts, parts < 2, words_ptrs, rank, half, WORLD,
+                    SLOT_WORDS)  # fmt: skip
+
+    # -- the sums over ranks, in rank order --
+    for token in range(program, TOKENS, PROGRAMS):
+        own = tl.load(out_ptr + token * 2 + parts).to(tl.float32)
+        total = tl.zeros([2], dtype=tl.float32)
+        for peer in tl.static_range(WORLD):
+            if peer == rank:
+                part = own
+            else:
+                src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
+                words = _await_words(src + token * 2 + parts, parts < 2, epoch, status_ptr,
+                                     max_spins)  # fmt: skip
+                part = _unpack_words(words, tl.float32, 2, 1)
+            total += part
+        tl.store(out_ptr + token * 2 + parts, total)
+
+
 def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
     if not peers.fits(x):
         raise ValueError(
@@ -390,6 +559,21 @@ def all_reduce_rms_norm_add(
         raise ValueError(f"residual, weight: expected contiguous [T, {hidden}] and [{hidden}]")
     out = torch.empty_like(x)
     block = triton.next_power_of_2(hidden)
+    pack = 2 if x.element_size() == 2 else 1
+    tagged_block = max(block, 2)
+    if (
+        peers.tagged
+        and x.element_size() in (2, 4)
+        and rows * tagged_block * 8 // pack <= peers.capacity
+    ):
+        if rows:  # a call without rows would exchange nothing, and so wait for nothing
+            constants = peers.constants()
+            constants.pop("PUSH")
+            _tagged_all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
+                x, residual, out, weight, eps, rows, hidden, *peers.words_args(),
+                BLOCK=tagged_block, PACK=pack, **constants, num_warps=norm_warps(block),
+            )  # fmt: skip
+        return out
     _all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
         x, residual, out, weight, eps, rows, hidden, *peers.args(x.element_size()),
         BLOCK=block, **peers.constants(),
@@ -413,6 +597,16 @@ def all_reduce_qk_squares(
     out = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     _check(out, peers)
     block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
+    if peers.tagged and out.numel() * 8 <= peers.capacity:
+        if out.numel():  # a call without tokens would exchange nothing, and so wait for nothing
+            constants = peers.constants()
+            constants.pop("PUSH")
+            _tagged_all_reduce_qk_squares_kernel[(PROGRAMS,)](
+                qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,
+                *peers.words_args(),
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads, **constants,
+            )  # fmt: skip
+        return out
     _all_reduce_qk_squares_kernel[(PROGRAMS,)](
         qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,
         *peers.args(out.element_size()),

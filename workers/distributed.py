@@ -164,7 +164,8 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     peer kernels, which a CUDA graph can capture. Collective over the group; True where every
     rank managed it and a test sum came out right, else False and the group carries everything.
     The kernels push (see the kernels); AFS_PEER_PUSH=0 in every rank's environment makes them
-    pull instead."""
+    pull instead. The post-norm's all-reduce and the QK-norm's sums exchange tagged words;
+    AFS_PEER_TAGGED=0 makes them use data and flags as the others do."""
     global _PEERS
     if _TP.size == 1 or device.type != "cuda":
         return False
@@ -201,6 +202,7 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
         addresses = [buffer.data_ptr() for buffer in mapped]
         peers = PeerBuffers.from_addresses(_TP.rank, addresses, capacity, device)
         peers.push = os.environ.get("AFS_PEER_PUSH", "1") != "0"  # the same on every rank
+        peers.tagged = os.environ.get("AFS_PEER_TAGGED", "1") != "0"
         try:
             from kernels.peer_collectives import all_reduce_
 

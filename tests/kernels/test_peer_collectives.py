@@ -61,10 +61,35 @@ class OtherRank:
         self.slot(owner, self.other, epoch, data).copy_(data)
         self.flags(self.rank)[self.other].fill_(epoch)
 
+    def words(self, owner: int, slot: int, epoch: int) -> torch.Tensor:
+        """Slot `slot` of the tagged words' half for call `epoch` in `owner`'s buffer."""
+        start = _FLAG_BYTES + (4 + (epoch % 2) * 2 + slot) * CAPACITY
+        return self.buffers[owner][start : start + CAPACITY].view(torch.int64)
+
+    def announce_words(self, epoch: int, rows: torch.Tensor, block: int) -> None:
+        """The other rank's call number `epoch` through tagged words: its rows (padded to
+        `block` elements) written into this rank's buffer, each word tagged with the epoch."""
+        tagged = tagged_words(rows, block, epoch)
+        self.words(self.rank, self.other, epoch)[: tagged.numel()].copy_(tagged.view(-1))
+
     def published(self, epoch: int, like: torch.Tensor) -> torch.Tensor:
         """What this rank left for the other in call `epoch`."""
         owner = self.other if self.push else self.rank
         return self.slot(owner, self.rank, epoch, like)
+
+
+def tagged_words(rows: torch.Tensor, block: int, epoch: int) -> torch.Tensor:
+    """rows [R, C] -> int64 [R, block // pack]: the epoch in each word's high 32 bits, two
+    16-bit elements (the first lowest) or one 32-bit element in its low 32; written here with
+    torch, independently of the kernels' packing."""
+    padded = torch.zeros(rows.shape[0], block, dtype=rows.dtype)
+    padded[:, : rows.shape[1]] = rows
+    if rows.element_size() == 2:
+        bits = padded.view(torch.int16).to(torch.int64) & 0xFFFF
+        payload = bits[:, 0::2] | (bits[:, 1::2] << 16)
+    else:
+        payload = padded.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return (epoch << 32) | payload
 
 
 PUSH = [pytest.param(False, id="pull"), pytest.param(True, id="push")]
@@ -115,6 +140,47 @@ def test_all_reduce_with_the_post_norm_equals_the_two_kernels(push, dtype):
     assert group.flags(1)[0].tolist() == [1] * PROGRAMS
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tagged_words_carry_the_post_norm_all_reduce(rank, dtype):
+    """Through tagged words the post-norm with its all-reduce gives bitwise the two kernels'
+    result, and leaves its rows in the other rank's buffer tagged with the call's epoch."""
+    group = OtherRank(rank)
+    group.peers.tagged = True
+    rows, hidden, block = 3, 95, 128  # 95: an odd row, a word half masked
+    for epoch in (1, 2, 3):  # both halves, and a half used again
+        x, theirs = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+        residual = torch.randn(rows, hidden).to(dtype)
+        weight = (1 + 0.2 * torch.randn(hidden)).to(dtype)
+        parts = [theirs, x] if rank else [x, theirs]
+        summed = (parts[0].float() + parts[1].float()).to(dtype)
+        expected = rms_norm_add(summed, residual, weight, 1e-6)
+        group.announce_words(epoch, theirs, block)
+        got = all_reduce_rms_norm_add(x, residual, weight, 1e-6, group.peers)
+        assert torch.equal(got, expected), epoch
+        mine = tagged_words(x, block, epoch)  # the words that hold a row's elements
+        left = group.words(group.other, rank, epoch)[: mine.numel()].view(mine.shape)
+        used = -(-hidden // (2 if dtype == torch.float16 else 1))
+        assert torch.equal(left[:, :used], mine[:, :used])
+        assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
+        assert int(group.peers.status[0]) == 0
+    assert group.flags(group.other).eq(0).all()  # no flags: the words are the barrier
+
+
+def test_tagged_words_with_a_stale_tag_are_waited_for():
+    """Words from the call before (the same half two calls back) are not taken: the call
+    waits for this epoch's, gives up after max_spins polls and says so in the status."""
+    group = OtherRank(0)
+    group.peers.tagged, group.peers.max_spins = True, 50
+    x = torch.randn(1, 64)
+    group.announce_words(1, torch.randn(1, 64), 64)
+    all_reduce_rms_norm_add(x, x, torch.ones(64), 1e-6, group.peers)
+    assert int(group.peers.status[0]) == 0
+    group.peers.epochs.fill_(2)  # the next call is number 3, in the half call 1 used
+    all_reduce_rms_norm_add(x, x, torch.ones(64), 1e-6, group.peers)
+    assert int(group.peers.status[0]) == 1
+
+
 @pytest.mark.parametrize("push", PUSH)
 def test_qk_squares_summed_over_ranks_equal_the_two_kernels(push):
     """The sharded QK-norm's sums in one kernel: bitwise each rank's qk_sum_squares, summed."""
@@ -127,6 +193,19 @@ def test_qk_squares_summed_over_ranks_equal_the_two_kernels(push):
     got = all_reduce_qk_squares(qkv, heads, kv_heads, head_dim, 0.5, group.peers)
     assert torch.equal(got, torch.zeros_like(mine) + other + mine)  # rank order: 0, then 1
     assert torch.equal(group.published(1, mine), mine)
+
+
+def test_qk_squares_through_tagged_words_equal_the_two_kernels():
+    group = OtherRank(0)
+    group.peers.tagged = True
+    heads, kv_heads, head_dim, tokens = 4, 2, 16, 5
+    qkv, theirs = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim) for _ in range(2))
+    mine = qk_sum_squares(qkv, heads, kv_heads, head_dim, 0.5)
+    other = qk_sum_squares(theirs, heads, kv_heads, head_dim, 0.5)
+    group.announce_words(1, other, 2)
+    got = all_reduce_qk_squares(qkv, heads, kv_heads, head_dim, 0.5, group.peers)
+    assert torch.equal(got, torch.zeros_like(mine) + mine + other)
+    assert torch.equal(group.words(1, 0, 1)[: 2 * tokens], tagged_words(mine, 2, 1).view(-1))
 
 
 def test_bad_inputs_are_refused_before_any_launch():
@@ -145,10 +224,12 @@ def test_bad_inputs_are_refused_before_any_launch():
 _SHARED_CAPACITY = 1 << 18
 
 
-def _cpu_rank(rank: int, buffers, calls: list, results, max_spins=None, push=False) -> None:
+def _cpu_rank(
+    rank: int, buffers, calls: list, results, max_spins=None, push=False, tagged=False
+) -> None:
     addresses = [buffer.data_ptr() for buffer in buffers]
     peers = PeerBuffers.from_addresses(rank, addresses, _SHARED_CAPACITY, torch.device("cpu"))
-    peers.push = push
+    peers.push, peers.tagged = push, tagged
     out = []
     for i, (kind, inputs) in enumerate(calls):
         if rank >= len(inputs):  # this rank skips the call
@@ -169,7 +250,7 @@ def _cpu_rank(rank: int, buffers, calls: list, results, max_spins=None, push=Fal
     results.put((rank, out, int(peers.status[0])))
 
 
-def _run_cpu_ranks(calls: list, max_spins=None, push=False) -> dict:
+def _run_cpu_ranks(calls: list, max_spins=None, push=False, tagged=False) -> dict:
     import torch.multiprocessing
 
     size = PeerBuffers.buffer_bytes(_SHARED_CAPACITY, 2)
@@ -178,7 +259,9 @@ def _run_cpu_ranks(calls: list, max_spins=None, push=False) -> dict:
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
     ranks = [
-        context.Process(target=_cpu_rank, args=(r, buffers, calls, results, max_spins, push))
+        context.Process(
+            target=_cpu_rank, args=(r, buffers, calls, results, max_spins, push, tagged)
+        )
         for r in (0, 1)
     ]
     for process in ranks:
@@ -194,8 +277,12 @@ def _run_cpu_ranks(calls: list, max_spins=None, push=False) -> dict:
 
 
 @pytest.mark.skipif(DEVICE_IS_CUDA, reason="the interpreter's ranks are CPU processes")
-@pytest.mark.parametrize("push", PUSH)
-def test_two_processes_meet_at_every_barrier(push):
+@pytest.mark.parametrize(
+    "push, tagged",
+    [(False, False), (True, False), (True, True)],
+    ids=["pull", "push", "tagged"],
+)
+def test_two_processes_meet_at_every_barrier(push, tagged):
     sizes = [1, 7, 300, 2048, 33, 40_000]  # 40 000: several chunks per program
     kinds = ["sum", "gather", "sum", "norm", "squares"]
     rows = {"norm": 50, "squares": 64}
@@ -205,7 +292,7 @@ def test_two_processes_meet_at_every_barrier(push):
         if kind in rows:  # whole rows
             size = rows[kind] * (1 + size // rows[kind] % 40)
         calls.append((kind, [torch.randn(size) for _ in range(2)]))
-    got = _run_cpu_ranks(calls, push=push)
+    got = _run_cpu_ranks(calls, push=push, tagged=tagged)
     for i, (kind, inputs) in enumerate(calls):
         if kind == "sum":
             want = inputs[0] + inputs[1]
@@ -268,20 +355,22 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             parts = [torch.empty_like(x) for _ in range(2)]
             dist.all_gather(parts, x, group=group)
             assert torch.equal(distributed.tp_all_gather_last_dim(x), torch.cat(parts, -1))
-        for push, rows in [(push, rows) for push in (False, True) for rows in (1, 64)]:
-            peers.push = push  # the post-norm with its all-reduce against the two kernels
+        ways = [(False, False), (True, False), (True, True)]  # (push, tagged)
+        for (push, tagged), rows in [(way, rows) for way in ways for rows in (1, 64)]:
+            peers.push, peers.tagged = push, tagged  # the post-norm with its all-reduce
             x = torch.randn(rows, 4096, generator=gen, device=device).to(torch.bfloat16)
             residual = torch.randn(rows, 4096, device=device).to(torch.bfloat16)
             weight = torch.ones(4096, device=device, dtype=torch.bfloat16)
             fused = distributed.tp_all_reduce_rms_norm_add(x, residual, weight, 1e-6)
             two = rms_norm_add(distributed.tp_all_reduce(x.clone()), residual, weight, 1e-6)
-            assert torch.equal(fused, two), (push, rows)
-        for push, tokens in [(push, tokens) for push in (False, True) for tokens in (1, 64)]:
-            peers.push = push  # the QK-norm sums in one kernel against the two
+            assert torch.equal(fused, two), (push, tagged, rows)
+        for (push, tagged), tokens in [(way, tokens) for way in ways for tokens in (1, 64)]:
+            peers.push, peers.tagged = push, tagged  # the QK-norm sums in one kernel
             qkv = torch.randn(tokens, 32 * 128, generator=gen, device=device).to(torch.bfloat16)
             fused = distributed.tp_qk_sum_squares(qkv, 16, 8, 128, 1.0)
             two = distributed.tp_all_reduce(qk_sum_squares(qkv, 16, 8, 128, 1.0))
-            assert torch.equal(fused, two), (push, tokens)
+            assert torch.equal(fused, two), (push, tagged, tokens)
+        peers.tagged = False
         for push in (False, True):  # captured in a graph: ten chained sums, replayed three times
             peers.push = push
             static = torch.zeros(8, 4096, dtype=torch.bfloat16, device=device)

@@ -41,6 +41,7 @@ POINTERS = {
     "part_ptr": "*fp32",
     "flag_ptrs": "*i64",
     "data_ptrs": "*i64",
+    "words_ptrs": "*i64",
     "epochs_ptr": "*i32",
     "status_ptr": "*i32",
     "out_ptr": "*bf16",
@@ -119,6 +120,14 @@ CASES = {
         kernels.peer_collectives._all_reduce_qk_squares_kernel,
         dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32, PUSH=True),
     ),
+    "peer_post_norm_tagged": (
+        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2),
+    ),
+    "peer_qk_squares_tagged": (
+        kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
+        dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32),
+    ),
     "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
     "skinny_matmul_64_rows": _skinny(SPLIT_K=True, ROWS=64, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
@@ -131,7 +140,7 @@ CASES = {
 }
 
 
-READ_EARLY = {"decode_attention_prologue_early", "rmsnorm"}
+READ_EARLY = {"decode_attention_prologue_early", "rmsnorm", "peer_post_norm_tagged"}
 
 
 def _ptx(kernel, constants: dict, pdl: bool) -> str:
