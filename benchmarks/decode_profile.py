@@ -42,7 +42,7 @@ from workers.engine.sampling_params import SamplingParams
 KINDS = [
     ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|splitk"),
     ("ours (Triton)", r"^_kernel$"),
-    ("peer collectives", r"^_all_(reduce|gather)"),
+    ("peer collectives", r"^_(tagged_)?all_(reduce|gather)"),
 ]
 
 
