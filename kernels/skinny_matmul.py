@@ -71,10 +71,6 @@ _WORKSPACE_FLOATS = 1 << 22  # 16 MiB of fp32 partials
 _COUNTERS = 1 << 16
 _NORM_CHUNK = 2048  # elements of x a program loads at once for the norm's mean square
 _STAGE_ELEMENTS = 1 << 23  # scratch for the post-norm's stream, a row a program (tl.dot cuts)
-_PREFETCH_BYTES = int(float(os.environ.get("AFS_PREFETCH_MB", "0")) * (1 << 20))
-"""What a call launched early prefetches into L2, over all its programs, before its wait: at
-least two K steps of each program's tiles (the default, 0), more up to this many bytes."""
-_PREFETCH_ELEMENTS = 1 << 13  # prefetched lines a program issues at most (one register each)
 
 
 @triton.jit
@@ -85,8 +81,7 @@ def _matmul_kernel(
     M, N, K, K_PER_SPLIT, SPLIT,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-    NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PREFETCH_STEPS: tl.constexpr,
-    PDL: tl.constexpr,
+    NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -97,9 +92,9 @@ def _matmul_kernel(
     k_start = split * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     if PDL:
-        # launched early: while the kernel before finishes, pull this program's first W tiles
-        # into L2 (weights, which no kernel writes), then wait for it
-        prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K, PREFETCH_STEPS)
+        # launched early: while the kernel before finishes, pull this program's first two W
+        # tiles into L2 (weights, which no kernel writes), then wait for it
+        prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
     wait_for_previous(PDL)
     if NORM:  # the row's 1 / rms over all of K (every program): its chunks' loads all in flight
         squares = tl.zeros([NORM_CHUNK], dtype=tl.float32)
@@ -201,11 +196,10 @@ def _post_norm(x, residual, weight, inv_rms, dtype: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K: tl.constexpr,
-                STEPS: tl.constexpr = 2):  # fmt: skip
+def prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K: tl.constexpr):
     """`prefetch.global.L2` of every 128-byte line of W's rows `cols`, columns k_start to
-    k_start + STEPS * BLOCK_K (within k_end): one instruction per line, no registers filled."""
-    lines: tl.constexpr = STEPS * BLOCK_K * 2 // 128  # 16-bit weights
+    k_start + 2 * BLOCK_K (within k_end): one instruction per line, no registers filled."""
+    lines: tl.constexpr = 2 * BLOCK_K * 2 // 128  # 16-bit weights
     offsets = k_start + tl.arange(0, lines) * 64  # elements
     pointers = w_ptr + cols[:, None].to(tl.int64) * stride_w + offsets[None, :]
     ok = col_ok[:, None] & (offsets < k_end)[None, :]
@@ -409,7 +403,6 @@ def _launch(
         chunk = min(triton.next_power_of_2(k), _NORM_CHUNK)
         chunks = triton.cdiv(k, chunk)
     grid = (triton.cdiv(n, config.block_n), slices)
-    prefetch = prefetch_steps(grid[0] * slices, config, k_per_split, weight.element_size())
     stage = x  # unused but where a padded call stages its post-norm's stream
     if norm is not None and rows > 1:
         if grid[0] * slices * k > _STAGE_ELEMENTS:
@@ -425,18 +418,7 @@ def _launch(
         m, n, k, k_per_split, slices,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
-        NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PREFETCH_STEPS=prefetch,
+        NORM_CHUNK=chunk, NORM_CHUNKS=chunks,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return y
-
-
-def prefetch_steps(programs: int, config: Config, k_per_split: int, element_size: int) -> int:
-    """K steps each program prefetches before its wait: two, or more while the grid's total
-    stays within AFS_PREFETCH_MB (and each program's slice, and its register budget)."""
-    step_bytes = programs * config.block_n * config.block_k * element_size
-    steps = max(2, _PREFETCH_BYTES // step_bytes)
-    steps = min(steps, triton.cdiv(k_per_split, config.block_k))
-    lines_per_step = config.block_k * element_size // 128
-    steps = min(steps, max(1, _PREFETCH_ELEMENTS // (config.block_n * lines_per_step)))
-    return max(1, triton.next_power_of_2(steps + 1) // 2)  # a power of two: few variants

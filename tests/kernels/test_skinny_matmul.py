@@ -445,17 +445,3 @@ def test_chained_launches_with_pdl_give_what_they_give_without(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(eager, plain) and torch.equal(captured, plain)
-
-
-def test_prefetch_steps_two_by_default_more_within_the_budget(monkeypatch):
-    from kernels import skinny_matmul as sm
-
-    config = sm.Config(128, 128, 1)  # 86 programs of 7B's gate/up at tp = 2: 2.75 MiB a step
-    monkeypatch.setattr(sm, "_PREFETCH_BYTES", 0)
-    assert sm.prefetch_steps(86, config, 4096, 2) == 2
-    assert sm.prefetch_steps(86, config, 128, 2) == 1  # a slice of one step
-    monkeypatch.setattr(sm, "_PREFETCH_BYTES", 24 << 20)
-    assert sm.prefetch_steps(86, config, 4096, 2) == 8  # 8 steps: 22 MiB, a power of two
-    assert sm.prefetch_steps(86, config, 512, 2) == 4  # no further than the slice
-    wide = sm.Config(8, 1024, 1)
-    assert sm.prefetch_steps(512, wide, 5504, 2) == 2  # 8 MiB a step: the two of the default

@@ -63,8 +63,7 @@ def _skinny(**constants) -> tuple:
     """A case of the skinny matmul: bf16, no SwiGLU unless given."""
     return (
         kernels.skinny_matmul._matmul_kernel,
-        dict(IEEE=False, SWIGLU=False, NORM=False, NORM_CHUNK=2048, NORM_CHUNKS=2, PREFETCH_STEPS=2)
-        | constants,
+        dict(IEEE=False, SWIGLU=False, NORM=False, NORM_CHUNK=2048, NORM_CHUNKS=2) | constants,
     )
 
 
