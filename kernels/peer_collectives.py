@@ -52,6 +52,7 @@ SM count ensures.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -156,6 +157,69 @@ class PeerBuffers:
         if nbytes is None:
             nbytes = x.numel() * x.element_size()
         return x.is_contiguous() and nbytes <= self.capacity
+
+
+class WordsTarget(NamedTuple):
+    """Where a row-parallel matmul's epilogue pushes its [rows, hidden] partial sums as the
+    tagged words that the post-norm's all-reduce after it reads (`all_reduce_rms_norm_add` with
+    `pushed=True` then only waits for them): the peers, a row's words, elements per word."""
+
+    peers: PeerBuffers
+    row_words: int
+    pack: int
+
+    def args(self) -> tuple:
+        """words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS."""
+        return (
+            self.peers.words_ptrs, self.peers.epochs, self.peers.rank,
+            self.peers.capacity // 8, self.row_words,
+        )  # fmt: skip
+
+    def constants(self) -> dict:
+        return dict(WORLD=self.peers.world, PEER_PROGRAMS=PROGRAMS, PACK=self.pack)
+
+
+def words_target(
+    peers: PeerBuffers, rows: int, hidden: int, dtype: torch.dtype
+) -> WordsTarget | None:
+    """The tagged words' layout of a post-norm all-reduce of [rows, hidden] in `dtype` (a row
+    padded to a power of two elements, two 16-bit or one 32-bit element a word), or None where
+    that call exchanges data and flags instead (tagged words off, no rows, or too many)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if not peers.tagged or size not in (2, 4) or rows < 1:
+        return None
+    pack = 2 if size == 2 else 1
+    row_words = max(triton.next_power_of_2(hidden), 2) // pack
+    if rows * row_words * 8 > peers.capacity:
+        return None
+    return WordsTarget(peers, row_words, pack)
+
+
+@triton.jit
+def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
+                   ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
+                   PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr):  # fmt: skip
+    """A matmul's output tile values [ROWS, BLOCK_N] (columns col0 onwards, of N), as the
+    tagged words of the post-norm all-reduce call that comes next on this rank, into slot
+    `rank` of every other rank's buffer: row r is program r % PEER_PROGRAMS's there, so its
+    epoch is that program's count of calls plus one."""
+    epoch = tl.load(epochs_ptr + rows % PEER_PROGRAMS) + 1  # [ROWS]
+    half = (epoch % 2).to(tl.int64)
+    tag = epoch.to(tl.int64)[:, None] << 32
+    if PACK == 2:
+        low, high = tl.split(tl.reshape(values, [ROWS, BLOCK_N // 2, 2]))
+        low = low.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        high = high.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+        words = tag | (high << 16) | low
+    else:
+        words = tag | (values.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+    word_cols = col0 // PACK + tl.arange(0, BLOCK_N // PACK)
+    ok = row_ok[:, None] & (word_cols * PACK < N)[None, :]
+    place = (half * WORLD + rank)[:, None] * SLOT_WORDS + rows[:, None] * ROW_WORDS
+    for owner in tl.static_range(WORLD):
+        if owner != rank:
+            base = tl.load(words_ptrs + owner).to(tl.pointer_type(tl.int64))
+            tl.store(base + place + word_cols[None, :], words, mask=ok)
 
 
 @triton.jit
@@ -429,10 +493,11 @@ def _tagged_all_reduce_rms_norm_add_kernel(
     x_ptr, residual_ptr, out_ptr, weight_ptr, eps, ROWS, HIDDEN,
     words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr,
-    PDL: tl.constexpr,
+    PUSHED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """_all_reduce_rms_norm_add_kernel's result through tagged words: program p owns rows p,
-    p + PROGRAMS, ...; a row is BLOCK // PACK words in the slots."""
+    p + PROGRAMS, ...; a row is BLOCK // PACK words in the slots. PUSHED: the matmul that made x
+    pushed them already (push_row_words), so this call only waits for the others'."""
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
@@ -445,11 +510,12 @@ def _tagged_all_reduce_rms_norm_add_kernel(
     word_mask = word_cols * PACK < HIDDEN
 
     # -- this rank's rows, tagged, into every other rank's buffer --
-    for row in range(program, ROWS, PROGRAMS):
-        value = tl.load(x_ptr + row * HIDDEN + cols, mask=mask, other=0.0)
-        words = _pack_words(value, epoch, BLOCK, PACK)
-        _push_words(words, row * WORDS + word_cols, word_mask, words_ptrs, rank, half, WORLD,
-                    SLOT_WORDS)  # fmt: skip
+    if not PUSHED:
+        for row in range(program, ROWS, PROGRAMS):
+            value = tl.load(x_ptr + row * HIDDEN + cols, mask=mask, other=0.0)
+            words = _pack_words(value, epoch, BLOCK, PACK)
+            _push_words(words, row * WORDS + word_cols, word_mask, words_ptrs, rank, half, WORLD,
+                        SLOT_WORDS)  # fmt: skip
 
     # -- each row: the others' words once they carry this call's epoch; the sum in rank order,
     #    rounded as the all-reduce rounds it; then the post-norm --
@@ -543,11 +609,18 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
 
 
 def all_reduce_rms_norm_add(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, peers: PeerBuffers
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    peers: PeerBuffers,
+    pushed: bool = False,
 ) -> torch.Tensor:
     """Olmo 2's post-norm after a row-parallel layer, with its all-reduce inside: x [T, hidden]
     this rank's partial sums -> residual + rms_norm(sum over ranks of x), a new tensor. The
-    values are those of `all_reduce_` followed by kernels/rmsnorm.py's `rms_norm_add`."""
+    values are those of `all_reduce_` followed by kernels/rmsnorm.py's `rms_norm_add`.
+    `pushed`: the matmul that made x pushed it as tagged words (to `words_target` of this call,
+    which must not be None), so that this call only waits for the others'."""
     _check(x, peers)
     if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(
@@ -559,20 +632,17 @@ def all_reduce_rms_norm_add(
         raise ValueError(f"residual, weight: expected contiguous [T, {hidden}] and [{hidden}]")
     out = torch.empty_like(x)
     block = triton.next_power_of_2(hidden)
-    pack = 2 if x.element_size() == 2 else 1
-    tagged_block = max(block, 2)
-    if (
-        peers.tagged
-        and x.element_size() in (2, 4)
-        and rows * tagged_block * 8 // pack <= peers.capacity
-    ):
-        if rows:  # a call without rows would exchange nothing, and so wait for nothing
-            constants = peers.constants()
-            constants.pop("PUSH")
-            _tagged_all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
-                x, residual, out, weight, eps, rows, hidden, *peers.words_args(),
-                BLOCK=tagged_block, PACK=pack, **constants, num_warps=norm_warps(block),
-            )  # fmt: skip
+    target = words_target(peers, rows, hidden, x.dtype)
+    if pushed and target is None:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype}: no tagged words to have pushed it as")
+    if target is not None:
+        constants = peers.constants()
+        constants.pop("PUSH")
+        _tagged_all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
+            x, residual, out, weight, eps, rows, hidden, *peers.words_args(),
+            BLOCK=target.row_words * target.pack, PACK=target.pack, PUSHED=pushed, **constants,
+            num_warps=norm_warps(block),
+        )  # fmt: skip
         return out
     _all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
         x, residual, out, weight, eps, rows, hidden, *peers.args(x.element_size()),

@@ -62,6 +62,7 @@ from kernels.launch import (
     rearm,
     wait_for_previous,
 )
+from kernels.peer_collectives import WordsTarget, push_row_words
 from kernels.rmsnorm import add_rounded
 
 MAX_ROWS = 64
@@ -79,9 +80,11 @@ def _matmul_kernel(
     part_ptr, count_ptr,
     residual_ptr, stride_residual, norm_w_ptr, stream_ptr, stride_stream, eps, stage_ptr,
     M, N, K, K_PER_SPLIT, SPLIT,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-    NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PDL: tl.constexpr,
+    NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PUSH_WORDS: tl.constexpr,
+    WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -174,6 +177,10 @@ def _matmul_kernel(
     out_ok = row_ok[:, None] & col_ok[None, :]
     if not SPLIT_K:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        if PUSH_WORDS:
+            push_row_words(acc.to(y_ptr.dtype.element_ty), rows, row_ok, tile * BLOCK_N, N,
+                           words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
+                           WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
@@ -184,6 +191,10 @@ def _matmul_kernel(
             for s in range(SPLIT):
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            if PUSH_WORDS:
+                push_row_words(total.to(y_ptr.dtype.element_ty), rows, row_ok, tile * BLOCK_N, N,
+                               words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS,
+                               BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
             rearm(count_ptr + tile)
 
 
@@ -323,16 +334,24 @@ def skinny_matmul(
     swiglu: bool = False,
     split: int | None = None,
     config: Config | None = None,
+    push: WordsTarget | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 64) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
 
     `swiglu`: x is a gate/up projection's output [M, 2K] (gate first) and the rows multiplied are
     silu(gate) * up, computed on the way in exactly as `kernels.activation.silu_and_mul` does
     (one launch and one [M, K] round trip fewer). `split` overrides the plan's K slices (tests);
-    `config` the whole plan (a measured one, or a sweep's candidate)."""
+    `config` the whole plan (a measured one, or a sweep's candidate). `push`: the product is a
+    row-parallel layer's partial sum, and each output tile also goes, as it is written, to the
+    other ranks as the tagged words of the post-norm all-reduce that follows
+    (kernels/peer_collectives.py), which then only waits for theirs."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    return _launch(x, weight, swiglu, None, split, config)
+    if push is not None and (
+        push.row_words * push.pack < weight.shape[0] or weight.shape[0] % push.pack
+    ):
+        raise ValueError(f"skinny_matmul: {weight.shape[0]} outputs do not fit {push}")
+    return _launch(x, weight, swiglu, None, split, config, push)
 
 
 def rms_norm_add_matmul(
@@ -369,7 +388,7 @@ def rms_norm_add_matmul(
     if x.shape[0] != 1:
         raise ValueError(f"rms_norm_add_matmul takes one row, got {x.shape[0]}")
     stream = torch.empty_like(x)
-    product = _launch(x, weight, False, (residual, norm_weight, stream, eps), split, config)
+    product = _launch(x, weight, False, (residual, norm_weight, stream, eps), split, config, None)
     return stream, product
 
 
@@ -380,9 +399,10 @@ def _launch(
     norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
     split: int | None,
     config: Config | None,
+    push: WordsTarget | None,
 ) -> torch.Tensor:
     """One call: x (or what `swiglu` or `norm` = (residual, norm weight, stream out, eps) forms
-    from it on the way in) times weight transposed."""
+    from it on the way in) times weight transposed; its tiles pushed to `push` too."""
     m = x.shape[0]
     n, k = weight.shape
     if not 1 <= m <= MAX_ROWS:
@@ -411,14 +431,19 @@ def _launch(
                 f"{_STAGE_ELEMENTS} elements of scratch; take a cut of fewer programs"
             )
         stage = _stage(x.device, x.dtype)
+    if push is None:  # unused, constexprs fixed
+        words = (counters, counters, 0, 0, 0)
+        push_constants = dict(WORLD=1, PEER_PROGRAMS=1, PACK=1)
+    else:
+        words, push_constants = push.args(), push.constants()
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
         residual, residual.stride(0), norm_weight, stream, stream.stride(0), eps, stage,
-        m, n, k, k_per_split, slices,
+        m, n, k, k_per_split, slices, *words,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
-        NORM_CHUNK=chunk, NORM_CHUNKS=chunks,
+        NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=push is not None, **push_constants,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )  # fmt: skip
     return y

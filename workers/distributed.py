@@ -99,11 +99,33 @@ def tp_all_reduce_rms_norm_add(
 ) -> torch.Tensor | None:
     """residual + rms_norm(sum of x over the ranks) as one peer kernel, or None where that
     kernel does not apply (one rank, no peer buffers, a tensor they cannot take)."""
+    from workers.layers.fused import PUSHED_ATTRIBUTE
+
+    pushed = getattr(x, PUSHED_ATTRIBUTE, False)
+    if pushed:
+        delattr(x, PUSHED_ATTRIBUTE)  # read once: a second reader pushes x itself
     if not _peer_fit(x):
         return None
     from kernels.peer_collectives import all_reduce_rms_norm_add
 
-    return all_reduce_rms_norm_add(x, residual.contiguous(), weight, eps, _PEERS)
+    return all_reduce_rms_norm_add(x, residual.contiguous(), weight, eps, _PEERS, pushed)
+
+
+PUSH_PARTIALS = os.environ.get("AFS_PEER_PUSH_PARTIALS", "1") != "0"
+"""Row-parallel matmuls push their partial sums as tagged words as they write them (where the
+skinny matmul makes them and the post-norm's all-reduce takes tagged words); 0: the all-reduce
+kernel pushes them itself."""
+
+
+def tp_partial_words_target(rows: int, hidden: int, dtype: torch.dtype):
+    """Where a row-parallel matmul pushes its [rows, hidden] partial sums for the post-norm's
+    all-reduce (a kernels.peer_collectives.WordsTarget), or None: one rank, no peer buffers, no
+    tagged words for that call, or AFS_PEER_PUSH_PARTIALS=0."""
+    if _TP.size == 1 or _PEERS is None or not PUSH_PARTIALS:
+        return None
+    from kernels.peer_collectives import words_target
+
+    return words_target(_PEERS, rows, hidden, dtype)
 
 
 def tp_qk_sum_squares(

@@ -335,6 +335,9 @@ def test_a_timed_out_collective_stops_the_rank(monkeypatch):
 def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
     import torch.distributed as dist
 
+    from kernels.peer_collectives import words_target
+    from kernels.skinny_matmul import Config, skinny_matmul
+
     from workers import distributed
 
     try:
@@ -370,6 +373,18 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             fused = distributed.tp_qk_sum_squares(qkv, 16, 8, 128, 1.0)
             two = distributed.tp_all_reduce(qk_sum_squares(qkv, 16, 8, 128, 1.0))
             assert torch.equal(fused, two), (push, tagged, tokens)
+        peers.push, peers.tagged = True, True  # a row-parallel matmul pushing its partial
+        for rows, config in [(1, Config(8, 1024, 1, 2, 2, True)), (16, Config(32, 128, 4))]:
+            x = torch.randn(rows, 2048, generator=gen, device=device).to(torch.bfloat16)
+            weight = torch.randn(4096, 2048, generator=gen, device=device).to(torch.bfloat16)
+            residual = torch.randn(rows, 4096, device=device).to(torch.bfloat16)
+            norm_weight = torch.ones(4096, device=device, dtype=torch.bfloat16)
+            target = words_target(peers, rows, 4096, torch.bfloat16)
+            part = skinny_matmul(x, weight, config=config, push=target)
+            fused = all_reduce_rms_norm_add(part, residual, norm_weight, 1e-6, peers, pushed=True)
+            plain = skinny_matmul(x, weight, config=config)
+            two = rms_norm_add(distributed.tp_all_reduce(plain), residual, norm_weight, 1e-6)
+            assert torch.equal(fused, two), ("pushed", rows)
         peers.tagged = False
         for push in (False, True):  # captured in a graph: ten chained sums, replayed three times
             peers.push = push
@@ -428,3 +443,42 @@ def test_two_gpus_match_nccl_eagerly_and_in_a_graph():
     errors = [failures.get() for _ in range(failures.qsize())] if not failures.empty() else []
     assert not alive, f"ranks did not finish in 180 s (a hang): {errors}"
     assert [p.exitcode for p in ranks] == [0, 0], errors
+
+
+@pytest.mark.parametrize(
+    "rows, config",
+    [(1, (8, 64, 1, 4, 2, True)), (3, (16, 32, 3, 4, 2, False))],
+    ids=["one-row", "split-k"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_a_matmul_pushes_its_partial_and_the_post_norm_only_waits(rows, config, dtype):
+    """A row-parallel matmul pushes its product as the tagged words of the post-norm all-reduce
+    that comes next (the other rank's epoch for the call); that call, told so, pushes nothing
+    and gives what the two kernels give."""
+    from kernels.peer_collectives import words_target
+    from kernels.skinny_matmul import Config, skinny_matmul
+
+    group = OtherRank(1)
+    group.peers.tagged = True
+    hidden, k = 48, 96
+    group.peers.epochs.fill_(4)  # the post-norm's call will be number 5
+    x, weight = torch.randn(rows, k).to(dtype), torch.randn(hidden, k).to(dtype)
+    target = words_target(group.peers, rows, hidden, dtype)
+    product = skinny_matmul(x, weight, config=Config(*config), push=target)
+    assert torch.equal(product, skinny_matmul(x, weight, config=Config(*config)))
+    block = 64  # the next power of two of hidden
+    mine = tagged_words(product, block, 5)
+    used = -(-hidden // target.pack)
+    pushed = group.words(0, 1, 5)[: mine.numel()].view(mine.shape)
+    assert torch.equal(pushed[:, :used], mine[:, :used])
+    assert group.peers.epochs.tolist() == [4] * PROGRAMS  # the matmul counts no call
+
+    pushed.fill_(-1)  # anything the post-norm pushed now would show
+    theirs = torch.randn(rows, hidden).to(dtype)
+    residual, norm_weight = torch.randn(rows, hidden).to(dtype), torch.ones(hidden).to(dtype)
+    group.announce_words(5, theirs, block)
+    got = all_reduce_rms_norm_add(product, residual, norm_weight, 1e-6, group.peers, pushed=True)
+    summed = (theirs.float() + product.float()).to(dtype)  # rank order: 0, then 1
+    assert torch.equal(got, rms_norm_add(summed, residual, norm_weight, 1e-6))
+    assert pushed.eq(-1).all()
+    assert int(group.peers.status[0]) == 0

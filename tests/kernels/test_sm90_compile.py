@@ -63,7 +63,18 @@ def _skinny(**constants) -> tuple:
     """A case of the skinny matmul: bf16, no SwiGLU unless given."""
     return (
         kernels.skinny_matmul._matmul_kernel,
-        dict(IEEE=False, SWIGLU=False, NORM=False, NORM_CHUNK=2048, NORM_CHUNKS=2) | constants,
+        dict(
+            IEEE=False,
+            SWIGLU=False,
+            NORM=False,
+            NORM_CHUNK=2048,
+            NORM_CHUNKS=2,
+            PUSH_WORDS=False,
+            WORLD=1,
+            PEER_PROGRAMS=1,
+            PACK=1,
+        )  # fmt: skip
+        | constants,
     )
 
 
@@ -122,7 +133,11 @@ CASES = {
     ),
     "peer_post_norm_tagged": (
         kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2),
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=False),
+    ),
+    "peer_post_norm_pushed": (
+        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=True),
     ),
     "peer_qk_squares_tagged": (
         kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
@@ -131,6 +146,26 @@ CASES = {
     "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
     "skinny_matmul_64_rows": _skinny(SPLIT_K=True, ROWS=64, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
+    "skinny_matmul_one_row_pushing": _skinny(
+        SPLIT_K=False,
+        ROWS=1,
+        BLOCK_N=8,
+        BLOCK_K=1024,
+        PUSH_WORDS=True,
+        WORLD=2,
+        PEER_PROGRAMS=32,
+        PACK=2,
+    ),  # fmt: skip
+    "skinny_matmul_split_k_pushing": _skinny(
+        SPLIT_K=True,
+        ROWS=16,
+        BLOCK_N=32,
+        BLOCK_K=128,
+        PUSH_WORDS=True,
+        WORLD=2,
+        PEER_PROGRAMS=32,
+        PACK=2,
+    ),  # fmt: skip
     "skinny_matmul_post_norm_one_row": _skinny(
         SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, NORM=True
     ),
@@ -140,7 +175,12 @@ CASES = {
 }
 
 
-READ_EARLY = {"decode_attention_prologue_early", "rmsnorm", "peer_post_norm_tagged"}
+READ_EARLY = {
+    "decode_attention_prologue_early",
+    "rmsnorm",
+    "peer_post_norm_tagged",
+    "peer_post_norm_pushed",
+}
 
 
 def _ptx(kernel, constants: dict, pdl: bool) -> str:

@@ -55,9 +55,15 @@ def _skinny_fits(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> bool:
     return 1 <= x.shape[0] <= MAX_ROWS
 
 
-def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor | None:
+PUSHED_ATTRIBUTE = "_afs_peer_words_pushed"
+"""The attribute a partial product carries once its matmul pushed it to the other ranks as
+tagged words (`linear` with `push`); its post-norm all-reduce takes it off as it reads it."""
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool, push=None) -> torch.Tensor | None:
     """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
-    matmul where it applies (see above), or None."""
+    matmul where it applies (see above), or None. `push` (a kernels.peer_collectives
+    WordsTarget): the product is a row-parallel partial sum, pushed as it is written."""
     if not _skinny_fits(x, weight, swiglu):
         return None
     from kernels.skinny_matmul import measured_config, skinny_matmul
@@ -65,7 +71,10 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> torch.Tensor
     config = measured_config(x, weight, swiglu)
     if config is None and not SKINNY_MATMUL:
         return None
-    return skinny_matmul(x, weight, swiglu=swiglu, config=config)
+    out = skinny_matmul(x, weight, swiglu=swiglu, config=config, push=push)
+    if push is not None:
+        setattr(out, PUSHED_ATTRIBUTE, True)
+    return out
 
 
 FUSED_POST_NORM = os.environ.get("AFS_FUSED_POST_NORM", "1")
@@ -113,14 +122,15 @@ def rms_norm_add_linear(
     return rms_norm_add_matmul(x, residual, norm_weight, eps, weight, config=config)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, push=None) -> torch.Tensor:
     """x W^T: a decode batch (2-D, up to 64 rows) through the skinny matmul kernel where it
-    applies (see above), anything else through F.linear."""
-    out = _skinny(x, weight, swiglu=False)
+    applies (see above), anything else through F.linear. `push`: see `_skinny`; the product
+    says whether it was pushed by its PUSHED_ATTRIBUTE."""
+    out = _skinny(x, weight, swiglu=False, push=push)
     return F.linear(x, weight) if out is None else out
 
 
-def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, push=None) -> torch.Tensor | None:
     """(silu(gate) * up) W^T from gate_up [T, 2K] in one skinny matmul launch, or None where that
     kernel does not apply (the caller runs the activation and its matmul apart)."""
-    return _skinny(gate_up, weight, swiglu=True)
+    return _skinny(gate_up, weight, swiglu=True, push=push)

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from workers.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from workers.distributed import (
+    divide,
+    get_tp_rank,
+    get_tp_size,
+    tp_all_reduce,
+    tp_partial_words_target,
+)
 from workers.layers import fused
 from workers.layers.quantization import Int4WeightOnly
 
@@ -178,8 +184,17 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """`reduce=False` returns this rank's partial sum, for a caller that sums it over the
-        ranks itself (fused with what follows); only without a bias, which must come after."""
+        ranks itself with the post-norm's all-reduce (`RMSNorm.norm_and_add(reduce=True)`); only
+        without a bias, which must come after. Where the peer kernels take that all-reduce as
+        tagged words, the matmul pushes its tiles to the other ranks as it writes them."""
+        if not reduce and self.int4 is None and self.bias is None:
+            push = self.partial_push(x.shape[0] if x.dim() == 2 else 0, x.dtype)
+            return self.finish(fused.linear(x, self.weight, push), reduce)
         return self.finish(self.matmul(x), reduce)
+
+    def partial_push(self, rows: int, dtype: torch.dtype):
+        """Where a partial sum of `rows` rows goes as it is written (see forward), or None."""
+        return tp_partial_words_target(rows, self.weight.shape[0], dtype)
 
     def finish(self, out: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """This rank's product `out` summed over the ranks (unless `reduce=False`), plus the bias:

@@ -26,7 +26,8 @@ class GatedMLP(nn.Module):
         this rank's partial sum, see RowParallelLinear)."""
         down = self.down_proj
         if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
-            out = fused.swiglu_linear(gate_up, down.weight)
+            push = None if reduce else down.partial_push(gate_up.shape[0], gate_up.dtype)
+            out = fused.swiglu_linear(gate_up, down.weight, push)
             if out is not None:
                 return down.finish(out, reduce)
         return down(self.act(gate_up), reduce)
