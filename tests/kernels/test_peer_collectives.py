@@ -337,7 +337,6 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
 
     from kernels.peer_collectives import words_target
     from kernels.skinny_matmul import Config, skinny_matmul
-
     from workers import distributed
 
     try:
