@@ -55,6 +55,12 @@ def test_tp_2_and_4_match_tp_1(tmp_path, case):
     reference = run(tmp_path, 1)
     for tp in (2, 4):
         assert_same(reference, run(tmp_path, tp), f"tp={tp}")
+    engine = LLMEngine(model=str(tmp_path), device="cpu", tp=2, num_kv_blocks=16)
+    try:  # every rank holds the whole embedding, unless the LM head shares it
+        tied = overrides.get("tie_word_embeddings", False)
+        assert engine.model.model.embed_tokens.replicated is not tied
+    finally:
+        engine.shutdown()
 
 
 def test_olmo2_fused_kernels_at_tp_2_match_the_pytorch_path_at_tp_1(tmp_path, monkeypatch):
@@ -128,6 +134,30 @@ def test_the_roofline_of_a_rank_counts_its_shard(tmp_path):
     assert floors[1].attention_width == config.num_hidden_layers * config.q_size
     assert floors[2].attention_width * 2 == floors[1].attention_width
     assert floors[2].linear_params * 2 == floors[1].linear_params
+    # the weights read in full: everything but the embedding's table (a rank's whole table at
+    # tp = 2, read only at its tokens' rows): tp = 2 reads half of tp = 1's, but for the norms
+    # every rank holds whole (fp32 here)
+    embedding = config.vocab_size * config.hidden_size * 4
+    norms = config.hidden_size * (2 * config.num_hidden_layers + 1) * 4
+    layers, lm_head = floors[1].linear_params * 4, floors[1].lm_head_params * 4
+    assert layers + lm_head < floors[1].weight_bytes < layers + lm_head + 2 * norms
+    assert 0 <= floors[2].weight_bytes * 2 - floors[1].weight_bytes <= norms < embedding
+
+
+def test_olmo2_at_tp_2_with_the_embedding_split_matches_tp_1(tmp_path, monkeypatch):
+    """The embedding split over the ranks (each looks up its own rows, the rest summed in as
+    zeros), as a tied embedding always is, against tp = 1."""
+    from workers.models import base
+
+    monkeypatch.setattr(base, "REPLICATED_EMBEDDING", False)
+    monkeypatch.setenv("AFS_TP_REPLICATED_EMBEDDING", "0")  # the spawned rank's choice
+    make_checkpoint(tmp_path, "Olmo2", dict(num_attention_heads=4, num_key_value_heads=4))
+    engine = LLMEngine(model=str(tmp_path), device="cpu", tp=2, num_kv_blocks=64)
+    try:
+        assert not engine.model.model.embed_tokens.replicated
+    finally:
+        engine.shutdown()
+    assert_same(run(tmp_path, 1, max_tokens=8), run(tmp_path, 2, max_tokens=8), "split")
 
 
 def test_shutdown_tears_down_rank_0s_group_before_it_waits_for_the_followers(monkeypatch):

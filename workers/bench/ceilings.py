@@ -170,12 +170,24 @@ def _check_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dtype: to
         raise RuntimeError(f"matmul check failed: max error {error:.3g} > bound {bound:.3g}")
 
 
+def read_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights a forward reads in full: every parameter but the token embedding's
+    table, of which a step reads only its tokens' rows (unless the LM head shares it)."""
+    embedding = model.model.embed_tokens.weight
+    return sum(
+        p.numel() * p.element_size()
+        for p in model.parameters()
+        if p is not embedding or p is model.lm_head.weight
+    )
+
+
 @dataclass(frozen=True)
 class Roofline:
     """The least time a forward of this model can take on a machine with these ceilings."""
 
     weight_bytes: int
-    """Every parameter read once per forward (the embedding table counted whole)."""
+    """The parameters a forward reads in full (`read_weight_bytes`: all but the token
+    embedding's table, unless the LM head shares it)."""
     linear_params: int
     """Weights of the decoder layers' matrices: 2 FLOPs each per token."""
     lm_head_params: int
@@ -197,7 +209,7 @@ class Roofline:
         layers = config.num_hidden_layers
         layer_kv_bytes = 2 * attn.num_kv_heads * attn.head_dim * config.torch_dtype.itemsize
         return cls(
-            weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            weight_bytes=read_weight_bytes(model),
             linear_params=sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2),
             lm_head_params=model.lm_head.weight.numel(),
             attention_width=layers * attn.num_heads * attn.head_dim,

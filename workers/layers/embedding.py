@@ -12,11 +12,17 @@ from workers.layers.linear import copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Each rank holds a contiguous slice of rows; ids outside it contribute zeros to the sum."""
+    """Each rank holds a contiguous slice of rows; ids outside it contribute zeros to the sum.
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    `replicated`: every rank holds every row instead and looks its ids up alone, with no
+    all-reduce (a decode step reads a few rows of the table, so its memory is all it costs)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, replicated: bool = False) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.replicated = replicated and self.tp_size > 1
+        if self.replicated:
+            self.tp_rank, self.tp_size = 0, 1  # a rank's share is the whole table
         self.vocab_size = vocab_size
         self.rows_per_rank = -(-vocab_size // self.tp_size)  # the last rank's slice is padded
         self.vocab_start = self.tp_rank * self.rows_per_rank

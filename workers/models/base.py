@@ -8,6 +8,7 @@ residual); see `DecoderStack.forward`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -28,6 +29,9 @@ FUSED_PROJECTIONS = {
     "up_proj": ("gate_up_proj", 1),
 }
 IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
+REPLICATED_EMBEDDING = os.environ.get("AFS_TP_REPLICATED_EMBEDDING", "1") != "0"
+"""At tp > 1 every rank holds the whole token embedding (no all-reduce after the lookup), unless
+the LM head shares its weight; AFS_TP_REPLICATED_EMBEDDING=0 splits it over the ranks."""
 
 
 class DecoderStack(nn.Module):
@@ -35,7 +39,11 @@ class DecoderStack(nn.Module):
         self, config: ModelConfig, make_layer: Callable[[ModelConfig, int], nn.Module]
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # at tp > 1 each rank holds the whole table unless the LM head shares it
+        replicated = REPLICATED_EMBEDDING and not config.tie_word_embeddings
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, replicated=replicated
+        )
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
