@@ -156,6 +156,33 @@ def check(result: dict, save) -> None:
           f"tp=2 graphs == eager: {two == two_eager}", flush=True)  # fmt: skip
     save()
 
+    # Olmo 2's decode path at tp = 2: every decode matmul through the skinny kernel (so the
+    # row-parallel ones push their partials as tagged words), the post-norm all-reduces and the
+    # QK-norm sums through tagged words; fp32, so the tokens must not move
+    from workers.layers import fused
+
+    with tempfile.TemporaryDirectory() as tiny:
+        config = transformers.Olmo2Config(
+            vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+            initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformers.Olmo2ForCausalLM(config).save_pretrained(tiny)
+        saved, os.environ["AFS_SKINNY_MATMUL"] = fused.SKINNY_MATMUL, "1"  # rank 1 too
+        fused.SKINNY_MATMUL = True
+        try:
+            one, two = tiny_tokens(tiny, 1), tiny_tokens(tiny, 2)
+            two_eager = tiny_tokens(tiny, 2, eager=True)
+        finally:
+            fused.SKINNY_MATMUL = saved
+            del os.environ["AFS_SKINNY_MATMUL"]
+    result["tiny_olmo2_fp32_skinny_greedy_64_equal"] = one == two
+    result["tiny_olmo2_fp32_skinny_tp2_graphs_equal_eager"] = two == two_eager
+    print(f"tiny Olmo 2 fp32 (skinny matmuls, pushed partials): tp=2 == tp=1 over 64 steps: "
+          f"{one == two}; tp=2 graphs == eager: {two == two_eager}", flush=True)  # fmt: skip
+    save()
+
     ref, split = teacher_forced("dummy:olmo2-7b", 1), teacher_forced("dummy:olmo2-7b", 2)
     diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref, split, strict=True)]
     tops = [a.top[0][0] == b.top[0][0] for a, b in zip(ref, split, strict=True)]
