@@ -250,6 +250,13 @@ def plan(n: int, k: int, num_sms: int, split: int | None = None) -> Config:
     return Config(block_n, _BLOCK_K, split)
 
 
+def stages(config: Config, element_size: int) -> int:
+    """The pipeline stages a launch takes: the config's for 16-bit data; at most two for 32-bit
+    (fp32's tiles are twice the bytes, and four stages of the default cut's tiles overflow an
+    H200 SM's shared memory)."""
+    return config.num_stages if element_size <= 2 else min(config.num_stages, 2)
+
+
 def row_tile(m: int, config: Config) -> int:
     """The rows x is padded to: 1 for a one-row call on the CUDA cores, else 16, or 64 past 16."""
     if config.fma and m == 1:
@@ -444,6 +451,7 @@ def _launch(
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
         NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=push is not None, **push_constants,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
+        num_warps=config.num_warps, num_stages=stages(config, x.element_size()),
+        **pdl_options(x.device),
     )  # fmt: skip
     return y
