@@ -56,6 +56,20 @@ def tiny_tokens(path: str, tp: int, eager: bool = False) -> list[int]:
         eng.shutdown()
 
 
+def tiny_runs(config_class, model_class, kv_heads: int) -> tuple[list, list, list]:
+    """A tiny random model of transformers' classes, saved and run greedily: tp = 1, tp = 2,
+    tp = 2 eager."""
+    with tempfile.TemporaryDirectory() as tiny:
+        config = config_class(
+            vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+            initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model_class(config).save_pretrained(tiny)
+        return tiny_tokens(tiny, 1), tiny_tokens(tiny, 2), tiny_tokens(tiny, 2, eager=True)
+
+
 def teacher_forced(model: str, tp: int) -> list:
     eng = engine(model, tp, max_num_seqs=8)
     try:
@@ -140,47 +154,11 @@ def main() -> None:
 def check(result: dict, save) -> None:
     import transformers
 
-    with tempfile.TemporaryDirectory() as tiny:
-        config = transformers.LlamaConfig(
-            vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).save_pretrained(tiny)
-        one, two = tiny_tokens(tiny, 1), tiny_tokens(tiny, 2)
-        two_eager = tiny_tokens(tiny, 2, eager=True)
+    one, two, two_eager = tiny_runs(transformers.LlamaConfig, transformers.LlamaForCausalLM, 2)
     result["tiny_fp32_greedy_64_equal"] = one == two
     result["tiny_fp32_tp2_graphs_equal_eager"] = two == two_eager
     print(f"tiny fp32 greedy tp=2 == tp=1 over 64 steps: {one == two}; "
           f"tp=2 graphs == eager: {two == two_eager}", flush=True)  # fmt: skip
-    save()
-
-    # Olmo 2's decode path at tp = 2: every decode matmul through the skinny kernel (so the
-    # row-parallel ones push their partials as tagged words), the post-norm all-reduces and the
-    # QK-norm sums through tagged words; fp32, so the tokens must not move
-    from workers.layers import fused
-
-    with tempfile.TemporaryDirectory() as tiny:
-        config = transformers.Olmo2Config(
-            vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-            initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        transformers.Olmo2ForCausalLM(config).save_pretrained(tiny)
-        saved, os.environ["AFS_SKINNY_MATMUL"] = fused.SKINNY_MATMUL, "1"  # rank 1 too
-        fused.SKINNY_MATMUL = True
-        try:
-            one, two = tiny_tokens(tiny, 1), tiny_tokens(tiny, 2)
-            two_eager = tiny_tokens(tiny, 2, eager=True)
-        finally:
-            fused.SKINNY_MATMUL = saved
-            del os.environ["AFS_SKINNY_MATMUL"]
-    result["tiny_olmo2_fp32_skinny_greedy_64_equal"] = one == two
-    result["tiny_olmo2_fp32_skinny_tp2_graphs_equal_eager"] = two == two_eager
-    print(f"tiny Olmo 2 fp32 (skinny matmuls, pushed partials): tp=2 == tp=1 over 64 steps: "
-          f"{one == two}; tp=2 graphs == eager: {two == two_eager}", flush=True)  # fmt: skip
     save()
 
     ref, split = teacher_forced("dummy:olmo2-7b", 1), teacher_forced("dummy:olmo2-7b", 2)
@@ -193,6 +171,24 @@ def check(result: dict, save) -> None:
         "top1_agreement": sum(tops) / len(tops),
     }
     print(result["olmo2_7b_bf16_teacher_forced"], flush=True)
+    save()
+
+    # Olmo 2's decode path at tp = 2: every decode matmul through the skinny kernel (so the
+    # row-parallel ones push their partials as tagged words), the post-norm all-reduces and the
+    # QK-norm sums through tagged words; fp32, so the tokens must not move
+    from workers.layers import fused
+
+    saved, os.environ["AFS_SKINNY_MATMUL"] = fused.SKINNY_MATMUL, "1"  # rank 1 too
+    fused.SKINNY_MATMUL = True
+    try:
+        one, two, two_eager = tiny_runs(transformers.Olmo2Config, transformers.Olmo2ForCausalLM, 4)
+    finally:
+        fused.SKINNY_MATMUL = saved
+        del os.environ["AFS_SKINNY_MATMUL"]
+    result["tiny_olmo2_fp32_skinny_greedy_64_equal"] = one == two
+    result["tiny_olmo2_fp32_skinny_tp2_graphs_equal_eager"] = two == two_eager
+    print(f"tiny Olmo 2 fp32 (skinny matmuls, pushed partials): tp=2 == tp=1 over 64 steps: "
+          f"{one == two}; tp=2 graphs == eager: {two == two_eager}", flush=True)  # fmt: skip
     save()
 
 

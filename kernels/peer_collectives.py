@@ -516,6 +516,17 @@ def _all_reduce_rms_norm_add_kernel(
 
 
 @triton.jit
+def _token_squares(row, k_scale, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr):  # fmt: skip
+    """[2] fp32: the sum of squares of a token's q heads in its fused projection `row`, and of
+    its k heads times k_scale."""
+    q_total = sum_squares(row, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+    k_row = row + NUM_HEADS * HEAD_DIM
+    k_total = sum_squares(k_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS) * k_scale
+    return tl.where(tl.arange(0, 2) == 0, q_total, k_total)
+
+
+@triton.jit
 def _all_reduce_qk_squares_kernel(
     qkv_ptr, stride_qkv_token, out_ptr, k_scale, TOKENS, NUM_HEADS, NUM_KV_HEADS,
     flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
@@ -531,11 +542,8 @@ def _all_reduce_qk_squares_kernel(
 
     # -- 1. this rank's two sums per token where the others will read them --
     for token in range(program, TOKENS, PROGRAMS):
-        row = qkv_ptr + token * stride_qkv_token
-        q_total = sum_squares(row, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
-        k_row = row + NUM_HEADS * HEAD_DIM
-        k_total = sum_squares(k_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS) * k_scale
-        value = tl.where(parts == 0, q_total, k_total)
+        value = _token_squares(qkv_ptr + token * stride_qkv_token, k_scale, NUM_HEADS,
+                               NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)  # fmt: skip
         _store_own(value, token * 2 + parts, parts < 2, data_ptrs, rank, half, tl.float32,
                    SLOT_ELEMENTS, WORLD, PUSH)  # fmt: skip
 
@@ -616,11 +624,8 @@ def _tagged_all_reduce_qk_squares_kernel(
 
     # -- this rank's two sums per token, tagged, into every other rank's buffer --
     for token in range(program, TOKENS, PROGRAMS):
-        row = qkv_ptr + token * stride_qkv_token
-        q_total = sum_squares(row, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
-        k_row = row + NUM_HEADS * HEAD_DIM
-        k_total = sum_squares(k_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS) * k_scale
-        value = tl.where(parts == 0, q_total, k_total)
+        value = _token_squares(qkv_ptr + token * stride_qkv_token, k_scale, NUM_HEADS,
+                               NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)  # fmt: skip
         tl.store(out_ptr + token * 2 + parts, value)  # read back below, by this program
         words = _pack_words(value, epoch, 2, 1)
         _push_words(words, token * 2 + parts, parts < 2, words_ptrs, rank, half, WORLD,
