@@ -122,7 +122,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _new_token(
     row, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, k_scale, status_ptr, max_spins,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
     cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
     batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
@@ -175,7 +175,7 @@ def _new_token(
 def _kernel(
     q_ptr, stride_q_batch, stride_q_head,
     q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, k_scale, status_ptr, max_spins,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
     positions_ptr, cos_ptr, sin_ptr, slot_mapping_ptr,
     cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
     block_tables_ptr, stride_table_batch,
@@ -262,7 +262,7 @@ def _kernel(
         # split 0 stores the new key and value, which no program of this launch reads
         q, k_new, v_new = _new_token(
             q_ptr + batch * stride_q_batch, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-            words_ptrs, epochs_ptr, rank, SLOT_WORDS, k_scale, status_ptr, max_spins,
+            words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
             cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
             batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
             HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN, EXCHANGE, WORLD,
@@ -492,19 +492,17 @@ def decode_attention_qkv(
         if qkv.shape[0] > SQUARES_TOKENS:
             raise ValueError(f"squares_exchange: at most {SQUARES_TOKENS} tokens a call")
     head_dim = cos_cache.shape[1]
-    # the checks see the exchange's sums as given ones: [T, 2] fp32 of every rank's heads
-    given = qk_squares
-    if squares_exchange is not None:
-        given = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     qk_norm, squares_given, widths = check_prologue(
         qkv, num_heads, num_kv_heads, positions, cos_cache, sin_cache,
-        q_norm_weight, k_norm_weight, given, norm_widths, kv_cache, slot_mapping,
+        q_norm_weight, k_norm_weight, qk_squares, norm_widths, kv_cache, slot_mapping,
     )  # fmt: skip
     exchange = squares_exchange is not None
-    if exchange:
-        exchange_args = squares_exchange.args()
-        world = squares_exchange.peers.world
-        squares_given = False
+    if exchange:  # every rank's widths, as with the sums given
+        exchange_args, world, widths = (
+            squares_exchange.args(),
+            squares_exchange.peers.world,
+            norm_widths,
+        )
     else:
         exchange_args, world = _NO_EXCHANGE_ARGS, 1
     batch = qkv.shape[0]
@@ -524,7 +522,7 @@ def decode_attention_qkv(
 
 
 # the prologue's arguments and constexprs of a launch without it, or without the exchange
-_NO_EXCHANGE_ARGS = (None, None, 0, 1, 1.0, None, 0)
+_NO_EXCHANGE_ARGS = (None, None, 0, 1, None, 0, 1.0)
 _NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, *_NO_EXCHANGE_ARGS, None, None, None, None)
 _NO_PROLOGUE = dict(
     PROLOGUE=False,

@@ -151,6 +151,10 @@ class PeerBuffers:
             self.capacity // 8, self.status, self.max_spins,
         )  # fmt: skip
 
+    def words_constants(self) -> dict:
+        """The constexprs and launch options a kernel exchanging tagged words takes."""
+        return dict(WORLD=self.world, PROGRAMS=PROGRAMS, **pdl_options(self.status.device))
+
     def fits(self, x: torch.Tensor, nbytes: int | None = None) -> bool:
         """Whether one call can move x (its bytes on each rank; for a gather, the slice), or
         `nbytes` read from a contiguous x (what a fused kernel publishes)."""
@@ -194,12 +198,8 @@ class SquaresExchange(NamedTuple):
     k_scale: float
 
     def args(self) -> tuple:
-        """words_ptrs, epochs_ptr, rank, SLOT_WORDS, k_scale, status_ptr, max_spins."""
-        peers = self.peers
-        return (
-            peers.words_ptrs, peers.epochs, peers.rank, peers.capacity // 8, self.k_scale,
-            peers.status, peers.max_spins,
-        )  # fmt: skip
+        """words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale."""
+        return (*self.peers.words_args(), self.k_scale)
 
 
 def squares_exchange(peers: PeerBuffers, tokens: int, k_scale: float) -> SquaresExchange | None:
@@ -229,15 +229,8 @@ def exchange_token_squares(q_total, k_total, token, words_ptrs, epochs_ptr, rank
     offsets = SLOT_WORDS - _SQUARES_WORDS + token * 2 + parts
     _push_words(_pack_words(value, epoch, 2, 1), offsets, parts < 2, words_ptrs, rank, half,
                 WORLD, SLOT_WORDS)  # fmt: skip
-    total = tl.zeros([2], dtype=tl.float32)
-    for peer in tl.static_range(WORLD):
-        if peer == rank:
-            part = value
-        else:
-            src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
-            words = _await_words(src + offsets, parts < 2, epoch, status_ptr, max_spins)
-            part = _unpack_words(words, tl.float32, 2, 1)
-        total += part
+    total = _sum_in_rank_order(value, offsets, parts < 2, epoch, half, words_ptrs, rank,
+                               SLOT_WORDS, status_ptr, max_spins, 2, 1, WORLD)  # fmt: skip
     q_sum = tl.sum(tl.where(parts == 0, total, 0.0), axis=0)
     return q_sum, tl.sum(tl.where(parts == 1, total, 0.0), axis=0)
 
@@ -248,7 +241,7 @@ def words_target(
     """The tagged words' layout of a post-norm all-reduce of [rows, hidden] in `dtype` (a row
     padded to a power of two elements, two 16-bit or one 32-bit element a word), or None where
     that call exchanges data and flags instead (tagged words off, no rows, or too many)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     if not peers.tagged or size not in (2, 4) or rows < 1:
         return None
     pack = 2 if size == 2 else 1
@@ -266,23 +259,14 @@ def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, 
     tagged words of the post-norm all-reduce call that comes next on this rank, into slot
     `rank` of every other rank's buffer: row r is program r % PEER_PROGRAMS's there, so its
     epoch is that program's count of calls plus one."""
-    epoch = tl.load(epochs_ptr + rows % PEER_PROGRAMS) + 1  # [ROWS]
-    half = (epoch % 2).to(tl.int64)
-    tag = epoch.to(tl.int64)[:, None] << 32
-    if PACK == 2:
-        low, high = tl.split(tl.reshape(values, [ROWS, BLOCK_N // 2, 2]))
-        low = low.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
-        high = high.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
-        words = tag | (high << 16) | low
-    else:
-        words = tag | (values.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+    epoch = tl.load(epochs_ptr + rows % PEER_PROGRAMS)[:, None] + 1  # [ROWS, 1]
+    flat = tl.reshape(values, [ROWS * BLOCK_N])  # a row's pairs stay side by side
+    payload = tl.reshape(_payload(flat, ROWS * BLOCK_N, PACK), [ROWS, BLOCK_N // PACK])
+    words = (epoch.to(tl.int64) << 32) | payload
     word_cols = col0 // PACK + tl.arange(0, BLOCK_N // PACK)
     ok = row_ok[:, None] & (word_cols * PACK < N)[None, :]
-    place = (half * WORLD + rank)[:, None] * SLOT_WORDS + rows[:, None] * ROW_WORDS
-    for owner in tl.static_range(WORLD):
-        if owner != rank:
-            base = tl.load(words_ptrs + owner).to(tl.pointer_type(tl.int64))
-            tl.store(base + place + word_cols[None, :], words, mask=ok)
+    _push_words(words, rows[:, None] * ROW_WORDS + word_cols[None, :], ok, words_ptrs, rank,
+                (epoch % 2).to(tl.int64), WORLD, SLOT_WORDS)  # fmt: skip
 
 
 @triton.jit
@@ -363,17 +347,23 @@ def _source(data_ptrs, rank, peer, half, dtype: tl.constexpr, SLOT_ELEMENTS,
 
 
 @triton.jit
-def _pack_words(value, epoch, BLOCK: tl.constexpr, PACK: tl.constexpr):
-    """value [BLOCK] -> int64 [BLOCK // PACK]: the epoch in each word's high 32 bits, the bits
-    of PACK elements (two 16-bit, or one 32-bit) in its low 32, the first element lowest."""
-    tag = epoch.to(tl.int64) << 32
+def _payload(value, BLOCK: tl.constexpr, PACK: tl.constexpr):
+    """value [BLOCK] -> int64 [BLOCK // PACK]: the bits of PACK elements (two 16-bit, or one
+    32-bit) in each word's low 32 bits, the first element lowest."""
     if PACK == 2:
         low, high = tl.split(tl.reshape(value, [BLOCK // 2, 2]))
         low = low.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
         high = high.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
-        return tag | (high << 16) | low
+        return (high << 16) | low
     else:
-        return tag | (value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+        return value.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+
+
+@triton.jit
+def _pack_words(value, epoch, BLOCK: tl.constexpr, PACK: tl.constexpr):
+    """value [BLOCK] -> int64 [BLOCK // PACK]: the epoch in each word's high 32 bits, the
+    `_payload` in its low 32."""
+    return (epoch.to(tl.int64) << 32) | _payload(value, BLOCK, PACK)
 
 
 @triton.jit
@@ -417,6 +407,24 @@ def _await_words(src, mask, epoch, status_ptr, max_spins):
     if spins >= max_spins:
         tl.atomic_xchg(status_ptr, 1)
     return words
+
+
+@triton.jit
+def _sum_in_rank_order(own, offsets, mask, epoch, half, words_ptrs, rank, SLOT_WORDS, status_ptr,
+                       max_spins, BLOCK: tl.constexpr, PACK: tl.constexpr,
+                       WORLD: tl.constexpr):  # fmt: skip
+    """own [BLOCK] (this rank's part) plus every other rank's, from their words at `offsets` of
+    their slots in this rank's buffer once those carry `epoch`: in fp32, in rank order."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == rank:
+            part = own
+        else:
+            src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
+            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins)
+            part = _unpack_words(words, own.dtype, BLOCK, PACK)
+        total += part.to(tl.float32)
+    return total
 
 
 @triton.jit
@@ -593,16 +601,9 @@ def _tagged_all_reduce_rms_norm_add_kernel(
     for row in range(program, ROWS, PROGRAMS):
         offsets = row * HIDDEN + cols
         own = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for peer in tl.static_range(WORLD):
-            if peer == rank:
-                part = own
-            else:
-                src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
-                words = _await_words(src + row * WORDS + word_cols, word_mask, epoch,
-                                     status_ptr, max_spins)  # fmt: skip
-                part = _unpack_words(words, dtype, BLOCK, PACK)
-            total += part.to(tl.float32)
+        total = _sum_in_rank_order(own, row * WORDS + word_cols, word_mask, epoch, half,
+                                   words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, BLOCK,
+                                   PACK, WORLD)  # fmt: skip
         total = tl.where(mask, total, 0.0)
         normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
         residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
@@ -634,16 +635,9 @@ def _tagged_all_reduce_qk_squares_kernel(
     # -- the sums over ranks, in rank order --
     for token in range(program, TOKENS, PROGRAMS):
         own = tl.load(out_ptr + token * 2 + parts).to(tl.float32)
-        total = tl.zeros([2], dtype=tl.float32)
-        for peer in tl.static_range(WORLD):
-            if peer == rank:
-                part = own
-            else:
-                src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
-                words = _await_words(src + token * 2 + parts, parts < 2, epoch, status_ptr,
-                                     max_spins)  # fmt: skip
-                part = _unpack_words(words, tl.float32, 2, 1)
-            total += part
+        total = _sum_in_rank_order(own, token * 2 + parts, parts < 2, epoch, half,
+                                   words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, 2, 1,
+                                   WORLD)  # fmt: skip
         tl.store(out_ptr + token * 2 + parts, total)
 
 
@@ -704,12 +698,10 @@ def all_reduce_rms_norm_add(
     if pushed and target is None:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype}: no tagged words to have pushed it as")
     if target is not None:
-        constants = peers.constants()
-        constants.pop("PUSH")
         _tagged_all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
             x, residual, out, weight, eps, rows, hidden, *peers.words_args(),
-            BLOCK=target.row_words * target.pack, PACK=target.pack, PUSHED=pushed, **constants,
-            num_warps=norm_warps(block),
+            BLOCK=target.row_words * target.pack, PACK=target.pack, PUSHED=pushed,
+            **peers.words_constants(), num_warps=norm_warps(block),
         )  # fmt: skip
         return out
     _all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
@@ -737,12 +729,11 @@ def all_reduce_qk_squares(
     block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
     if peers.tagged and out.numel() * 8 <= peers.capacity:
         if out.numel():  # a call without tokens would exchange nothing, and so wait for nothing
-            constants = peers.constants()
-            constants.pop("PUSH")
             _tagged_all_reduce_qk_squares_kernel[(PROGRAMS,)](
                 qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,
                 *peers.words_args(),
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads, **constants,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
+                **peers.words_constants(),
             )  # fmt: skip
         return out
     _all_reduce_qk_squares_kernel[(PROGRAMS,)](

@@ -176,11 +176,9 @@ def _matmul_kernel(
     out = y_ptr + rows[:, None] * stride_y + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     if not SPLIT_K:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-        if PUSH_WORDS:
-            push_row_words(acc.to(y_ptr.dtype.element_ty), rows, row_ok, tile * BLOCK_N, N,
-                           words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
-                           WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
+        _write_tile(acc.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok, tile * BLOCK_N, N,
+                    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
+                    PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
@@ -190,12 +188,37 @@ def _matmul_kernel(
             total = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT):
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
-            tl.store(out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
-            if PUSH_WORDS:
-                push_row_words(total.to(y_ptr.dtype.element_ty), rows, row_ok, tile * BLOCK_N, N,
-                               words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS,
-                               BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
+            _write_tile(total.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok,
+                        tile * BLOCK_N, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
+                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
             rearm(count_ptr + tile)
+
+
+@triton.jit
+def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank,
+                SLOT_WORDS, ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                PUSH_WORDS: tl.constexpr, WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr,
+                PACK: tl.constexpr):  # fmt: skip
+    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too."""
+    tl.store(out, value, mask=out_ok)
+    if PUSH_WORDS:
+        push_row_words(
+            value,
+            rows,
+            row_ok,
+            col0,
+            N,
+            words_ptrs,
+            epochs_ptr,
+            rank,
+            SLOT_WORDS,
+            ROW_WORDS,
+            ROWS,
+            BLOCK_N,
+            WORLD,
+            PEER_PROGRAMS,
+            PACK,
+        )
 
 
 @triton.jit

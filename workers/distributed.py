@@ -99,8 +99,6 @@ def tp_all_reduce_rms_norm_add(
 ) -> torch.Tensor | None:
     """residual + rms_norm(sum of x over the ranks) as one peer kernel, or None where that
     kernel does not apply (one rank, no peer buffers, a tensor they cannot take)."""
-    from workers.layers.fused import PUSHED_ATTRIBUTE
-
     pushed = getattr(x, PUSHED_ATTRIBUTE, False)
     if pushed:
         delattr(x, PUSHED_ATTRIBUTE)  # read once: a second reader pushes x itself
@@ -111,6 +109,10 @@ def tp_all_reduce_rms_norm_add(
     return all_reduce_rms_norm_add(x, residual.contiguous(), weight, eps, _PEERS, pushed)
 
 
+PUSHED_ATTRIBUTE = "_afs_peer_words_pushed"
+"""The attribute a partial product carries once its matmul pushed it to the other ranks as
+tagged words (to `tp_partial_words_target`); its post-norm all-reduce takes it off as it reads
+it."""
 PUSH_PARTIALS = os.environ.get("AFS_PEER_PUSH_PARTIALS", "1") != "0"
 """Row-parallel matmuls push their partial sums as tagged words as they write them (where the
 skinny matmul makes them and the post-norm's all-reduce takes tagged words); 0: the all-reduce

@@ -43,6 +43,10 @@ class Attention(nn.Module):
         )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
+    def _sum_squares(self, qkv: torch.Tensor, k_scale: float) -> torch.Tensor:
+        """Each token's QK-norm sums of squares over every rank's heads (`tp_qk_sum_squares`)."""
+        return tp_qk_sum_squares(qkv, self.num_heads, self.num_kv_heads, self.head_dim, k_scale)
+
     def forward_qkv(
         self,
         qkv: torch.Tensor,
@@ -69,22 +73,17 @@ class Attention(nn.Module):
             norm["norm_widths"] = (q_norm.full_width, k_norm.full_width)
             exchange = tp_squares_exchange(qkv.shape[0], k_scale)
             if exchange is not None:  # the sums exchanged inside decode attention, if it runs
-                out = context.backend.decode_qkv(
-                    qkv, self.num_heads, self.num_kv_heads, rope_args,
-                    {**norm, "squares_exchange": exchange}, kv_cache, context.attn_metadata,
-                    self.scale,
-                )  # fmt: skip
-                if out is not None:
-                    return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
-            norm["qk_squares"] = tp_qk_sum_squares(
-                qkv, self.num_heads, self.num_kv_heads, self.head_dim, k_scale
-            )
+                norm["squares_exchange"] = exchange
+            else:
+                norm["qk_squares"] = self._sum_squares(qkv, k_scale)
         out = context.backend.decode_qkv(
             qkv, self.num_heads, self.num_kv_heads, rope_args, norm, kv_cache,
             context.attn_metadata, self.scale,
         )  # fmt: skip
         if out is not None:  # [T, H, D]
             return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
+        if norm.pop("squares_exchange", None) is not None:  # not taken: the sums apart
+            norm["qk_squares"] = self._sum_squares(qkv, k_scale)
         q, k, v = rotary_qkv(
             qkv,
             self.num_heads,

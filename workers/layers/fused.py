@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from workers.distributed import PUSHED_ATTRIBUTE
+
 if TYPE_CHECKING:
     from kernels.skinny_matmul import Config
 
@@ -53,11 +55,6 @@ def _skinny_fits(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> bool:
     from kernels.skinny_matmul import MAX_ROWS
 
     return 1 <= x.shape[0] <= MAX_ROWS
-
-
-PUSHED_ATTRIBUTE = "_afs_peer_words_pushed"
-"""The attribute a partial product carries once its matmul pushed it to the other ranks as
-tagged words (`linear` with `push`); its post-norm all-reduce takes it off as it reads it."""
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool, push=None) -> torch.Tensor | None:
@@ -125,7 +122,7 @@ def rms_norm_add_linear(
 def linear(x: torch.Tensor, weight: torch.Tensor, push=None) -> torch.Tensor:
     """x W^T: a decode batch (2-D, up to 64 rows) through the skinny matmul kernel where it
     applies (see above), anything else through F.linear. `push`: see `_skinny`; the product
-    says whether it was pushed by its PUSHED_ATTRIBUTE."""
+    says whether it was pushed by its workers.distributed.PUSHED_ATTRIBUTE."""
     out = _skinny(x, weight, swiglu=False, push=push)
     return F.linear(x, weight) if out is None else out
 

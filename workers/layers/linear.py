@@ -65,8 +65,9 @@ class LinearBase(nn.Module):
         self.int4 = Int4WeightOnly(self.weight.data, group_size)
         self.register_parameter("weight", None)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.int4(x) if self.int4 is not None else fused.linear(x, self.weight)
+    def matmul(self, x: torch.Tensor, push=None) -> torch.Tensor:
+        """x W^T; `push`: see `fused.linear` (the int4 path takes none)."""
+        return self.int4(x) if self.int4 is not None else fused.linear(x, self.weight, push)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -187,10 +188,8 @@ class RowParallelLinear(LinearBase):
         ranks itself with the post-norm's all-reduce (`RMSNorm.norm_and_add(reduce=True)`); only
         without a bias, which must come after. Where the peer kernels take that all-reduce as
         tagged words, the matmul pushes its tiles to the other ranks as it writes them."""
-        if not reduce and self.int4 is None and self.bias is None:
-            push = self.partial_push(x.shape[0] if x.dim() == 2 else 0, x.dtype)
-            return self.finish(fused.linear(x, self.weight, push), reduce)
-        return self.finish(self.matmul(x), reduce)
+        push = None if reduce else self.partial_push(x.shape[0], x.dtype)
+        return self.finish(self.matmul(x, push), reduce)
 
     def partial_push(self, rows: int, dtype: torch.dtype):
         """Where a partial sum of `rows` rows goes as it is written (see forward), or None."""
