@@ -94,7 +94,6 @@ from kernels.launch import (
     wait_for_previous_only,
 )
 from kernels.paged_checks import check_paged_attention
-from kernels.peer_collectives import SQUARES_TOKENS, SquaresExchange, exchange_token_squares
 from kernels.rope import (
     check_prologue,
     norm_weights,
@@ -122,21 +121,17 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _new_token(
     row, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
     cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
     batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr, EXCHANGE: tl.constexpr,
-    WORLD: tl.constexpr,
+    QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
 ):  # fmt: skip
     """The attention prologue (kernels/rope.py's, through its helpers) for one KV head of one
     token, from its fused projection `row`, its position's `rope_row` and its heads' QK-norm
     weights (q's and k's, each at the rolled dims as well, read beforehand): its G query
     heads [GROUP_PAD, D] and its key [1, D] normalised (full width) and rotated, each rounded to
     the activation dtype as the prologue stores them, and its value [1, D]. Every load of the
-    row is issued before the first is used: one round trip to L2 where one chunk holds q. With
-    EXCHANGE the row holds this rank's heads of a sharded QK-norm: their sums are exchanged
-    with the other ranks' here (words_ptrs to max_spins: see kernels/peer_collectives.py)."""
+    row is issued before the first is used: one round trip to L2 where one chunk holds q."""
     k_row = row + num_heads * HEAD_DIM
     q_x = tl.load(row + q_offsets, mask=in_group[:, None], other=0.0)
     q_x_rolled = tl.load(row + q_rolled, mask=in_group[:, None], other=0.0)
@@ -149,16 +144,6 @@ def _new_token(
         if SQUARES_GIVEN:  # every rank's sums, all-reduced before
             q_inv_rms = tl.rsqrt(tl.load(squares_ptr + batch * 2) / Q_WIDTH + eps)
             k_inv_rms = tl.rsqrt(tl.load(squares_ptr + batch * 2 + 1) / K_WIDTH + eps)
-        elif EXCHANGE:  # this rank's sums, exchanged with every other rank's here
-            q_total, k_total = sum_squares_qk(
-                row, k_row, num_heads, num_kv_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS
-            )
-            q_total, k_total = exchange_token_squares(
-                q_total, k_total * k_scale, batch, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
-                status_ptr, max_spins, WORLD,
-            )  # fmt: skip
-            q_inv_rms = tl.rsqrt(q_total / Q_WIDTH + eps)
-            k_inv_rms = tl.rsqrt(k_total / K_WIDTH + eps)
         else:
             q_total, k_total = sum_squares_qk(
                 row, k_row, num_heads, num_kv_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS
@@ -175,7 +160,6 @@ def _new_token(
 def _kernel(
     q_ptr, stride_q_batch, stride_q_head,
     q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
     positions_ptr, cos_ptr, sin_ptr, slot_mapping_ptr,
     cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
     block_tables_ptr, stride_table_batch,
@@ -187,7 +171,6 @@ def _kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PROLOGUE: tl.constexpr, QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
-    EXCHANGE: tl.constexpr, WORLD: tl.constexpr,
     BLOCK_HEADS: tl.constexpr, EARLY: tl.constexpr, FEW_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split) over its run of key tiles; the last split of a (sequence,
@@ -262,10 +245,9 @@ def _kernel(
         # split 0 stores the new key and value, which no program of this launch reads
         q, k_new, v_new = _new_token(
             q_ptr + batch * stride_q_batch, eps, squares_ptr, Q_WIDTH, K_WIDTH,
-            words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
             cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
             batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
-            HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN, EXCHANGE, WORLD,
+            HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN,
         )  # fmt: skip
         slot = tl.load(slot_mapping_ptr + batch).to(tl.int64)
         stored_dims = tl.where((split == 0) & (slot >= 0), HEAD_DIM, 0)
@@ -472,7 +454,6 @@ def decode_attention_qkv(
     qk_squares: torch.Tensor | None = None,
     norm_widths: tuple[int, int] | None = None,
     num_splits: int | None = None,
-    squares_exchange: SquaresExchange | None = None,
 ) -> torch.Tensor:
     """The attention prologue and decode attention in one launch: from each sequence's fused
     projection qkv [B, (H + 2 KVH) D] of its one new token, the QK-norm, RoPE and K/V store of
@@ -480,59 +461,32 @@ def decode_attention_qkv(
     tokens already in the slab plus the new one (taken from registers, not read back); writes
     `out` [B, H, D]. Every KV head's splits redo its share of the prologue (q's and k's rows are
     read from L2 again; the full-width norm sums the whole row in each), so no kernel runs
-    between the QKV projection and attention. `squares_exchange` (with `norm_widths`, instead of
-    `qk_squares`): the heads of a QK-norm sharded over the ranks, whose sums each KV head's
-    programs exchange with the other ranks' themselves (kernels/peer_collectives.py).
+    between the QKV projection and attention.
     """
-    if squares_exchange is not None:
-        if qk_squares is not None or q_norm_weight is None or norm_widths is None:
-            raise ValueError(
-                "squares_exchange: with the QK-norm's weights and norm_widths, not qk_squares"
-            )
-        if qkv.shape[0] > SQUARES_TOKENS:
-            raise ValueError(f"squares_exchange: at most {SQUARES_TOKENS} tokens a call")
     head_dim = cos_cache.shape[1]
     qk_norm, squares_given, widths = check_prologue(
         qkv, num_heads, num_kv_heads, positions, cos_cache, sin_cache,
         q_norm_weight, k_norm_weight, qk_squares, norm_widths, kv_cache, slot_mapping,
     )  # fmt: skip
-    exchange = squares_exchange is not None
-    if exchange:  # every rank's widths, as with the sums given
-        exchange_args, world, widths = (
-            squares_exchange.args(),
-            squares_exchange.peers.world,
-            norm_widths,
-        )
-    else:
-        exchange_args, world = _NO_EXCHANGE_ARGS, 1
     batch = qkv.shape[0]
     q = qkv.view(batch, -1, head_dim)[:, :num_heads]  # [B, H, D]: what the checks see of q
     check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
     prologue_args = (
-        q_norm_weight, k_norm_weight, eps, qk_squares, *widths, *exchange_args,
+        q_norm_weight, k_norm_weight, eps, qk_squares, *widths,
         positions, cos_cache, sin_cache, slot_mapping,
     )  # fmt: skip
     prologue = dict(
-        PROLOGUE=True, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given, EXCHANGE=exchange,
-        WORLD=world, BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1], EARLY=EARLY,
+        PROLOGUE=True, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
+        BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1], EARLY=EARLY,
     )  # fmt: skip
     return _launch(
         qkv, 0, prologue_args, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits
     )
 
 
-# the prologue's arguments and constexprs of a launch without it, or without the exchange
-_NO_EXCHANGE_ARGS = (None, None, 0, 1, None, 0, 1.0)
-_NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, *_NO_EXCHANGE_ARGS, None, None, None, None)
-_NO_PROLOGUE = dict(
-    PROLOGUE=False,
-    QK_NORM=False,
-    SQUARES_GIVEN=False,
-    EXCHANGE=False,
-    WORLD=1,
-    BLOCK_HEADS=1,
-    EARLY=False,
-)
+# the prologue's arguments and constexprs of a launch without it
+_NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None)
+_NO_PROLOGUE = dict(PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False)
 
 
 def _launch(

@@ -183,58 +183,6 @@ class WordsTarget(NamedTuple):
         return dict(WORLD=self.peers.world, PEER_PROGRAMS=PROGRAMS, PACK=self.pack)
 
 
-SQUARES_TOKENS = 64
-"""Tokens whose QK-norm sums decode attention can exchange in a call (`SquaresExchange`): their
-words take the last 2 * SQUARES_TOKENS of every slot, which no other call's words reach."""
-_SQUARES_WORDS = tl.constexpr(2 * SQUARES_TOKENS)
-
-
-class SquaresExchange(NamedTuple):
-    """Decode attention's prologue exchanging the sharded QK-norm's sums of squares itself
-    (`exchange_token_squares`) instead of a kernel all-reducing them before it; `k_scale`
-    divides k's sums by the ranks that hold the same k heads."""
-
-    peers: PeerBuffers
-    k_scale: float
-
-    def args(self) -> tuple:
-        """words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale."""
-        return (*self.peers.words_args(), self.k_scale)
-
-
-def squares_exchange(peers: PeerBuffers, tokens: int, k_scale: float) -> SquaresExchange | None:
-    """The exchange for `tokens` new tokens, or None where it cannot take them (tagged words
-    off, no tokens or too many, slots too small)."""
-    if not peers.tagged or not 1 <= tokens <= SQUARES_TOKENS:
-        return None
-    if peers.capacity < 2 * 2 * SQUARES_TOKENS * 8:
-        return None
-    return SquaresExchange(peers, k_scale)
-
-
-@triton.jit
-def exchange_token_squares(q_total, k_total, token, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
-                           status_ptr, max_spins, WORLD: tl.constexpr):  # fmt: skip
-    """This rank's sums of squares of one token's q and k, exchanged as tagged words with every
-    other rank's; returns the sums over the ranks in rank order (bitwise the all-reduce's).
-    Every program that calls it for the token writes the same words, and each waits for the
-    others' itself: no program waits for another of its own launch. The tag is the number of
-    the next peer call, which no call has used yet; a peer call must come between two exchanges
-    (in Olmo 2, the post-norms between two layers' attention), so no two share a tag, and the
-    words sit past every other call's in the slot."""
-    epoch = tl.load(epochs_ptr) + 1
-    half = (epoch % 2).to(tl.int64)
-    parts = tl.arange(0, 2)  # q, k
-    value = tl.where(parts == 0, q_total, k_total)
-    offsets = SLOT_WORDS - _SQUARES_WORDS + token * 2 + parts
-    _push_words(_pack_words(value, epoch, 2, 1), offsets, parts < 2, words_ptrs, rank, half,
-                WORLD, SLOT_WORDS)  # fmt: skip
-    total = _sum_in_rank_order(value, offsets, parts < 2, epoch, half, words_ptrs, rank,
-                               SLOT_WORDS, status_ptr, max_spins, 2, 1, WORLD)  # fmt: skip
-    q_sum = tl.sum(tl.where(parts == 0, total, 0.0), axis=0)
-    return q_sum, tl.sum(tl.where(parts == 1, total, 0.0), axis=0)
-
-
 def words_target(
     peers: PeerBuffers, rows: int, hidden: int, dtype: torch.dtype
 ) -> WordsTarget | None:
@@ -246,7 +194,7 @@ def words_target(
         return None
     pack = 2 if size == 2 else 1
     row_words = max(triton.next_power_of_2(hidden), 2) // pack
-    if rows * row_words * 8 > peers.capacity - 2 * SQUARES_TOKENS * 8:  # the squares' words
+    if rows * row_words * 8 > peers.capacity:
         return None
     return WordsTarget(peers, row_words, pack)
 

@@ -144,22 +144,6 @@ def tp_qk_sum_squares(
     return tp_all_reduce(qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale))
 
 
-SQUARES_EXCHANGE = os.environ.get("AFS_ATTN_SQUARES_EXCHANGE", "0") == "1"
-"""Decode attention exchanges the sharded QK-norm's sums itself (tagged words), instead of a
-peer kernel all-reducing them before it; off unless AFS_ATTN_SQUARES_EXCHANGE=1."""
-
-
-def tp_squares_exchange(tokens: int, k_scale: float):
-    """What decode attention's prologue needs to exchange the QK-norm's sums of `tokens` new
-    tokens with the other ranks (a kernels.peer_collectives.SquaresExchange), or None: one rank,
-    no peer buffers, no tagged words, the exchange off."""
-    if _TP.size == 1 or _PEERS is None or not SQUARES_EXCHANGE:
-        return None
-    from kernels.peer_collectives import squares_exchange
-
-    return squares_exchange(_PEERS, tokens, k_scale)
-
-
 def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns it. On GPUs
     it is queued on the stream like a kernel: no rank waits for it on the host."""

@@ -384,9 +384,6 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             plain = skinny_matmul(x, weight, config=config)
             two = rms_norm_add(distributed.tp_all_reduce(plain), residual, norm_weight, 1e-6)
             assert torch.equal(fused, two), ("pushed", rows)
-        for splits in (1, 3):  # decode attention exchanging the QK-norm sums itself
-            out, want = _exchange_against_given(peers, gen, device, splits)
-            assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1]), splits
         peers.tagged = False
         for push in (False, True):  # captured in a graph: ten chained sums, replayed three times
             peers.push = push
@@ -419,49 +416,6 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         failures.put(f"rank {rank}: {exc!r}")
         raise
-
-
-def _exchange_against_given(peers, gen, device, splits):
-    """7B's shapes at tp = 2, one sequence: decode attention with the sums exchanged inside,
-    and with them all-reduced by the peer kernel and given; (output, slab) of each."""
-    from kernels.decode_attention import decode_attention_qkv
-    from kernels.peer_collectives import squares_exchange
-    from workers import distributed
-    from workers.layers.rotary import RotaryEmbedding
-
-    heads, kv_heads, head_dim = 16, 16, 128
-    qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim, generator=gen, device=device)
-    qkv = qkv.to(torch.bfloat16)
-    slab = torch.randn(2, 8, kv_heads, 16, head_dim, generator=gen, device=device)
-    slab = slab.to(torch.bfloat16)
-    tables = torch.arange(8, dtype=torch.int32, device=device).view(1, 8)
-    seq_lens = torch.tensor([100], dtype=torch.int32, device=device)
-    rotary = RotaryEmbedding(head_dim, 256, 10000.0).to(device)
-    args = (
-        qkv, heads, kv_heads, (seq_lens - 1).long(), rotary.cos_cache, rotary.sin_cache,
-    )  # fmt: skip
-    norm = dict(
-        q_norm_weight=torch.ones(heads * head_dim, device=device, dtype=torch.bfloat16),
-        k_norm_weight=torch.ones(kv_heads * head_dim, device=device, dtype=torch.bfloat16),
-        eps=1e-6,
-        norm_widths=(2 * heads * head_dim, 2 * kv_heads * head_dim),
-    )
-    slots = torch.tensor([99], dtype=torch.long, device=device)
-    results = []
-    for way in ("given", "exchange"):
-        out_slab, out = slab.clone(), torch.empty(1, heads, head_dim, device=device)
-        out = out.to(torch.bfloat16)
-        squares = (
-            dict(qk_squares=distributed.tp_qk_sum_squares(qkv, heads, kv_heads, head_dim, 1.0))
-            if way == "given"
-            else dict(squares_exchange=squares_exchange(peers, 1, 1.0))
-        )
-        decode_attention_qkv(
-            *args, out_slab, slots, tables, seq_lens, head_dim**-0.5, out, **norm,
-            num_splits=splits, **squares,
-        )  # fmt: skip
-        results.append((out, out_slab))
-    return results[1], results[0]
 
 
 @pytest.mark.gpu
@@ -526,60 +480,4 @@ def test_a_matmul_pushes_its_partial_and_the_post_norm_only_waits(rows, config, 
     summed = (theirs.float() + product.float()).to(dtype)  # rank order: 0, then 1
     assert torch.equal(got, rms_norm_add(summed, residual, norm_weight, 1e-6))
     assert pushed.eq(-1).all()
-    assert int(group.peers.status[0]) == 0
-
-
-@pytest.mark.parametrize("num_splits", [1, 3], ids=lambda n: f"splits{n}")
-def test_decode_attention_exchanging_the_qk_sums_equals_it_given_them(num_splits):
-    """Decode attention's prologue exchanging this rank's QK-norm sums as tagged words (tagged
-    with the next peer call's number, at the slots' end) gives bitwise what it gives with the
-    all-reduced sums given, stores the same keys and values, and counts no call."""
-    from kernels.decode_attention import decode_attention_qkv
-    from kernels.peer_collectives import SQUARES_TOKENS, SquaresExchange
-    from workers.layers.rotary import RotaryEmbedding
-
-    group = OtherRank(1)
-    group.peers.tagged = True
-    group.peers.epochs.fill_(6)  # the next peer call is number 7
-    heads, kv_heads, head_dim, block = 4, 2, 16, 16
-    lengths = [40, 17]
-    batch = len(lengths)
-    gen = torch.Generator().manual_seed(num_splits)
-    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=gen)
-    slab = torch.randn(2, 8, kv_heads, block, head_dim, generator=gen)
-    tables = torch.tensor([[0, 1, 2], [3, 4, 0]], dtype=torch.int32)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    positions = (seq_lens - 1).long()
-    slots = torch.tensor([2 * block + 7, 4 * block], dtype=torch.long)
-    rotary = RotaryEmbedding(head_dim, 256, 10000.0)
-    norm = dict(
-        q_norm_weight=1 + 0.2 * torch.randn(heads * head_dim, generator=gen),
-        k_norm_weight=1 + 0.2 * torch.randn(kv_heads * head_dim, generator=gen),
-        eps=1e-6,
-        norm_widths=(2 * heads * head_dim, 2 * kv_heads * head_dim),  # two ranks' heads
-    )
-    mine = qk_sum_squares(qkv, heads, kv_heads, head_dim, 0.5)
-    theirs = torch.rand(batch, 2, generator=gen) * 100
-    given_squares = torch.zeros_like(mine) + theirs + mine  # rank order: 0, then 1
-
-    def run(**squares):
-        out_slab = slab.clone()
-        out = torch.full((batch, heads, head_dim), float("nan"))
-        decode_attention_qkv(
-            qkv, heads, kv_heads, positions, rotary.cos_cache, rotary.sin_cache, out_slab, slots,
-            tables, seq_lens, head_dim**-0.5, out, **norm, num_splits=num_splits, **squares,
-        )  # fmt: skip
-        return out, out_slab
-
-    want, want_slab = run(qk_squares=given_squares)
-    slot_words = CAPACITY // 8
-    end = slot_words - 2 * SQUARES_TOKENS
-    words = group.words(1, 0, 7)  # rank 0's slot in this rank's buffer, call 7's half
-    words[end : end + 2 * batch] = tagged_words(theirs.view(-1, 1), 1, 7).view(-1)
-    got, got_slab = run(squares_exchange=SquaresExchange(group.peers, 0.5))
-    assert torch.equal(got, want)
-    assert torch.equal(got_slab, want_slab)
-    sent = group.words(0, 1, 7)[end : end + 2 * batch]  # what this rank left in rank 0's buffer
-    assert torch.equal(sent, tagged_words(mine.view(-1, 1), 1, 7).view(-1))
-    assert group.peers.epochs.tolist() == [6] * PROGRAMS
     assert int(group.peers.status[0]) == 0

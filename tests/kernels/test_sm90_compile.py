@@ -56,8 +56,6 @@ DECODE = dict(
     BLOCK_N=64,
     DOT_PRECISION="tf32",
     FEW_SPLITS=False,
-    EXCHANGE=False,
-    WORLD=1,
 )  # decode attention's constexprs but the prologue's
 
 
@@ -115,17 +113,6 @@ CASES = {
             BLOCK_HEADS=16,
             EARLY=True,
             FEW_SPLITS=True,
-        ),
-    ),
-    "decode_attention_prologue_exchange": (
-        kernels.decode_attention._kernel,
-        dict(
-            DECODE | dict(EXCHANGE=True, WORLD=2, FEW_SPLITS=True),
-            PROLOGUE=True,
-            QK_NORM=True,
-            SQUARES_GIVEN=False,
-            BLOCK_HEADS=16,
-            EARLY=True,
         ),
     ),
     "peer_all_reduce": (
@@ -190,7 +177,6 @@ CASES = {
 
 READ_EARLY = {
     "decode_attention_prologue_early",
-    "decode_attention_prologue_exchange",
     "rmsnorm",
     "peer_post_norm_tagged",
     "peer_post_norm_pushed",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.distributed import tp_qk_sum_squares, tp_squares_exchange
+from workers.distributed import tp_qk_sum_squares
 from workers.forward_context import get_forward_context
 from workers.layers.norm import ShardedRMSNorm
 from workers.layers.rotary import RotaryStep
@@ -43,10 +43,6 @@ class Attention(nn.Module):
         )
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _sum_squares(self, qkv: torch.Tensor, k_scale: float) -> torch.Tensor:
-        """Each token's QK-norm sums of squares over every rank's heads (`tp_qk_sum_squares`)."""
-        return tp_qk_sum_squares(qkv, self.num_heads, self.num_kv_heads, self.head_dim, k_scale)
-
     def forward_qkv(
         self,
         qkv: torch.Tensor,
@@ -56,8 +52,7 @@ class Attention(nn.Module):
         """qkv [T, (H + 2 * KVH) * D] -> [T, H * D], through the fused Triton prologue.
 
         Sharded qk_norms (their width split over the ranks) take one all-reduce of each token's
-        two sums of squares, the k sums divided by the ranks that hold the same k heads; with
-        AFS_ATTN_SQUARES_EXCHANGE=1 decode attention exchanges them itself where it runs.
+        two sums of squares, the k sums divided by the ranks that hold the same k heads.
         """
         from kernels.rope import rotary_qkv
 
@@ -66,24 +61,19 @@ class Attention(nn.Module):
         if qk_norms is not None:
             q_norm, k_norm = qk_norms
             norm = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
+            if not (q_norm.unsharded and k_norm.unsharded):
+                norm["qk_squares"] = tp_qk_sum_squares(
+                    qkv, self.num_heads, self.num_kv_heads, self.head_dim, 1.0 / k_norm.replicas
+                )
+                norm["norm_widths"] = (q_norm.full_width, k_norm.full_width)
         kv_cache = context.kv_caches[self.layer_index]
         rope_args = (rope.positions, rope.cos_cache, rope.sin_cache)
-        if qk_norms is not None and not (q_norm.unsharded and k_norm.unsharded):
-            k_scale = 1.0 / k_norm.replicas
-            norm["norm_widths"] = (q_norm.full_width, k_norm.full_width)
-            exchange = tp_squares_exchange(qkv.shape[0], k_scale)
-            if exchange is not None:  # the sums exchanged inside decode attention, if it runs
-                norm["squares_exchange"] = exchange
-            else:
-                norm["qk_squares"] = self._sum_squares(qkv, k_scale)
         out = context.backend.decode_qkv(
             qkv, self.num_heads, self.num_kv_heads, rope_args, norm, kv_cache,
             context.attn_metadata, self.scale,
         )  # fmt: skip
         if out is not None:  # [T, H, D]
             return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
-        if norm.pop("squares_exchange", None) is not None:  # not taken: the sums apart
-            norm["qk_squares"] = self._sum_squares(qkv, k_scale)
         q, k, v = rotary_qkv(
             qkv,
             self.num_heads,
