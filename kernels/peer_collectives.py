@@ -466,9 +466,17 @@ def _all_reduce_rms_norm_add_kernel(
         for peer in tl.static_range(WORLD):
             data = _source(data_ptrs, rank, peer, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
             total += tl.load(data + offsets, mask=mask, other=0.0).to(tl.float32)
-        normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
-        residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
-        tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
+        _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask, dtype)
+
+
+@triton.jit
+def _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask,
+                     dtype: tl.constexpr):  # fmt: skip
+    """A row's sum over the ranks (fp32, zero past HIDDEN) rounded as the all-reduce rounds it,
+    then what kernels/rmsnorm.py's post-norm computes from it, stored at out_ptr + offsets."""
+    normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
+    residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
 
 
 @triton.jit
@@ -552,10 +560,7 @@ def _tagged_all_reduce_rms_norm_add_kernel(
         total = _sum_in_rank_order(own, row * WORDS + word_cols, word_mask, epoch, half,
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, BLOCK,
                                    PACK, WORLD)  # fmt: skip
-        total = tl.where(mask, total, 0.0)
-        normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
-        residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
-        tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
+        _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask, dtype)
 
 
 @triton.jit

@@ -59,6 +59,10 @@ DECODE = dict(
 )  # decode attention's constexprs but the prologue's
 
 
+PUSHING = dict(PUSH_WORDS=True, WORLD=2, PEER_PROGRAMS=32, PACK=2)
+"""The skinny matmul's constexprs where it pushes a row-parallel partial to the other rank."""
+
+
 def _skinny(**constants) -> tuple:
     """A case of the skinny matmul: bf16, no SwiGLU unless given."""
     return (
@@ -147,25 +151,11 @@ CASES = {
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
     "skinny_matmul_64_rows": _skinny(SPLIT_K=True, ROWS=64, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row_pushing": _skinny(
-        SPLIT_K=False,
-        ROWS=1,
-        BLOCK_N=8,
-        BLOCK_K=1024,
-        PUSH_WORDS=True,
-        WORLD=2,
-        PEER_PROGRAMS=32,
-        PACK=2,
-    ),  # fmt: skip
+        SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=1024, **PUSHING
+    ),
     "skinny_matmul_split_k_pushing": _skinny(
-        SPLIT_K=True,
-        ROWS=16,
-        BLOCK_N=32,
-        BLOCK_K=128,
-        PUSH_WORDS=True,
-        WORLD=2,
-        PEER_PROGRAMS=32,
-        PACK=2,
-    ),  # fmt: skip
+        SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, **PUSHING
+    ),
     "skinny_matmul_post_norm_one_row": _skinny(
         SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, NORM=True
     ),

@@ -188,12 +188,14 @@ class RowParallelLinear(LinearBase):
         ranks itself with the post-norm's all-reduce (`RMSNorm.norm_and_add(reduce=True)`); only
         without a bias, which must come after. Where the peer kernels take that all-reduce as
         tagged words, the matmul pushes its tiles to the other ranks as it writes them."""
-        push = None if reduce else self.partial_push(x.shape[0], x.dtype)
-        return self.finish(self.matmul(x, push), reduce)
+        return self.finish(self.matmul(x, self.partial_push(x, reduce)), reduce)
 
-    def partial_push(self, rows: int, dtype: torch.dtype):
-        """Where a partial sum of `rows` rows goes as it is written (see forward), or None."""
-        return tp_partial_words_target(rows, self.weight.shape[0], dtype)
+    def partial_push(self, x: torch.Tensor, reduce: bool):
+        """Where this layer's partial sum of x's rows goes as it is written (see forward), or
+        None: none unless the caller sums it itself (`reduce=False`)."""
+        if reduce:
+            return None
+        return tp_partial_words_target(x.shape[0], self.weight.shape[0], x.dtype)
 
     def finish(self, out: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """This rank's product `out` summed over the ranks (unless `reduce=False`), plus the bias:

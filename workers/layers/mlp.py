@@ -26,8 +26,7 @@ class GatedMLP(nn.Module):
         this rank's partial sum, see RowParallelLinear)."""
         down = self.down_proj
         if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
-            push = None if reduce else down.partial_push(gate_up.shape[0], gate_up.dtype)
-            out = fused.swiglu_linear(gate_up, down.weight, push)
+            out = fused.swiglu_linear(gate_up, down.weight, down.partial_push(gate_up, reduce))
             if out is not None:
                 return down.finish(out, reduce)
         return down(self.act(gate_up), reduce)
