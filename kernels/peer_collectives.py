@@ -560,6 +560,7 @@ def _tagged_all_reduce_rms_norm_add_kernel(
         total = _sum_in_rank_order(own, row * WORDS + word_cols, word_mask, epoch, half,
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, BLOCK,
                                    PACK, WORLD)  # fmt: skip
+        total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
         _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask, dtype)
 
 
