@@ -56,6 +56,7 @@ DECODE = dict(
     BLOCK_N=64,
     DOT_PRECISION="tf32",
     FEW_SPLITS=False,
+    LAUNCH_EARLY=False,
 )  # decode attention's constexprs but the prologue's
 
 
@@ -119,6 +120,19 @@ CASES = {
             FEW_SPLITS=True,
         ),
     ),
+    "decode_attention_prologue_launching_early": (
+        kernels.decode_attention._kernel,
+        dict(
+            DECODE,
+            PROLOGUE=True,
+            QK_NORM=True,
+            SQUARES_GIVEN=True,
+            BLOCK_HEADS=16,
+            EARLY=True,
+            FEW_SPLITS=True,
+            LAUNCH_EARLY=True,
+        ),
+    ),
     "peer_all_reduce": (
         kernels.peer_collectives._all_reduce_kernel,
         dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PUSH=True),
@@ -167,6 +181,7 @@ CASES = {
 
 READ_EARLY = {
     "decode_attention_prologue_early",
+    "decode_attention_prologue_launching_early",
     "rmsnorm",
     "peer_post_norm_tagged",
     "peer_post_norm_pushed",
