@@ -205,9 +205,8 @@ def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, 
                    PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr):  # fmt: skip
     """A matmul's output tile values [ROWS, BLOCK_N] (columns col0 onwards, of N), as the
     tagged words of the post-norm all-reduce call that comes next on this rank, into slot
-    `rank` of every rank's buffer, this rank's too (where the post-norm reads its own partial
-    before it waits for this kernel to finish): row r is program r % PEER_PROGRAMS's there, so
-    its epoch is that program's count of calls plus one."""
+    `rank` of every other rank's buffer: row r is program r % PEER_PROGRAMS's there, so its
+    epoch is that program's count of calls plus one."""
     epoch = tl.load(epochs_ptr + rows % PEER_PROGRAMS)[:, None] + 1  # [ROWS, 1]
     flat = tl.reshape(values, [ROWS * BLOCK_N])  # a row's pairs stay side by side
     payload = tl.reshape(_payload(flat, ROWS * BLOCK_N, PACK), [ROWS, BLOCK_N // PACK])
@@ -215,7 +214,7 @@ def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, 
     word_cols = col0 // PACK + tl.arange(0, BLOCK_N // PACK)
     ok = row_ok[:, None] & (word_cols * PACK < N)[None, :]
     _push_words(words, rows[:, None] * ROW_WORDS + word_cols[None, :], ok, words_ptrs, rank,
-                (epoch % 2).to(tl.int64), WORLD, SLOT_WORDS, SELF=True)  # fmt: skip
+                (epoch % 2).to(tl.int64), WORLD, SLOT_WORDS)  # fmt: skip
 
 
 @triton.jit
@@ -334,23 +333,18 @@ def _words_slot(words_ptrs, owner, slot, half, WORLD: tl.constexpr, SLOT_WORDS):
 
 
 @triton.jit
-def _push_words(words, offsets, mask, words_ptrs, rank, half, WORLD: tl.constexpr, SLOT_WORDS,
-                SELF: tl.constexpr = False):  # fmt: skip
-    """This rank's tagged words into slot `rank` of every other rank's buffer (SELF: of every
-    rank's, this one's too)."""
+def _push_words(words, offsets, mask, words_ptrs, rank, half, WORLD: tl.constexpr, SLOT_WORDS):
+    """This rank's tagged words into slot `rank` of every other rank's buffer."""
     for owner in tl.static_range(WORLD):
-        if SELF:
-            dst = _words_slot(words_ptrs, owner, rank, half, WORLD, SLOT_WORDS)
-            tl.store(dst + offsets, words, mask=mask)
-        elif owner != rank:
+        if owner != rank:
             dst = _words_slot(words_ptrs, owner, rank, half, WORLD, SLOT_WORDS)
             tl.store(dst + offsets, words, mask=mask)
 
 
 @triton.jit
-def _poll_words(src, mask, epoch, max_spins):
+def _await_words(src, mask, epoch, status_ptr, max_spins):
     """Poll the words at `src` (this rank's memory; masked lanes aside) until each carries
-    `epoch`, or max_spins polls; returns them and whether it gave up."""
+    `epoch`, or max_spins polls (then status 1); returns them."""
     words = tl.load(src, mask=mask, other=0, volatile=True)
     missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
     spins = 0
@@ -358,14 +352,7 @@ def _poll_words(src, mask, epoch, max_spins):
         words = tl.load(src, mask=mask, other=0, volatile=True)
         missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
         spins += 1
-    return words, spins >= max_spins
-
-
-@triton.jit
-def _await_words(src, mask, epoch, status_ptr, max_spins):
-    """`_poll_words`, setting status to 1 if it gave up; returns the words."""
-    words, gave_up = _poll_words(src, mask, epoch, max_spins)
-    if gave_up:
+    if spins >= max_spins:
         tl.atomic_xchg(status_ptr, 1)
     return words
 
@@ -487,16 +474,9 @@ def _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets,
                      dtype: tl.constexpr):  # fmt: skip
     """A row's sum over the ranks (fp32, zero past HIDDEN) rounded as the all-reduce rounds it,
     then what kernels/rmsnorm.py's post-norm computes from it, stored at out_ptr + offsets."""
-    row = _post_norm_row(total, weight, eps, HIDDEN, residual_ptr, offsets, mask, dtype)
-    tl.store(out_ptr + offsets, row, mask=mask)
-
-
-@triton.jit
-def _post_norm_row(total, weight, eps, HIDDEN, residual_ptr, offsets, mask, dtype: tl.constexpr):
-    """What `_store_post_norm` stores: the residual plus the norm of the rounded sum."""
     normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
     residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
-    return add_rounded(residual, normed, dtype)
+    tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
 
 
 @triton.jit
@@ -552,59 +532,29 @@ def _tagged_all_reduce_rms_norm_add_kernel(
 ):  # fmt: skip
     """_all_reduce_rms_norm_add_kernel's result through tagged words: program p owns rows p,
     p + PROGRAMS, ...; a row is BLOCK // PACK words in the slots. PUSHED: the matmul that made x
-    pushed them already (push_row_words), to every rank this one included, so this call pushes
-    nothing. Its first row it then forms before the wait for that matmul, from the words alone
-    (x is not safe to read until the wait; a word whose tag is this call's is), and only stores
-    it after: the matmul's last tiles, the wait for the other ranks' and the norm overlap the
-    end of the matmul. The residual and the norm's weight are read before the wait too: no
-    kernel writes them while the matmul runs."""
+    pushed them already (push_row_words), so this call only waits for the others'."""
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
+    wait_for_previous(PDL)
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program)
     WORDS: tl.constexpr = BLOCK // PACK
     word_cols = tl.arange(0, WORDS)
     word_mask = word_cols * PACK < HIDDEN
-    if PUSHED:
-        # the count of calls is read before the wait (no kernel but a peer call writes it, and
-        # none runs between this call and the one before it) and stored after
-        epoch = tl.load(epochs_ptr + program) + 1
-        half = (epoch % 2).to(tl.int64)
-        first_ok = (cols * 0 + program) < ROWS  # this program has a row (as [BLOCK] lanes)
-        first_words_ok = (word_cols * 0 + program) < ROWS
-        offsets = program * HIDDEN + cols
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        gave_up = False
-        for peer in tl.static_range(WORLD):  # in rank order, this rank's partial from its words
-            src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
-            words, late = _poll_words(src + program * WORDS + word_cols,
-                                      word_mask & first_words_ok, epoch, max_spins)  # fmt: skip
-            gave_up = gave_up | late
-            total += _unpack_words(words, dtype, BLOCK, PACK).to(tl.float32)
-        total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
-        first = _post_norm_row(total, weight, eps, HIDDEN, residual_ptr, offsets, mask & first_ok,
-                               dtype)  # fmt: skip
-        wait_for_previous(PDL)
-        if gave_up:
-            tl.atomic_xchg(status_ptr, 1)
-        tl.store(epochs_ptr + program, epoch)
-        tl.store(out_ptr + offsets, first, mask=mask & first_ok)
-        rest = program + PROGRAMS
-    else:
-        wait_for_previous(PDL)
-        epoch, half = _next_epoch(epochs_ptr, program)
-        # -- this rank's rows, tagged, into every other rank's buffer --
+
+    # -- this rank's rows, tagged, into every other rank's buffer --
+    if not PUSHED:
         for row in range(program, ROWS, PROGRAMS):
             value = tl.load(x_ptr + row * HIDDEN + cols, mask=mask, other=0.0)
             words = _pack_words(value, epoch, BLOCK, PACK)
             _push_words(words, row * WORDS + word_cols, word_mask, words_ptrs, rank, half, WORLD,
                         SLOT_WORDS)  # fmt: skip
-        rest = program
 
     # -- each row: the others' words once they carry this call's epoch; the sum in rank order,
     #    rounded as the all-reduce rounds it; then the post-norm --
-    for row in range(rest, ROWS, PROGRAMS):
+    for row in range(program, ROWS, PROGRAMS):
         offsets = row * HIDDEN + cols
         own = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         total = _sum_in_rank_order(own, row * WORDS + word_cols, word_mask, epoch, half,
