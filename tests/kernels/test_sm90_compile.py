@@ -151,11 +151,15 @@ CASES = {
     ),
     "peer_post_norm_tagged": (
         kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=False),
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=False, LAUNCH_FIRST=False),
     ),
     "peer_post_norm_pushed": (
         kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=True),
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=True, LAUNCH_FIRST=False),
+    ),
+    "peer_post_norm_pushed_launching_first": (
+        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=True, LAUNCH_FIRST=True),
     ),
     "peer_qk_squares_tagged": (
         kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
@@ -185,6 +189,7 @@ READ_EARLY = {
     "rmsnorm",
     "peer_post_norm_tagged",
     "peer_post_norm_pushed",
+    "peer_post_norm_pushed_launching_first",
 }
 
 
