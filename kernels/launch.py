@@ -7,9 +7,12 @@ and its writes are visible, instead of the launch starting only then. A decode s
 hundreds of short kernels in a row, so the launch and ramp-up between each pair is a large part
 of it. Every kernel that takes `PDL` calls `wait_for_previous` before it writes global memory or
 reads anything a kernel of the step may write, so nothing it touches can race with the kernel
-before it; it then lets the next kernel launch early in turn. What none of them writes (weights,
-the step's inputs, the slab's earlier tokens) may be read before the wait, while the kernel before
-finishes.
+before it; it then lets the next kernel launch early in turn (a few at another point: decode
+attention once its K/V reads are done, or at its start; the tagged post-norm before its wait). A
+kernel launched that way still waits for the whole of the one before it, and that one for its
+own before it, so what any earlier kernel wrote is visible after the wait. What none of them
+writes (weights, the step's inputs, the slab's earlier tokens) may be read before the wait, while
+the kernel before finishes.
 """
 
 from __future__ import annotations
