@@ -77,9 +77,9 @@ kernel itself launched early, during the QKV projection) while that projection s
 weight. Where the QK-norm's sums come from a kernel of their own (Olmo 2 under tensor
 parallelism: their all-reduce runs between the projection and this kernel), the second does not
 hold, and the memory sits idle while that kernel waits for the other ranks and this one for its
-loads: the next kernel launches at a program's start, and its prefetch fills that time (7B at tp = 2, batch
-1: 402.4 against 394.7 tok/s; AFS_ATTN_LAUNCH_EARLY=1 or 0 decides it for every call with
-the prologue inside).
+loads: the next kernel launches at a program's start, and its prefetch fills that time (7B at
+tp = 2, batch 1: 402.4 against 394.7 tok/s; AFS_ATTN_LAUNCH_EARLY=1 or 0 decides it for every
+call with the prologue inside).
 """
 
 from __future__ import annotations

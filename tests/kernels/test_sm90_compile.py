@@ -60,6 +60,18 @@ DECODE = dict(
 )  # decode attention's constexprs but the prologue's
 
 
+EARLY_PROLOGUE = dict(
+    DECODE,
+    PROLOGUE=True,
+    QK_NORM=True,
+    SQUARES_GIVEN=False,
+    BLOCK_HEADS=16,
+    EARLY=True,
+    FEW_SPLITS=True,
+)
+"""Decode attention's constexprs with the prologue inside, its first key tile read early."""
+
+
 PUSHING = dict(PUSH_WORDS=True, WORLD=2, PEER_PROGRAMS=32, PACK=2)
 """The skinny matmul's constexprs where it pushes a row-parallel partial to the other rank."""
 
@@ -108,30 +120,10 @@ CASES = {
         kernels.decode_attention._kernel,
         dict(DECODE, PROLOGUE=True, QK_NORM=True, SQUARES_GIVEN=False, BLOCK_HEADS=16, EARLY=False),
     ),
-    "decode_attention_prologue_early": (
-        kernels.decode_attention._kernel,
-        dict(
-            DECODE,
-            PROLOGUE=True,
-            QK_NORM=True,
-            SQUARES_GIVEN=False,
-            BLOCK_HEADS=16,
-            EARLY=True,
-            FEW_SPLITS=True,
-        ),
-    ),
+    "decode_attention_prologue_early": (kernels.decode_attention._kernel, EARLY_PROLOGUE),
     "decode_attention_prologue_launching_early": (
         kernels.decode_attention._kernel,
-        dict(
-            DECODE,
-            PROLOGUE=True,
-            QK_NORM=True,
-            SQUARES_GIVEN=True,
-            BLOCK_HEADS=16,
-            EARLY=True,
-            FEW_SPLITS=True,
-            LAUNCH_EARLY=True,
-        ),
+        dict(EARLY_PROLOGUE, SQUARES_GIVEN=True, LAUNCH_EARLY=True),
     ),
     "peer_all_reduce": (
         kernels.peer_collectives._all_reduce_kernel,
