@@ -123,8 +123,8 @@ FEW_SPLITS = os.environ.get("AFS_ATTN_FEW_SPLITS", "1") != "0"
 # with the prologue inside: the first key tile read before the wait for the projection
 EARLY = os.environ.get("AFS_ATTN_EARLY", "1") != "0"
 # the next kernel let launch at a program's start instead of once its K/V reads are done: where
-# the QK-norm's sums come from a kernel of their own (unset: then; 1: always; 0: never)
-LAUNCH_EARLY = os.environ.get("AFS_ATTN_LAUNCH_EARLY", "")
+# the QK-norm's sums come from a kernel of their own (unset: None, then; 1: always; 0: never)
+LAUNCH_EARLY = {"1": True, "0": False}.get(os.environ.get("AFS_ATTN_LAUNCH_EARLY", ""))
 _LOG2E = 1.4426950408889634
 
 
@@ -494,7 +494,7 @@ def decode_attention_qkv(
     prologue = dict(
         PROLOGUE=True, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
         BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1], EARLY=EARLY,
-        LAUNCH_EARLY=squares_given if LAUNCH_EARLY == "" else LAUNCH_EARLY == "1",
+        LAUNCH_EARLY=squares_given if LAUNCH_EARLY is None else LAUNCH_EARLY,
     )  # fmt: skip
     return _launch(
         qkv, 0, prologue_args, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits

@@ -544,10 +544,9 @@ def _tagged_all_reduce_rms_norm_add_kernel(
     if LAUNCH_FIRST:  # the next kernel may launch now, while the one before still runs
         launch_next(PDL)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
-    if LAUNCH_FIRST:
-        wait_for_previous_only(PDL)
-    else:
-        wait_for_previous(PDL)
+    wait_for_previous_only(PDL)
+    if not LAUNCH_FIRST:
+        launch_next(PDL)
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     epoch, half = _next_epoch(epochs_ptr, program)

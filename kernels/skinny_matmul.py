@@ -202,23 +202,8 @@ def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epochs_pt
     """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too."""
     tl.store(out, value, mask=out_ok)
     if PUSH_WORDS:
-        push_row_words(
-            value,
-            rows,
-            row_ok,
-            col0,
-            N,
-            words_ptrs,
-            epochs_ptr,
-            rank,
-            SLOT_WORDS,
-            ROW_WORDS,
-            ROWS,
-            BLOCK_N,
-            WORLD,
-            PEER_PROGRAMS,
-            PACK,
-        )
+        push_row_words(value, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
+                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
 
 
 @triton.jit
