@@ -59,7 +59,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch_next, pdl_options, wait_for_previous, wait_for_previous_only
+from kernels.launch import (
+    last_to_arrive,
+    launch_next,
+    pdl_options,
+    rearm,
+    wait_for_previous,
+    wait_for_previous_only,
+)
 from kernels.rmsnorm import add_rounded, norm_warps, rms_normalise
 from kernels.rope import check_qkv, qk_tiles, sum_squares
 
@@ -603,6 +610,42 @@ def _tagged_all_reduce_qk_squares_kernel(
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, 2, 1,
                                    WORLD)  # fmt: skip
         tl.store(out_ptr + token * 2 + parts, total)
+
+
+@triton.jit
+def count_call_in(epochs_ptr, calls_ptr, callers, PROGRAMS: tl.constexpr):
+    """For a kernel that makes one call of the tagged-words exchange from `callers` programs of
+    its own (decode attention's QK sums): count this program in at `calls_ptr` once it has read
+    what epoch it needs; the last of them moves every peer program's epoch on by one, as a call
+    of PROGRAMS programs does, and rearms the counter."""
+    if last_to_arrive(calls_ptr, callers):
+        programs = tl.arange(0, PROGRAMS)
+        tl.store(epochs_ptr + programs, tl.load(epochs_ptr + programs) + 1)
+        rearm(calls_ptr)
+
+
+@triton.jit
+def exchange_token_squares(q_total, k_total, token,
+                           words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
+                           calls_ptr, callers,
+                           WORLD: tl.constexpr, PROGRAMS: tl.constexpr):  # fmt: skip
+    """`all_reduce_qk_squares` of one token from inside another kernel: this rank's sums (q's,
+    and k's already times k_scale) pushed as the tagged words of the call that comes next on
+    this rank, then every rank's, summed in rank order once they carry its epoch. Every program
+    of the kernel that holds the token may call it (each pushes the same words); each counts in
+    (`count_call_in`) after reading the epoch. Returns the two totals."""
+    parts = tl.arange(0, 2)  # q, k
+    own = tl.where(parts == 0, q_total, k_total)
+    epoch = tl.load(epochs_ptr + token % PROGRAMS) + 1
+    half = (epoch % 2).to(tl.int64)
+    count_call_in(epochs_ptr, calls_ptr, callers, PROGRAMS)
+    offsets = token * 2 + parts
+    _push_words(_pack_words(own, epoch, 2, 1), offsets, parts < 2, words_ptrs, rank, half, WORLD,
+                SLOT_WORDS)  # fmt: skip
+    total = _sum_in_rank_order(own, offsets, parts < 2, epoch, half, words_ptrs, rank, SLOT_WORDS,
+                               status_ptr, max_spins, 2, 1, WORLD)  # fmt: skip
+    q_sum = tl.sum(tl.where(parts == 0, total, 0.0), axis=0)
+    return q_sum, tl.sum(tl.where(parts == 1, total, 0.0), axis=0)
 
 
 def _check(x: torch.Tensor, peers: PeerBuffers) -> None:

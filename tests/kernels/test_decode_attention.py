@@ -327,3 +327,78 @@ def test_prologue_inside_refuses_bad_input():
         decode_attention_qkv(qkv, 4, 2, *args, slab, slots[:1], tables, seq_lens, 1.0, out)
     with pytest.raises(ValueError, match="out"):
         decode_attention_qkv(qkv, 4, 2, *args, slab, slots, tables, seq_lens, 1.0, out[:, :2])
+
+
+def _tagged(values: torch.Tensor, epoch: int) -> torch.Tensor:
+    """fp32 values -> int64 words: the epoch in the high 32 bits, the value's bits in the low."""
+    return (epoch << 32) | (values.float().cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("num_splits", [None, 3], ids=lambda n: f"splits{n}")
+def test_qk_sums_exchanged_inside_equal_the_sums_given(rank, num_splits):
+    """A sharded QK-norm whose sums the kernel all-reduces itself through tagged words (the
+    other rank of two simulated: its sums already in this rank's buffer, tagged with the call's
+    epoch): output and slab bit for bit those of the call given every rank's sums; this rank's
+    sums, tagged, in the other's buffer; every peer program's epoch one on and the call counter
+    back at zero, over two calls (both halves of the buffers)."""
+    from kernels.decode_attention import _COUNTERS, _counters, decode_attention_qkv
+    from kernels.peer_collectives import _FLAG_BYTES, PROGRAMS, PeerBuffers
+    from kernels.rope import qk_sum_squares
+    from workers.layers.rotary import RotaryEmbedding
+
+    num_heads, num_kv_heads, head_dim, lengths = 4, 2, 32, [140, 1, 33, 0]
+    _, slab, tables, seq_lens = _paged_inputs(lengths, num_heads, num_kv_heads, head_dim,
+                                              torch.float32)  # fmt: skip
+    batch, other, capacity, k_scale = len(lengths), 1 - rank, 1024, 0.5
+    buffers = [
+        torch.zeros(PeerBuffers.buffer_bytes(capacity, 2), dtype=torch.uint8, device=DEVICE)
+        for _ in range(2)
+    ]
+    peers = PeerBuffers.from_addresses(
+        rank, [b.data_ptr() for b in buffers], capacity, torch.device(DEVICE)
+    )
+    peers.tagged = True
+
+    def words(owner: int, slot: int, epoch: int) -> torch.Tensor:
+        start = _FLAG_BYTES + (4 + (epoch % 2) * 2 + slot) * capacity
+        return buffers[owner][start : start + 2 * batch * 8].view(torch.int64)
+
+    gen = torch.Generator().manual_seed(rank)
+    positions = (seq_lens - 1).clamp(min=0).long()
+    slots = torch.full((batch,), -1, dtype=torch.long, device=DEVICE)
+    for i, n in enumerate(lengths):
+        if n:
+            slots[i] = tables[i, (n - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (n - 1) % BLOCK_SIZE
+    rope = RotaryEmbedding(head_dim, 256, 10000.0).to(DEVICE)
+    norm = dict(
+        q_norm_weight=(torch.rand(num_heads * head_dim, generator=gen) + 0.5).to(DEVICE),
+        k_norm_weight=(torch.rand(num_kv_heads * head_dim, generator=gen) + 0.5).to(DEVICE),
+        eps=1e-6,
+        norm_widths=(2 * num_heads * head_dim, 2 * num_kv_heads * head_dim),
+    )
+    args = (num_heads, num_kv_heads, positions, rope.cos_cache, rope.sin_cache)
+    for epoch in (1, 2):
+        qkv, theirs = (
+            torch.randn(batch, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(DEVICE)
+            for _ in range(2)
+        )
+        mine = qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale)
+        sums = qk_sum_squares(theirs, num_heads, num_kv_heads, head_dim, k_scale)
+        words(rank, other, epoch).copy_(_tagged(sums, epoch).view(-1).to(DEVICE))
+        summed = torch.zeros_like(mine) + (mine if rank == 0 else sums)
+        summed = summed + (sums if rank == 0 else mine)  # in rank order, as the all-reduce
+        results = []
+        for given in (dict(qk_squares=summed), dict(qk_peers=peers, k_scale=k_scale)):
+            out_slab = slab.clone()
+            out = torch.full((batch, num_heads, head_dim), float("nan"), device=DEVICE)
+            decode_attention_qkv(qkv, *args, out_slab, slots, tables, seq_lens, head_dim**-0.5,
+                                 out, **norm, **given, num_splits=num_splits)  # fmt: skip
+            results.append((out, out_slab))
+        (want, want_slab), (got, got_slab) = results
+        assert not want[:3].isnan().any()
+        assert torch.equal(got, want) and torch.equal(got_slab, want_slab), epoch
+        assert torch.equal(words(other, rank, epoch).cpu(), _tagged(mine, epoch).view(-1))
+        assert peers.epochs.tolist() == [epoch] * PROGRAMS
+        assert int(_counters(torch.device(DEVICE))[_COUNTERS]) == 0
+        assert int(peers.status[0]) == 0
