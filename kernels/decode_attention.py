@@ -101,7 +101,7 @@ from kernels.launch import (
     wait_for_previous_only,
 )
 from kernels.paged_checks import check_paged_attention
-from kernels.peer_collectives import PROGRAMS, PeerBuffers, count_call_in, exchange_token_squares
+from kernels.peer_collectives import EXCHANGE_BYTES, PROGRAMS, PeerBuffers, exchange_token_squares
 from kernels.rope import (
     check_prologue,
     norm_weights,
@@ -135,7 +135,7 @@ def _new_token(
     row, eps, squares_ptr, Q_WIDTH, K_WIDTH,
     cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
     batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, calls_ptr, callers, k_scale,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr, EXCHANGE: tl.constexpr,
     WORLD: tl.constexpr,
@@ -165,7 +165,7 @@ def _new_token(
             if EXCHANGE:  # every rank's sums, through tagged words, here
                 q_total, k_total = exchange_token_squares(
                     q_total, k_total * k_scale, batch, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
-                    status_ptr, max_spins, calls_ptr, callers, WORLD, PEER_PROGRAMS,
+                    status_ptr, max_spins, WORLD, PEER_PROGRAMS,
                 )  # fmt: skip
                 q_inv_rms = tl.rsqrt(q_total / Q_WIDTH + eps)
                 k_inv_rms = tl.rsqrt(k_total / K_WIDTH + eps)
@@ -183,7 +183,7 @@ def _kernel(
     q_ptr, stride_q_batch, stride_q_head,
     q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
     positions_ptr, cos_ptr, sin_ptr, slot_mapping_ptr,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, calls_ptr, k_scale,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
     cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
     block_tables_ptr, stride_table_batch,
     seq_lens_ptr,
@@ -231,8 +231,7 @@ def _kernel(
     # used ones count and merge among themselves
     used_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)
     if split >= used_splits:
-        if not EXCHANGE:  # (with it, every program counts in to the exchange, after the wait)
-            return
+        return
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
     dims = tl.arange(0, HEAD_DIM)
@@ -267,11 +266,6 @@ def _kernel(
         wait_for_previous_only(PDL)
         if LAUNCH_EARLY:
             launch_next(PDL)
-    callers = tl.num_programs(0) * num_kv_heads * tl.num_programs(2)
-    if EXCHANGE:
-        if split >= used_splits:  # an empty split: no sums to exchange, only the count
-            count_call_in(epochs_ptr, calls_ptr, callers, PEER_PROGRAMS)
-            return
 
     # -- q --
     if PROLOGUE:
@@ -281,8 +275,8 @@ def _kernel(
             q_ptr + batch * stride_q_batch, eps, squares_ptr, Q_WIDTH, K_WIDTH,
             cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
             batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
-            words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, calls_ptr, callers,
-            k_scale, HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN, EXCHANGE, WORLD,
+            words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
+            HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN, EXCHANGE, WORLD,
         )  # fmt: skip
         slot = tl.load(slot_mapping_ptr + batch).to(tl.int64)
         stored_dims = tl.where((split == 0) & (slot >= 0), HEAD_DIM, 0)
@@ -429,13 +423,12 @@ _COUNTERS = 1 << 16
 
 
 def _counters(device: torch.device) -> torch.Tensor:
-    """This device's split counters, one per (sequence, KV head), and after them the count of a
-    call's programs through the QK sums' exchange (zeroed once; each call leaves its counters at
-    0)."""
+    """This device's split counters, one per (sequence, KV head) (zeroed once; each call leaves
+    its counters at 0)."""
     return device_buffers(
         "decode_attention",
         device,
-        lambda: (torch.zeros(_COUNTERS + 1, dtype=torch.int32, device=device),),
+        lambda: (torch.zeros(_COUNTERS, dtype=torch.int32, device=device),),
     )[0]
 
 
@@ -519,7 +512,7 @@ def decode_attention_qkv(
         widths = norm_widths
         exchange_args = (
             qk_peers.words_ptrs, qk_peers.epochs, qk_peers.rank, qk_peers.capacity // 8,
-            qk_peers.status, qk_peers.max_spins, _counters(qkv.device)[_COUNTERS:], k_scale,
+            qk_peers.status, qk_peers.max_spins, k_scale,
         )  # fmt: skip
         exchange = dict(EXCHANGE=True, WORLD=qk_peers.world)
     q = qkv.view(batch, -1, head_dim)[:, :num_heads]  # [B, H, D]: what the checks see of q
@@ -548,15 +541,15 @@ def _check_exchange(
 ) -> None:
     if not qk_norm or squares_given or norm_widths is None:
         raise ValueError("qk_peers: needs the norm weights and norm_widths, and no qk_squares")
-    if not peers.tagged or batch * 2 * 8 > peers.capacity:
+    if not peers.tagged or batch * 2 * 8 > EXCHANGE_BYTES or peers.capacity < EXCHANGE_BYTES:
         raise ValueError(
-            f"qk_peers: tagged words with room for {batch} tokens' two sums are needed "
-            f"(tagged: {peers.tagged}, {peers.capacity} bytes a slot)"
+            f"qk_peers: tagged words and at most {EXCHANGE_BYTES // 16} tokens are needed "
+            f"(tagged: {peers.tagged}, {batch} tokens, {peers.capacity} bytes a slot)"
         )
 
 
 # the exchange's arguments and constexprs of a launch without it
-_NO_EXCHANGE_ARGS = (None, None, 0, 1, None, 1, None, 1.0)
+_NO_EXCHANGE_ARGS = (None, None, 0, 1, None, 1, 1.0)
 _NO_EXCHANGE = dict(EXCHANGE=False, WORLD=1)
 # the prologue's arguments and constexprs of a launch without it
 _NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None, *_NO_EXCHANGE_ARGS)

@@ -59,14 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import (
-    last_to_arrive,
-    launch_next,
-    pdl_options,
-    rearm,
-    wait_for_previous,
-    wait_for_previous_only,
-)
+from kernels.launch import launch_next, pdl_options, wait_for_previous, wait_for_previous_only
 from kernels.rmsnorm import add_rounded, norm_warps, rms_normalise
 from kernels.rope import check_qkv, qk_tiles, sum_squares
 
@@ -77,6 +70,10 @@ POST_NORM_LAUNCH_FIRST = os.environ.get("AFS_PEER_POST_NORM_LAUNCH_FIRST", "1") 
 waits for the matmul before it: the projection's programs then take the SMs the matmul leaves
 and prefetch their first weight tiles while the matmul ends and the ranks' words cross (7B at
 tp = 2, batch 1: 405.9 against 402.8 tok/s on two H200s). 0: at the end of its wait."""
+EXCHANGE_WORDS = tl.constexpr(64)
+"""The last words of every tagged-words slot: decode attention's QK sums (`exchange_token_squares`,
+two a token, up to 32 tokens); no call of this module's writes them."""
+EXCHANGE_BYTES = 8 * EXCHANGE_WORDS.value
 _BLOCK = 1024
 _FLAG_BYTES = 4096
 """Room for the flags at the start of each buffer (int32 [WORLD, PROGRAMS] for up to 32 ranks)."""
@@ -207,7 +204,7 @@ def words_target(
         return None
     pack = 2 if size == 2 else 1
     row_words = max(triton.next_power_of_2(hidden), 2) // pack
-    if rows * row_words * 8 > peers.capacity:
+    if rows * row_words * 8 > peers.capacity - EXCHANGE_BYTES:
         return None
     return WordsTarget(peers, row_words, pack)
 
@@ -613,33 +610,26 @@ def _tagged_all_reduce_qk_squares_kernel(
 
 
 @triton.jit
-def count_call_in(epochs_ptr, calls_ptr, callers, PROGRAMS: tl.constexpr):
-    """For a kernel that makes one call of the tagged-words exchange from `callers` programs of
-    its own (decode attention's QK sums): count this program in at `calls_ptr` once it has read
-    what epoch it needs; the last of them moves every peer program's epoch on by one, as a call
-    of PROGRAMS programs does, and rearms the counter."""
-    if last_to_arrive(calls_ptr, callers):
-        programs = tl.arange(0, PROGRAMS)
-        tl.store(epochs_ptr + programs, tl.load(epochs_ptr + programs) + 1)
-        rearm(calls_ptr)
-
-
-@triton.jit
 def exchange_token_squares(q_total, k_total, token,
                            words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
-                           calls_ptr, callers,
                            WORLD: tl.constexpr, PROGRAMS: tl.constexpr):  # fmt: skip
-    """`all_reduce_qk_squares` of one token from inside another kernel: this rank's sums (q's,
-    and k's already times k_scale) pushed as the tagged words of the call that comes next on
-    this rank, then every rank's, summed in rank order once they carry its epoch. Every program
-    of the kernel that holds the token may call it (each pushes the same words); each counts in
-    (`count_call_in`) after reading the epoch. Returns the two totals."""
+    """`all_reduce_qk_squares` of one token from inside another kernel (decode attention's
+    prologue): this rank's two sums (q's, and k's already times k_scale) pushed as tagged words
+    to the last EXCHANGE_WORDS of every other rank's slot, then every rank's, summed in rank
+    order once they carry the tag. Any number of the kernel's programs may call it for a token
+    (each pushes the same words). Returns the two totals.
+
+    It takes the number of this rank's next call (its tag and half) without making that call:
+    no epoch moves on, so no program has to know that every other has read it. The next call
+    must then follow before the next exchange (Olmo 2: the post-norm after the output
+    projection), so that no two exchanges share a tag; it uses the same half, but never these
+    words. A rank cannot come back to them before the other has read them: its next exchange
+    follows a call the other only joins after this kernel."""
     parts = tl.arange(0, 2)  # q, k
     own = tl.where(parts == 0, q_total, k_total)
     epoch = tl.load(epochs_ptr + token % PROGRAMS) + 1
     half = (epoch % 2).to(tl.int64)
-    count_call_in(epochs_ptr, calls_ptr, callers, PROGRAMS)
-    offsets = token * 2 + parts
+    offsets = SLOT_WORDS - EXCHANGE_WORDS + token * 2 + parts
     _push_words(_pack_words(own, epoch, 2, 1), offsets, parts < 2, words_ptrs, rank, half, WORLD,
                 SLOT_WORDS)  # fmt: skip
     total = _sum_in_rank_order(own, offsets, parts < 2, epoch, half, words_ptrs, rank, SLOT_WORDS,
@@ -735,7 +725,7 @@ def all_reduce_qk_squares(
     out = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     _check(out, peers)
     block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
-    if peers.tagged and out.numel() * 8 <= peers.capacity:
+    if peers.tagged and out.numel() * 8 <= peers.capacity - EXCHANGE_BYTES:
         if out.numel():  # a call without tokens would exchange nothing, and so wait for nothing
             _tagged_all_reduce_qk_squares_kernel[(PROGRAMS,)](
                 qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,

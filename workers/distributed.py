@@ -155,7 +155,9 @@ def tp_qk_exchange_peers(qkv: torch.Tensor):
     buffers, no tagged words, too many tokens, or AFS_ATTN_QK_EXCHANGE=0."""
     if _TP.size == 1 or _PEERS is None or not QK_EXCHANGE_IN_ATTENTION or not qkv.is_cuda:
         return None
-    if not _PEERS.tagged or qkv.shape[0] * 2 * 8 > _PEERS.capacity:
+    from kernels.peer_collectives import EXCHANGE_BYTES
+
+    if not _PEERS.tagged or qkv.shape[0] * 2 * 8 > EXCHANGE_BYTES:
         return None
     return _PEERS
 

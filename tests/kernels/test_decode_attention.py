@@ -338,12 +338,13 @@ def _tagged(values: torch.Tensor, epoch: int) -> torch.Tensor:
 @pytest.mark.parametrize("num_splits", [None, 3], ids=lambda n: f"splits{n}")
 def test_qk_sums_exchanged_inside_equal_the_sums_given(rank, num_splits):
     """A sharded QK-norm whose sums the kernel all-reduces itself through tagged words (the
-    other rank of two simulated: its sums already in this rank's buffer, tagged with the call's
-    epoch): output and slab bit for bit those of the call given every rank's sums; this rank's
-    sums, tagged, in the other's buffer; every peer program's epoch one on and the call counter
-    back at zero, over two calls (both halves of the buffers)."""
-    from kernels.decode_attention import _COUNTERS, _counters, decode_attention_qkv
-    from kernels.peer_collectives import _FLAG_BYTES, PROGRAMS, PeerBuffers
+    other rank of two simulated: its sums already at the end of its slot in this rank's buffer,
+    tagged with the number of this rank's next call): output and slab bit for bit those of the
+    call given every rank's sums, and this rank's sums, tagged, at the end of its slot in the
+    other's buffer. No epoch moves; over two calls with a call of the group between them (both
+    halves of the buffers)."""
+    from kernels.decode_attention import decode_attention_qkv
+    from kernels.peer_collectives import _FLAG_BYTES, EXCHANGE_BYTES, PROGRAMS, PeerBuffers
     from kernels.rope import qk_sum_squares
     from workers.layers.rotary import RotaryEmbedding
 
@@ -361,7 +362,7 @@ def test_qk_sums_exchanged_inside_equal_the_sums_given(rank, num_splits):
     peers.tagged = True
 
     def words(owner: int, slot: int, epoch: int) -> torch.Tensor:
-        start = _FLAG_BYTES + (4 + (epoch % 2) * 2 + slot) * capacity
+        start = _FLAG_BYTES + (4 + (epoch % 2) * 2 + slot + 1) * capacity - EXCHANGE_BYTES
         return buffers[owner][start : start + 2 * batch * 8].view(torch.int64)
 
     gen = torch.Generator().manual_seed(rank)
@@ -378,14 +379,15 @@ def test_qk_sums_exchanged_inside_equal_the_sums_given(rank, num_splits):
         norm_widths=(2 * num_heads * head_dim, 2 * num_kv_heads * head_dim),
     )
     args = (num_heads, num_kv_heads, positions, rope.cos_cache, rope.sin_cache)
-    for epoch in (1, 2):
+    for calls in (3, 4):  # the group's calls so far: this exchange takes the next one's number
+        peers.epochs.fill_(calls)
         qkv, theirs = (
             torch.randn(batch, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(DEVICE)
             for _ in range(2)
         )
         mine = qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale)
         sums = qk_sum_squares(theirs, num_heads, num_kv_heads, head_dim, k_scale)
-        words(rank, other, epoch).copy_(_tagged(sums, epoch).view(-1).to(DEVICE))
+        words(rank, other, calls + 1).copy_(_tagged(sums, calls + 1).view(-1).to(DEVICE))
         summed = torch.zeros_like(mine) + (mine if rank == 0 else sums)
         summed = summed + (sums if rank == 0 else mine)  # in rank order, as the all-reduce
         results = []
@@ -397,8 +399,7 @@ def test_qk_sums_exchanged_inside_equal_the_sums_given(rank, num_splits):
             results.append((out, out_slab))
         (want, want_slab), (got, got_slab) = results
         assert not want[:3].isnan().any()
-        assert torch.equal(got, want) and torch.equal(got_slab, want_slab), epoch
-        assert torch.equal(words(other, rank, epoch).cpu(), _tagged(mine, epoch).view(-1))
-        assert peers.epochs.tolist() == [epoch] * PROGRAMS
-        assert int(_counters(torch.device(DEVICE))[_COUNTERS]) == 0
+        assert torch.equal(got, want) and torch.equal(got_slab, want_slab), calls
+        assert torch.equal(words(other, rank, calls + 1).cpu(), _tagged(mine, calls + 1).view(-1))
+        assert peers.epochs.tolist() == [calls] * PROGRAMS
         assert int(peers.status[0]) == 0

@@ -43,7 +43,6 @@ POINTERS = {
     "data_ptrs": "*i64",
     "words_ptrs": "*i64",
     "epochs_ptr": "*i32",
-    "calls_ptr": "*i32",
     "status_ptr": "*i32",
     "out_ptr": "*bf16",
 }
