@@ -127,6 +127,7 @@ EARLY = os.environ.get("AFS_ATTN_EARLY", "1") != "0"
 # the QK-norm's sums come from a kernel of their own (unset: None, then; 1: always; 0: never)
 LAUNCH_EARLY = {"1": True, "0": False}.get(os.environ.get("AFS_ATTN_LAUNCH_EARLY", ""))
 _LOG2E = 1.4426950408889634
+FIRST_PUSHES = tl.constexpr(os.environ.get("AFS_ATTN_QK_PUSHERS", "all") == "first")
 PEER_PROGRAMS = tl.constexpr(PROGRAMS)  # the peer kernels' programs, whose epochs a call moves on
 
 
@@ -135,7 +136,7 @@ def _new_token(
     row, eps, squares_ptr, Q_WIDTH, K_WIDTH,
     cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
     batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale, pusher,
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
     QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr, EXCHANGE: tl.constexpr,
     WORLD: tl.constexpr,
@@ -164,8 +165,8 @@ def _new_token(
             )
             if EXCHANGE:  # every rank's sums, through tagged words, here
                 q_total, k_total = exchange_token_squares(
-                    q_total, k_total * k_scale, batch, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
-                    status_ptr, max_spins, WORLD, PEER_PROGRAMS,
+                    q_total, k_total * k_scale, batch, pusher, words_ptrs, epochs_ptr, rank,
+                    SLOT_WORDS, status_ptr, max_spins, WORLD, PEER_PROGRAMS,
                 )  # fmt: skip
                 q_inv_rms = tl.rsqrt(q_total / Q_WIDTH + eps)
                 k_inv_rms = tl.rsqrt(k_total / K_WIDTH + eps)
@@ -268,6 +269,9 @@ def _kernel(
             launch_next(PDL)
 
     # -- q --
+    pusher = split >= 0  # of the QK sums' words: every program, or the first of its sequence
+    if FIRST_PUSHES:
+        pusher = (kv_head == 0) & (split == 0)
     if PROLOGUE:
         # this KV head's share of the prologue, done by each of its splits (the rows are in L2);
         # split 0 stores the new key and value, which no program of this launch reads
@@ -276,6 +280,7 @@ def _kernel(
             cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
             batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
             words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
+            pusher,
             HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN, EXCHANGE, WORLD,
         )  # fmt: skip
         slot = tl.load(slot_mapping_ptr + batch).to(tl.int64)

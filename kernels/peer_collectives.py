@@ -610,14 +610,14 @@ def _tagged_all_reduce_qk_squares_kernel(
 
 
 @triton.jit
-def exchange_token_squares(q_total, k_total, token,
+def exchange_token_squares(q_total, k_total, token, push,
                            words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
                            WORLD: tl.constexpr, PROGRAMS: tl.constexpr):  # fmt: skip
     """`all_reduce_qk_squares` of one token from inside another kernel (decode attention's
     prologue): this rank's two sums (q's, and k's already times k_scale) pushed as tagged words
     to the last EXCHANGE_WORDS of every other rank's slot, then every rank's, summed in rank
-    order once they carry the tag. Any number of the kernel's programs may call it for a token
-    (each pushes the same words). Returns the two totals.
+    order once they carry the tag. Any number of the kernel's programs may call it for a token,
+    as long as at least one pushes (`push`; each pushes the same words). Returns the two totals.
 
     It takes the number of this rank's next call (its tag and half) without making that call:
     no epoch moves on, so no program has to know that every other has read it. The next call
@@ -630,8 +630,9 @@ def exchange_token_squares(q_total, k_total, token,
     epoch = tl.load(epochs_ptr + token % PROGRAMS) + 1
     half = (epoch % 2).to(tl.int64)
     offsets = SLOT_WORDS - EXCHANGE_WORDS + token * 2 + parts
-    _push_words(_pack_words(own, epoch, 2, 1), offsets, parts < 2, words_ptrs, rank, half, WORLD,
-                SLOT_WORDS)  # fmt: skip
+    if push:
+        _push_words(_pack_words(own, epoch, 2, 1), offsets, parts < 2, words_ptrs, rank, half,
+                    WORLD, SLOT_WORDS)  # fmt: skip
     total = _sum_in_rank_order(own, offsets, parts < 2, epoch, half, words_ptrs, rank, SLOT_WORDS,
                                status_ptr, max_spins, 2, 1, WORLD)  # fmt: skip
     q_sum = tl.sum(tl.where(parts == 0, total, 0.0), axis=0)
