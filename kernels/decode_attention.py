@@ -101,7 +101,6 @@ from kernels.launch import (
     wait_for_previous_only,
 )
 from kernels.paged_checks import check_paged_attention
-from kernels.peer_collectives import EXCHANGE_BYTES, PROGRAMS, PeerBuffers, exchange_token_squares
 from kernels.rope import (
     check_prologue,
     norm_weights,
@@ -127,8 +126,6 @@ EARLY = os.environ.get("AFS_ATTN_EARLY", "1") != "0"
 # the QK-norm's sums come from a kernel of their own (unset: None, then; 1: always; 0: never)
 LAUNCH_EARLY = {"1": True, "0": False}.get(os.environ.get("AFS_ATTN_LAUNCH_EARLY", ""))
 _LOG2E = 1.4426950408889634
-FIRST_PUSHES = tl.constexpr(os.environ.get("AFS_ATTN_QK_PUSHERS", "all") == "first")
-PEER_PROGRAMS = tl.constexpr(PROGRAMS)  # the peer kernels' programs, whose epochs a call moves on
 
 
 @triton.jit
@@ -136,10 +133,8 @@ def _new_token(
     row, eps, squares_ptr, Q_WIDTH, K_WIDTH,
     cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
     batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale, pusher,
     HEAD_DIM: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr, EXCHANGE: tl.constexpr,
-    WORLD: tl.constexpr,
+    QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
 ):  # fmt: skip
     """The attention prologue (kernels/rope.py's, through its helpers) for one KV head of one
     token, from its fused projection `row`, its position's `rope_row` and its heads' QK-norm
@@ -163,16 +158,8 @@ def _new_token(
             q_total, k_total = sum_squares_qk(
                 row, k_row, num_heads, num_kv_heads, HEAD_DIM, HEAD_DIM, BLOCK_HEADS
             )
-            if EXCHANGE:  # every rank's sums, through tagged words, here
-                q_total, k_total = exchange_token_squares(
-                    q_total, k_total * k_scale, batch, pusher, words_ptrs, epochs_ptr, rank,
-                    SLOT_WORDS, status_ptr, max_spins, WORLD, PEER_PROGRAMS,
-                )  # fmt: skip
-                q_inv_rms = tl.rsqrt(q_total / Q_WIDTH + eps)
-                k_inv_rms = tl.rsqrt(k_total / K_WIDTH + eps)
-            else:
-                q_inv_rms = tl.rsqrt(q_total / (num_heads * HEAD_DIM) + eps)
-                k_inv_rms = tl.rsqrt(k_total / (num_kv_heads * HEAD_DIM) + eps)
+            q_inv_rms = tl.rsqrt(q_total / (num_heads * HEAD_DIM) + eps)
+            k_inv_rms = tl.rsqrt(k_total / (num_kv_heads * HEAD_DIM) + eps)
     dtype = row.dtype.element_ty
     q = rotate(q_x, q_x_rolled, q_w, q_w_rolled, q_inv_rms, cos, signed_sin, QK_NORM).to(dtype)
     k = rotate(k_x, k_x_rolled, k_w, k_w_rolled, k_inv_rms, cos, signed_sin, QK_NORM).to(dtype)
@@ -184,7 +171,6 @@ def _kernel(
     q_ptr, stride_q_batch, stride_q_head,
     q_norm_ptr, k_norm_ptr, eps, squares_ptr, Q_WIDTH, K_WIDTH,
     positions_ptr, cos_ptr, sin_ptr, slot_mapping_ptr,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
     cache_ptr, stride_cache_kv, stride_cache_block, stride_cache_head, stride_cache_slot,
     block_tables_ptr, stride_table_batch,
     seq_lens_ptr,
@@ -196,7 +182,7 @@ def _kernel(
     DOT_PRECISION: tl.constexpr,
     PROLOGUE: tl.constexpr, QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
     BLOCK_HEADS: tl.constexpr, EARLY: tl.constexpr, FEW_SPLITS: tl.constexpr,
-    LAUNCH_EARLY: tl.constexpr, EXCHANGE: tl.constexpr, WORLD: tl.constexpr, PDL: tl.constexpr,
+    LAUNCH_EARLY: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split) over its run of key tiles; the last split of a (sequence,
     KV head) to finish merges them all. With PROLOGUE, q_ptr is the fused projection
@@ -269,9 +255,6 @@ def _kernel(
             launch_next(PDL)
 
     # -- q --
-    pusher = split >= 0  # of the QK sums' words: every program, or the first of its sequence
-    if FIRST_PUSHES:
-        pusher = (kv_head == 0) & (split == 0)
     if PROLOGUE:
         # this KV head's share of the prologue, done by each of its splits (the rows are in L2);
         # split 0 stores the new key and value, which no program of this launch reads
@@ -279,9 +262,7 @@ def _kernel(
             q_ptr + batch * stride_q_batch, eps, squares_ptr, Q_WIDTH, K_WIDTH,
             cos, signed_sin, q_w, q_w_rolled, k_w, k_w_rolled,
             batch, q_offsets, q_rolled, in_group, k_offsets, k_rolled, num_heads, num_kv_heads,
-            words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins, k_scale,
-            pusher,
-            HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN, EXCHANGE, WORLD,
+            HEAD_DIM, BLOCK_HEADS, QK_NORM, SQUARES_GIVEN,
         )  # fmt: skip
         slot = tl.load(slot_mapping_ptr + batch).to(tl.int64)
         stored_dims = tl.where((split == 0) & (slot >= 0), HEAD_DIM, 0)
@@ -489,8 +470,6 @@ def decode_attention_qkv(
     qk_squares: torch.Tensor | None = None,
     norm_widths: tuple[int, int] | None = None,
     num_splits: int | None = None,
-    qk_peers: PeerBuffers | None = None,
-    k_scale: float = 1.0,
 ) -> torch.Tensor:
     """The attention prologue and decode attention in one launch: from each sequence's fused
     projection qkv [B, (H + 2 KVH) D] of its one new token, the QK-norm, RoPE and K/V store of
@@ -499,11 +478,6 @@ def decode_attention_qkv(
     `out` [B, H, D]. Every KV head's splits redo its share of the prologue (q's and k's rows are
     read from L2 again; the full-width norm sums the whole row in each), so no kernel runs
     between the QKV projection and attention.
-
-    A sharded QK-norm (its width over the ranks, `norm_widths` the full widths) either passes
-    every rank's sums in `qk_squares`, or `qk_peers` (tagged words): then the kernel makes
-    `all_reduce_qk_squares`'s call itself (this rank's k sums times `k_scale`), and every rank
-    of the group must call it so at the same point.
     """
     head_dim = cos_cache.shape[1]
     qk_norm, squares_given, widths = check_prologue(
@@ -511,56 +485,27 @@ def decode_attention_qkv(
         q_norm_weight, k_norm_weight, qk_squares, norm_widths, kv_cache, slot_mapping,
     )  # fmt: skip
     batch = qkv.shape[0]
-    exchange_args, exchange = _NO_EXCHANGE_ARGS, _NO_EXCHANGE
-    if qk_peers is not None:
-        _check_exchange(qk_peers, qk_norm, squares_given, norm_widths, batch)
-        widths = norm_widths
-        exchange_args = (
-            qk_peers.words_ptrs, qk_peers.epochs, qk_peers.rank, qk_peers.capacity // 8,
-            qk_peers.status, qk_peers.max_spins, k_scale,
-        )  # fmt: skip
-        exchange = dict(EXCHANGE=True, WORLD=qk_peers.world)
     q = qkv.view(batch, -1, head_dim)[:, :num_heads]  # [B, H, D]: what the checks see of q
     check_paged_attention(q, kv_cache, out, block_tables, seq_lens)
     prologue_args = (
         q_norm_weight, k_norm_weight, eps, qk_squares, *widths,
-        positions, cos_cache, sin_cache, slot_mapping, *exchange_args,
+        positions, cos_cache, sin_cache, slot_mapping,
     )  # fmt: skip
-    sums_apart = squares_given or qk_peers is not None
     prologue = dict(
         PROLOGUE=True, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
         BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1], EARLY=EARLY,
-        LAUNCH_EARLY=sums_apart if LAUNCH_EARLY is None else LAUNCH_EARLY, **exchange,
+        LAUNCH_EARLY=squares_given if LAUNCH_EARLY is None else LAUNCH_EARLY,
     )  # fmt: skip
     return _launch(
         qkv, 0, prologue_args, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits
     )
 
 
-def _check_exchange(
-    peers: PeerBuffers,
-    qk_norm: bool,
-    squares_given: bool,
-    norm_widths: tuple[int, int] | None,
-    batch: int,
-) -> None:
-    if not qk_norm or squares_given or norm_widths is None:
-        raise ValueError("qk_peers: needs the norm weights and norm_widths, and no qk_squares")
-    if not peers.tagged or batch * 2 * 8 > EXCHANGE_BYTES or peers.capacity < EXCHANGE_BYTES:
-        raise ValueError(
-            f"qk_peers: tagged words and at most {EXCHANGE_BYTES // 16} tokens are needed "
-            f"(tagged: {peers.tagged}, {batch} tokens, {peers.capacity} bytes a slot)"
-        )
-
-
-# the exchange's arguments and constexprs of a launch without it
-_NO_EXCHANGE_ARGS = (None, None, 0, 1, None, 1, 1.0)
-_NO_EXCHANGE = dict(EXCHANGE=False, WORLD=1)
 # the prologue's arguments and constexprs of a launch without it
-_NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None, *_NO_EXCHANGE_ARGS)
+_NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None)
 _NO_PROLOGUE = dict(
     PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False,
-    LAUNCH_EARLY=False, **_NO_EXCHANGE,
+    LAUNCH_EARLY=False,
 )  # fmt: skip
 
 

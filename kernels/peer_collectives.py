@@ -70,10 +70,6 @@ POST_NORM_LAUNCH_FIRST = os.environ.get("AFS_PEER_POST_NORM_LAUNCH_FIRST", "1") 
 waits for the matmul before it: the projection's programs then take the SMs the matmul leaves
 and prefetch their first weight tiles while the matmul ends and the ranks' words cross (7B at
 tp = 2, batch 1: 405.9 against 402.8 tok/s on two H200s). 0: at the end of its wait."""
-EXCHANGE_WORDS = tl.constexpr(64)
-"""The last words of every tagged-words slot: decode attention's QK sums (`exchange_token_squares`,
-two a token, up to 32 tokens); no call of this module's writes them."""
-EXCHANGE_BYTES = 8 * EXCHANGE_WORDS.value
 _BLOCK = 1024
 _FLAG_BYTES = 4096
 """Room for the flags at the start of each buffer (int32 [WORLD, PROGRAMS] for up to 32 ranks)."""
@@ -204,7 +200,7 @@ def words_target(
         return None
     pack = 2 if size == 2 else 1
     row_words = max(triton.next_power_of_2(hidden), 2) // pack
-    if rows * row_words * 8 > peers.capacity - EXCHANGE_BYTES:
+    if rows * row_words * 8 > peers.capacity:
         return None
     return WordsTarget(peers, row_words, pack)
 
@@ -609,36 +605,6 @@ def _tagged_all_reduce_qk_squares_kernel(
         tl.store(out_ptr + token * 2 + parts, total)
 
 
-@triton.jit
-def exchange_token_squares(q_total, k_total, token, push,
-                           words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
-                           WORLD: tl.constexpr, PROGRAMS: tl.constexpr):  # fmt: skip
-    """`all_reduce_qk_squares` of one token from inside another kernel (decode attention's
-    prologue): this rank's two sums (q's, and k's already times k_scale) pushed as tagged words
-    to the last EXCHANGE_WORDS of every other rank's slot, then every rank's, summed in rank
-    order once they carry the tag. Any number of the kernel's programs may call it for a token,
-    as long as at least one pushes (`push`; each pushes the same words). Returns the two totals.
-
-    It takes the number of this rank's next call (its tag and half) without making that call:
-    no epoch moves on, so no program has to know that every other has read it. The next call
-    must then follow before the next exchange (Olmo 2: the post-norm after the output
-    projection), so that no two exchanges share a tag; it uses the same half, but never these
-    words. A rank cannot come back to them before the other has read them: its next exchange
-    follows a call the other only joins after this kernel."""
-    parts = tl.arange(0, 2)  # q, k
-    own = tl.where(parts == 0, q_total, k_total)
-    epoch = tl.load(epochs_ptr + token % PROGRAMS) + 1
-    half = (epoch % 2).to(tl.int64)
-    offsets = SLOT_WORDS - EXCHANGE_WORDS + token * 2 + parts
-    if push:
-        _push_words(_pack_words(own, epoch, 2, 1), offsets, parts < 2, words_ptrs, rank, half,
-                    WORLD, SLOT_WORDS)  # fmt: skip
-    total = _sum_in_rank_order(own, offsets, parts < 2, epoch, half, words_ptrs, rank, SLOT_WORDS,
-                               status_ptr, max_spins, 2, 1, WORLD)  # fmt: skip
-    q_sum = tl.sum(tl.where(parts == 0, total, 0.0), axis=0)
-    return q_sum, tl.sum(tl.where(parts == 1, total, 0.0), axis=0)
-
-
 def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
     if not peers.fits(x):
         raise ValueError(
@@ -726,7 +692,7 @@ def all_reduce_qk_squares(
     out = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     _check(out, peers)
     block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
-    if peers.tagged and out.numel() * 8 <= peers.capacity - EXCHANGE_BYTES:
+    if peers.tagged and out.numel() * 8 <= peers.capacity:
         if out.numel():  # a call without tokens would exchange nothing, and so wait for nothing
             _tagged_all_reduce_qk_squares_kernel[(PROGRAMS,)](
                 qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,

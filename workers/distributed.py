@@ -144,24 +144,6 @@ def tp_qk_sum_squares(
     return tp_all_reduce(qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale))
 
 
-QK_EXCHANGE_IN_ATTENTION = os.environ.get("AFS_ATTN_QK_EXCHANGE", "1") != "0"
-"""Decode attention with the prologue inside makes the QK-norm sums' all-reduce itself (where the
-peer buffers exchange tagged words), instead of a kernel of its own before it; 0: that kernel."""
-
-
-def tp_qk_exchange_peers(qkv: torch.Tensor):
-    """The peer buffers a decode attention kernel exchanges the QK-norm's sums of qkv's tokens
-    through, from inside (kernels.peer_collectives.PeerBuffers), or None: one rank, no peer
-    buffers, no tagged words, too many tokens, or AFS_ATTN_QK_EXCHANGE=0."""
-    if _TP.size == 1 or _PEERS is None or not QK_EXCHANGE_IN_ATTENTION or not qkv.is_cuda:
-        return None
-    from kernels.peer_collectives import EXCHANGE_BYTES
-
-    if not _PEERS.tagged or qkv.shape[0] * 2 * 8 > EXCHANGE_BYTES:
-        return None
-    return _PEERS
-
-
 def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns it. On GPUs
     it is queued on the stream like a kernel: no rank waits for it on the host."""

@@ -117,15 +117,11 @@ class ShardWorker:
 
     def _peer_capacity(self) -> int:
         """Bytes the largest collective of a decode step moves: the hidden states of a full
-        batch, or its slice of the logits (the LM head's gather); and the words decode attention
-        keeps at the end of each slot for its QK sums."""
-        from kernels.peer_collectives import EXCHANGE_BYTES
-
+        batch, or its slice of the logits (the LM head's gather)."""
         model_config = self.model_config
         vocab_slice = -(-model_config.vocab_size // self.config.tp)
         width = max(model_config.hidden_size, vocab_slice)
-        most = self.config.max_num_seqs * width * model_config.torch_dtype.itemsize
-        return -(-most // 16) * 16 + EXCHANGE_BYTES
+        return -(-self.config.max_num_seqs * width * model_config.torch_dtype.itemsize // 16) * 16
 
     def _kv_blocks(self) -> int:
         config, model_config = self.config, self.model_config

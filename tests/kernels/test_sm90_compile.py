@@ -57,8 +57,6 @@ DECODE = dict(
     DOT_PRECISION="tf32",
     FEW_SPLITS=False,
     LAUNCH_EARLY=False,
-    EXCHANGE=False,
-    WORLD=1,
 )  # decode attention's constexprs but the prologue's
 
 
@@ -127,10 +125,6 @@ CASES = {
         kernels.decode_attention._kernel,
         dict(EARLY_PROLOGUE, SQUARES_GIVEN=True, LAUNCH_EARLY=True),
     ),
-    "decode_attention_prologue_exchanging": (
-        kernels.decode_attention._kernel,
-        dict(EARLY_PROLOGUE, LAUNCH_EARLY=True, EXCHANGE=True, WORLD=2),
-    ),
     "peer_all_reduce": (
         kernels.peer_collectives._all_reduce_kernel,
         dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PUSH=True),
@@ -184,7 +178,6 @@ CASES = {
 READ_EARLY = {
     "decode_attention_prologue_early",
     "decode_attention_prologue_launching_early",
-    "decode_attention_prologue_exchanging",
     "rmsnorm",
     "peer_post_norm_tagged",
     "peer_post_norm_pushed",

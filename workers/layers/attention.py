@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.distributed import tp_qk_exchange_peers, tp_qk_sum_squares
+from workers.distributed import tp_qk_sum_squares
 from workers.forward_context import get_forward_context
 from workers.layers.norm import ShardedRMSNorm
 from workers.layers.rotary import RotaryStep
@@ -52,35 +52,28 @@ class Attention(nn.Module):
         """qkv [T, (H + 2 * KVH) * D] -> [T, H * D], through the fused Triton prologue.
 
         Sharded qk_norms (their width split over the ranks) take one all-reduce of each token's
-        two sums of squares, the k sums divided by the ranks that hold the same k heads: inside
-        the decode kernel where it can make it (tagged peer words), else as a kernel before.
+        two sums of squares, the k sums divided by the ranks that hold the same k heads.
         """
         from kernels.rope import rotary_qkv
 
         context = get_forward_context()
         norm = {}
-        exchange = {}  # the sums' all-reduce left to a decode kernel that can make it
         if qk_norms is not None:
             q_norm, k_norm = qk_norms
             norm = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
             if not (q_norm.unsharded and k_norm.unsharded):
+                norm["qk_squares"] = tp_qk_sum_squares(
+                    qkv, self.num_heads, self.num_kv_heads, self.head_dim, 1.0 / k_norm.replicas
+                )
                 norm["norm_widths"] = (q_norm.full_width, k_norm.full_width)
-                k_scale = 1.0 / k_norm.replicas
-                peers = tp_qk_exchange_peers(qkv)
-                if peers is not None:
-                    exchange = dict(qk_peers=peers, k_scale=k_scale)
-                else:
-                    norm["qk_squares"] = self._qk_squares(qkv, k_scale)
         kv_cache = context.kv_caches[self.layer_index]
         rope_args = (rope.positions, rope.cos_cache, rope.sin_cache)
         out = context.backend.decode_qkv(
-            qkv, self.num_heads, self.num_kv_heads, rope_args, {**norm, **exchange}, kv_cache,
+            qkv, self.num_heads, self.num_kv_heads, rope_args, norm, kv_cache,
             context.attn_metadata, self.scale,
         )  # fmt: skip
         if out is not None:  # [T, H, D]
             return out.reshape(qkv.shape[0], self.num_heads * self.head_dim)
-        if exchange:  # no decode kernel took it: the all-reduce on its own
-            norm["qk_squares"] = self._qk_squares(qkv, exchange["k_scale"])
         q, k, v = rotary_qkv(
             qkv,
             self.num_heads,
@@ -91,6 +84,3 @@ class Attention(nn.Module):
             slot_mapping=context.attn_metadata.slot_mapping,
         )  # q: [T, H, D]; k, v: [T, KVH, D]
         return self(q, k, v, kv_stored=True)
-
-    def _qk_squares(self, qkv: torch.Tensor, k_scale: float) -> torch.Tensor:
-        return tp_qk_sum_squares(qkv, self.num_heads, self.num_kv_heads, self.head_dim, k_scale)
