@@ -139,7 +139,7 @@ def main() -> None:
 
     address = f"127.0.0.1:{args.port}"
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "afs"), "serve", "--port", str(args.port),
+        [sys.executable, "-m", "cluster.cli", "serve", "--port", str(args.port),
          "--metrics-port", "0", "--cpus-per-worker", str(cpus), *engine_flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
