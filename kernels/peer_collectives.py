@@ -59,13 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import (
-    device_buffers,
-    launch_next,
-    pdl_options,
-    wait_for_previous,
-    wait_for_previous_only,
-)
+from kernels.launch import launch_next, pdl_options, wait_for_previous, wait_for_previous_only
 from kernels.rmsnorm import add_rounded, norm_warps, rms_normalise
 from kernels.rope import check_qkv, qk_tiles, sum_squares
 
@@ -209,78 +203,6 @@ def words_target(
     if rows * row_words * 8 > peers.capacity:
         return None
     return WordsTarget(peers, row_words, pack)
-
-
-class SquaresTarget(NamedTuple):
-    """Where a QKV projection's matmul (Olmo 2 under tensor parallelism) pushes, tile by tile as
-    it writes them, its rows' sums of squares of q and of k, as the tagged words of the QK-norm's
-    all-reduce that comes next (`all_reduce_qk_squares` with `pushed`, which then only waits for
-    the others' and sums): the peers, and q's and k's widths on this rank (the projection's
-    first outputs; v follows)."""
-
-    peers: PeerBuffers
-    q_width: int
-    k_width: int
-
-    def tiles(self, block_n: int) -> tuple[int, int] | None:
-        """(q's tiles, q's and k's tiles) of a matmul of output tiles `block_n` wide, or None
-        where a tile would straddle q and k."""
-        if self.q_width % block_n or self.k_width % block_n:
-            return None
-        return self.q_width // block_n, (self.q_width + self.k_width) // block_n
-
-    def fits(self, rows: int, block_n: int) -> bool:
-        """Whether a call of `rows` rows cut in tiles `block_n` wide can push: whole tiles of q
-        and of k, a word a row and tile within a slot and the scratch."""
-        tiles = self.tiles(block_n)
-        return (
-            tiles is not None
-            and rows * tiles[1] * 8 <= self.peers.capacity
-            and rows * tiles[1] <= _SQUARES_PARTS
-        )
-
-    def args(self, block_n: int) -> tuple:
-        """parts_ptr, Q_TILES, QK_TILES, words_ptrs, epochs_ptr, rank, SLOT_WORDS."""
-        q_tiles, qk_tiles = self.tiles(block_n)
-        return (
-            squares_parts(self.peers.status.device), q_tiles, qk_tiles,
-            self.peers.words_ptrs, self.peers.epochs, self.peers.rank, self.peers.capacity // 8,
-        )  # fmt: skip
-
-    def constants(self) -> dict:
-        return dict(WORLD=self.peers.world, PEER_PROGRAMS=PROGRAMS)
-
-
-_SQUARES_PARTS = 1 << 18
-"""fp32 sums a QKV matmul's tiles leave for its own rank (rows x tiles of q and k)."""
-
-
-def squares_parts(device: torch.device) -> torch.Tensor:
-    """This device's scratch for a QKV matmul's per-tile sums of squares: its own rank's share,
-    read by the all-reduce that comes next (and then free for the next layer's)."""
-    return device_buffers(
-        "peer_squares_parts",
-        device,
-        lambda: (torch.empty(_SQUARES_PARTS, dtype=torch.float32, device=device),),
-    )[0]
-
-
-@triton.jit
-def push_tile_squares(value, rows, row_ok, tile, parts_ptr, Q_TILES, QK_TILES,
-                      words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROWS: tl.constexpr,
-                      WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr):  # fmt: skip
-    """A QKV matmul's output tile `tile` (value [ROWS, BLOCK_N], as stored) where it holds q or
-    k: each row's sum of its squares in fp32, into parts[row, tile] for this rank and, as a
-    tagged word of the QK-norm all-reduce call that comes next on this rank, to the same place
-    of slot `rank` of every other rank's buffer (row r is program r % PEER_PROGRAMS's there)."""
-    if tile < QK_TILES:
-        v = value.to(tl.float32)
-        sums = tl.sum(v * v, axis=1)  # [ROWS]
-        offsets = rows * QK_TILES + tile
-        tl.store(parts_ptr + offsets, sums, mask=row_ok)
-        epoch = tl.load(epochs_ptr + rows % PEER_PROGRAMS) + 1  # [ROWS]
-        _push_words(_pack_words(sums, epoch, ROWS, 1), offsets, row_ok, words_ptrs, rank,
-                    (epoch % 2).to(tl.int64), WORLD, SLOT_WORDS)  # fmt: skip
 
 
 @triton.jit
@@ -656,32 +578,14 @@ def _tagged_all_reduce_rms_norm_add_kernel(
 def _tagged_all_reduce_qk_squares_kernel(
     qkv_ptr, stride_qkv_token, out_ptr, k_scale, TOKENS, NUM_HEADS, NUM_KV_HEADS,
     words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
-    tile_parts_ptr, Q_TILES, QK_TILES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, PUSHED: tl.constexpr, BLOCK_T: tl.constexpr,
-    PDL: tl.constexpr,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """_all_reduce_qk_squares_kernel's result through tagged words, two a token. PUSHED: the QKV
-    matmul pushed each token's sums per output tile already (push_tile_squares) and left this
-    rank's in tile_parts; this call only waits for the others' and sums them."""
+    """_all_reduce_qk_squares_kernel's result through tagged words, two a token."""
     wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
     epoch, half = _next_epoch(epochs_ptr, program)
     parts = tl.arange(0, 2)  # q, k
-    if PUSHED:
-        # -- each token: every rank's tiles in rank order, then q's tiles and k's summed --
-        tiles = tl.arange(0, BLOCK_T)
-        in_tiles = tiles < QK_TILES
-        for token in range(program, TOKENS, PROGRAMS):
-            offsets = token * QK_TILES + tiles
-            own = tl.load(tile_parts_ptr + offsets, mask=in_tiles, other=0.0)
-            total = _sum_in_rank_order(own, offsets, in_tiles, epoch, half, words_ptrs, rank,
-                                       SLOT_WORDS, status_ptr, max_spins, BLOCK_T, 1,
-                                       WORLD)  # fmt: skip
-            q_total = tl.sum(tl.where(tiles < Q_TILES, total, 0.0), axis=0)
-            k_total = tl.sum(tl.where(in_tiles & (tiles >= Q_TILES), total, 0.0), axis=0)
-            tl.store(out_ptr + token * 2 + parts, tl.where(parts == 0, q_total, k_total * k_scale))
-        return
 
     # -- this rank's two sums per token, tagged, into every other rank's buffer --
     for token in range(program, TOKENS, PROGRAMS):
@@ -780,30 +684,20 @@ def all_reduce_qk_squares(
     head_dim: int,
     k_scale: float,
     peers: PeerBuffers,
-    pushed: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Olmo 2's sharded QK-norm sums in one kernel: [T, 2] fp32, each token's sum of squares of
     q and of k (times k_scale) summed over the ranks; bitwise what kernels/rope.py's
-    `qk_sum_squares` and then `all_reduce_` give. `pushed` = (q's tiles, q's and k's tiles):
-    the QKV matmul that made qkv pushed its tiles' sums (to a `SquaresTarget`), so that this
-    call only waits for the others' and sums them (tile by tile in rank order, then the tiles:
-    the same on every rank, though not bitwise the sums above)."""
+    `qk_sum_squares` and then `all_reduce_` give."""
     check_qkv(qkv, num_heads, num_kv_heads, head_dim)
     out = torch.empty(qkv.shape[0], 2, dtype=torch.float32, device=qkv.device)
     _check(out, peers)
     block_d, block_heads = qk_tiles(num_heads, num_kv_heads, head_dim)
-    tagged = peers.tagged and out.numel() * 8 <= peers.capacity
-    if pushed is not None and not tagged:
-        raise ValueError(f"qkv {tuple(qkv.shape)}: no tagged words to have pushed its sums as")
-    if tagged:
+    if peers.tagged and out.numel() * 8 <= peers.capacity:
         if out.numel():  # a call without tokens would exchange nothing, and so wait for nothing
-            q_tiles, qk_tiles_ = pushed if pushed is not None else (0, 0)
-            parts = squares_parts(qkv.device) if pushed is not None else out
             _tagged_all_reduce_qk_squares_kernel[(PROGRAMS,)](
                 qkv, qkv.stride(0), out, k_scale, qkv.shape[0], num_heads, num_kv_heads,
-                *peers.words_args(), parts, q_tiles, qk_tiles_,
+                *peers.words_args(),
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
-                PUSHED=pushed is not None, BLOCK_T=triton.next_power_of_2(max(qk_tiles_, 1)),
                 **peers.words_constants(),
             )  # fmt: skip
         return out

@@ -62,7 +62,7 @@ from kernels.launch import (
     rearm,
     wait_for_previous,
 )
-from kernels.peer_collectives import SquaresTarget, WordsTarget, push_row_words, push_tile_squares
+from kernels.peer_collectives import WordsTarget, push_row_words
 from kernels.rmsnorm import add_rounded
 
 MAX_ROWS = 64
@@ -80,11 +80,10 @@ def _matmul_kernel(
     part_ptr, count_ptr,
     residual_ptr, stride_residual, norm_w_ptr, stream_ptr, stride_stream, eps, stage_ptr,
     M, N, K, K_PER_SPLIT, SPLIT,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, squares_ptr, Q_TILES, QK_TILES,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
     NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PUSH_WORDS: tl.constexpr,
-    PUSH_SQUARES: tl.constexpr,
     WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -177,10 +176,9 @@ def _matmul_kernel(
     out = y_ptr + rows[:, None] * stride_y + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     if not SPLIT_K:
-        _write_tile(acc.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok, tile, N,
-                    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, squares_ptr, Q_TILES,
-                    QK_TILES, ROWS, BLOCK_N, PUSH_WORDS, PUSH_SQUARES, WORLD, PEER_PROGRAMS,
-                    PACK)  # fmt: skip
+        _write_tile(acc.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok, tile * BLOCK_N, N,
+                    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
+                    PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
@@ -190,29 +188,22 @@ def _matmul_kernel(
             total = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT):
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
-            _write_tile(total.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok, tile, N,
-                        words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, squares_ptr,
-                        Q_TILES, QK_TILES, ROWS, BLOCK_N, PUSH_WORDS, PUSH_SQUARES, WORLD,
-                        PEER_PROGRAMS, PACK)  # fmt: skip
+            _write_tile(total.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok,
+                        tile * BLOCK_N, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
+                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
             rearm(count_ptr + tile)
 
 
 @triton.jit
-def _write_tile(value, out, out_ok, rows, row_ok, tile, N, words_ptrs, epochs_ptr, rank,
-                SLOT_WORDS, ROW_WORDS, squares_ptr, Q_TILES, QK_TILES, ROWS: tl.constexpr,
-                BLOCK_N: tl.constexpr, PUSH_WORDS: tl.constexpr, PUSH_SQUARES: tl.constexpr,
-                WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr,
+def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank,
+                SLOT_WORDS, ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                PUSH_WORDS: tl.constexpr, WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr,
                 PACK: tl.constexpr):  # fmt: skip
-    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too, or
-    with PUSH_SQUARES its rows' sums of squares (a QKV projection's q and k tiles)."""
+    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too."""
     tl.store(out, value, mask=out_ok)
     if PUSH_WORDS:
-        push_row_words(value, rows, row_ok, tile * BLOCK_N, N, words_ptrs, epochs_ptr, rank,
-                       SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS,
-                       PACK)  # fmt: skip
-    if PUSH_SQUARES:
-        push_tile_squares(value, rows, row_ok, tile, squares_ptr, Q_TILES, QK_TILES, words_ptrs,
-                          epochs_ptr, rank, SLOT_WORDS, ROWS, WORLD, PEER_PROGRAMS)  # fmt: skip
+        push_row_words(value, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
+                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
 
 
 @triton.jit
@@ -358,7 +349,7 @@ def skinny_matmul(
     swiglu: bool = False,
     split: int | None = None,
     config: Config | None = None,
-    push: WordsTarget | SquaresTarget | None = None,
+    push: WordsTarget | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 64) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
 
@@ -368,17 +359,10 @@ def skinny_matmul(
     `config` the whole plan (a measured one, or a sweep's candidate). `push`: the product is a
     row-parallel layer's partial sum, and each output tile also goes, as it is written, to the
     other ranks as the tagged words of the post-norm all-reduce that follows
-    (kernels/peer_collectives.py), which then only waits for theirs; or, a `SquaresTarget`, the
-    product is a QKV projection's, and each q or k tile's sums of squares go to the QK-norm's
-    all-reduce that follows (the target must fit the call: `SquaresTarget.fits`)."""
+    (kernels/peer_collectives.py), which then only waits for theirs."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    if isinstance(push, SquaresTarget):
-        block_n = (config or plan(*weight.shape, num_sms(x.device), split)).block_n
-        if push.q_width + push.k_width > weight.shape[0] or not push.fits(x.shape[0], block_n):
-            raise ValueError(f"skinny_matmul: {tuple(weight.shape)} in tiles of {block_n} "
-                             f"for {x.shape[0]} rows do not fit {push}")  # fmt: skip
-    elif push is not None and (
+    if push is not None and (
         push.row_words * push.pack < weight.shape[0] or weight.shape[0] % push.pack
     ):
         raise ValueError(f"skinny_matmul: {weight.shape[0]} outputs do not fit {push}")
@@ -430,11 +414,10 @@ def _launch(
     norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
     split: int | None,
     config: Config | None,
-    push: WordsTarget | SquaresTarget | None,
+    push: WordsTarget | None,
 ) -> torch.Tensor:
     """One call: x (or what `swiglu` or `norm` = (residual, norm weight, stream out, eps) forms
-    from it on the way in) times weight transposed; its tiles (or their sums of squares) pushed
-    to `push` too."""
+    from it on the way in) times weight transposed; its tiles pushed to `push` too."""
     m = x.shape[0]
     n, k = weight.shape
     if not 1 <= m <= MAX_ROWS:
@@ -463,25 +446,19 @@ def _launch(
                 f"{_STAGE_ELEMENTS} elements of scratch; take a cut of fewer programs"
             )
         stage = _stage(x.device, x.dtype)
-    squares = (counters, 0, 0)  # unused unless pushing squares
     if push is None:  # unused, constexprs fixed
         words = (counters, counters, 0, 0, 0)
         push_constants = dict(WORLD=1, PEER_PROGRAMS=1, PACK=1)
-    elif isinstance(push, SquaresTarget):
-        parts_ptr, q_tiles, qk_tiles, *peer_words = push.args(config.block_n)
-        words, squares = (*peer_words, 0), (parts_ptr, q_tiles, qk_tiles)
-        push_constants = dict(push.constants(), PACK=1)
     else:
         words, push_constants = push.args(), push.constants()
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
         residual, residual.stride(0), norm_weight, stream, stream.stride(0), eps, stage,
-        m, n, k, k_per_split, slices, *words, *squares,
+        m, n, k, k_per_split, slices, *words,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
-        NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=isinstance(push, WordsTarget),
-        PUSH_SQUARES=isinstance(push, SquaresTarget), **push_constants,
+        NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=push is not None, **push_constants,
         num_warps=config.num_warps, num_stages=stages(config, x.element_size()),
         **pdl_options(x.device),
     )  # fmt: skip

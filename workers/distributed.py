@@ -130,48 +130,15 @@ def tp_partial_words_target(rows: int, hidden: int, dtype: torch.dtype):
     return words_target(_PEERS, rows, hidden, dtype)
 
 
-QK_SQUARES_ATTRIBUTE = "_afs_peer_qk_squares_pushed"
-"""The attribute a QKV projection's output carries once its matmul pushed its tiles' sums of
-squares to the other ranks (to `tp_qk_squares_target`): (q's tiles, q's and k's tiles). The
-QK-norm's all-reduce takes it off as it reads it."""
-PUSH_QK_SQUARES = os.environ.get("AFS_PEER_PUSH_QK_SQUARES", "1") != "0"
-"""A sharded QK-norm's QKV matmul pushes its tiles' sums of squares as it writes them (where the
-skinny matmul makes the projection and the sums' all-reduce takes tagged words); 0: the
-all-reduce kernel sums the rows and pushes them itself."""
-
-
-def tp_qk_squares_target(rows: int, q_width: int, k_width: int):
-    """Where a QKV projection of `rows` tokens (this rank's q and k `q_width` and `k_width`
-    wide) pushes its tiles' sums of squares for the QK-norm's all-reduce (a
-    kernels.peer_collectives.SquaresTarget), or None: one rank, no peer buffers, no tagged
-    words for that all-reduce, or AFS_PEER_PUSH_QK_SQUARES=0. Whether a given matmul can push
-    to it depends on its cut too (`SquaresTarget.fits`)."""
-    if _TP.size == 1 or _PEERS is None or not PUSH_QK_SQUARES or not _PEERS.tagged:
-        return None
-    if rows < 1 or rows * 2 * 8 > _PEERS.capacity:  # as all_reduce_qk_squares takes them
-        return None
-    from kernels.peer_collectives import SquaresTarget
-
-    return SquaresTarget(_PEERS, q_width, k_width)
-
-
 def tp_qk_sum_squares(
     qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, k_scale: float
 ) -> torch.Tensor:
     """[T, 2] fp32: each token's sums of squares of q and of k (k's times k_scale) over every
-    rank's heads, as one peer kernel where the peer buffers can take it (one that only waits
-    and sums where the QKV matmul pushed its tiles' sums)."""
-    pushed = getattr(qkv, QK_SQUARES_ATTRIBUTE, None)
-    if pushed is not None:
-        delattr(qkv, QK_SQUARES_ATTRIBUTE)  # read once
+    rank's heads, as one peer kernel where the peer buffers can take it."""
     if _peer_fit(qkv, nbytes=qkv.shape[0] * 2 * 4):  # it publishes [T, 2] fp32
         from kernels.peer_collectives import all_reduce_qk_squares
 
-        return all_reduce_qk_squares(
-            qkv, num_heads, num_kv_heads, head_dim, k_scale, _PEERS, pushed
-        )
-    if pushed is not None:
-        raise RuntimeError("a QKV matmul pushed sums of squares that no peer kernel takes")
+        return all_reduce_qk_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale, _PEERS)
     from kernels.rope import qk_sum_squares
 
     return tp_all_reduce(qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale))

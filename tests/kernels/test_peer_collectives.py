@@ -335,7 +335,7 @@ def test_a_timed_out_collective_stops_the_rank(monkeypatch):
 def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
     import torch.distributed as dist
 
-    from kernels.peer_collectives import SquaresTarget, words_target
+    from kernels.peer_collectives import words_target
     from kernels.skinny_matmul import Config, skinny_matmul
     from workers import distributed
 
@@ -384,18 +384,6 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             plain = skinny_matmul(x, weight, config=config)
             two = rms_norm_add(distributed.tp_all_reduce(plain), residual, norm_weight, 1e-6)
             assert torch.equal(fused, two), ("pushed", rows)
-        target = SquaresTarget(peers, 2048, 2048)  # a QKV matmul pushing its tiles' squares
-        for rows, config in [(1, Config(8, 512, 1, 4, 2, True)), (16, Config(32, 128, 4))]:
-            x = torch.randn(rows, 4096, generator=gen, device=device).to(torch.bfloat16)
-            weight = torch.randn(6144, 4096, generator=gen, device=device).to(torch.bfloat16)
-            qkv = skinny_matmul(x, weight, config=config, push=target)
-            tiles = target.tiles(config.block_n)
-            got = all_reduce_qk_squares(qkv, 16, 16, 128, 0.5, peers, pushed=tiles)
-            two = distributed.tp_all_reduce(qk_sum_squares(qkv, 16, 16, 128, 0.5))
-            torch.testing.assert_close(got, two, rtol=1e-5, atol=0)
-            both = [torch.empty_like(got) for _ in range(2)]
-            dist.all_gather(both, got, group=group)
-            assert torch.equal(both[0], both[1]), ("squares pushed", rows)  # every rank alike
         peers.tagged = False
         for push in (False, True):  # captured in a graph: ten chained sums, replayed three times
             peers.push = push
@@ -493,65 +481,3 @@ def test_a_matmul_pushes_its_partial_and_the_post_norm_only_waits(rows, config, 
     assert torch.equal(got, rms_norm_add(summed, residual, norm_weight, 1e-6))
     assert pushed.eq(-1).all()
     assert int(group.peers.status[0]) == 0
-
-
-@pytest.mark.parametrize(
-    "rows, config",
-    [(1, (8, 64, 1, 4, 2, True)), (3, (16, 32, 3, 4, 2, False))],
-    ids=["one-row", "split-k"],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_a_qkv_matmul_pushes_its_tiles_squares_and_the_all_reduce_only_waits(rows, config, dtype):
-    """A QKV matmul pushes each q and k tile's sums of squares (as stored) as the tagged words of
-    the QK-norm all-reduce that comes next, and leaves them for its own rank; that call, told
-    so, pushes nothing and sums every rank's tiles in rank order, q's and k's apart."""
-    from kernels.peer_collectives import SquaresTarget, squares_parts
-    from kernels.skinny_matmul import Config, skinny_matmul
-
-    group = OtherRank(0)
-    group.peers.tagged = True
-    heads, kv_heads, head_dim, k, k_scale = 2, 1, 16, 96, 0.5
-    q_width, k_width = heads * head_dim, kv_heads * head_dim
-    group.peers.epochs.fill_(6)  # the all-reduce's call will be number 7
-    x = torch.randn(rows, k).to(dtype)
-    weight = torch.randn(q_width + 2 * k_width, k).to(dtype)
-    target = SquaresTarget(group.peers, q_width, k_width)
-    cut = Config(*config)
-    q_tiles, qk_tiles = target.tiles(cut.block_n)
-    qkv = skinny_matmul(x, weight, config=cut, push=target)
-    assert torch.equal(qkv, skinny_matmul(x, weight, config=cut))
-    tiles = qkv[:, : q_width + k_width].float().view(rows, qk_tiles, cut.block_n)
-    mine = tiles.pow(2).sum(-1)  # [rows, tiles]
-    own = squares_parts(torch.device("cpu"))[: rows * qk_tiles].view(rows, qk_tiles)
-    torch.testing.assert_close(own, mine, rtol=1e-6, atol=0)
-    pushed = group.words(1, 0, 7)[: rows * qk_tiles]
-    assert torch.equal(pushed, tagged_words(own, qk_tiles, 7).view(-1))
-    assert group.peers.epochs.tolist() == [6] * PROGRAMS  # the matmul counts no call
-
-    pushed.fill_(-1)  # anything the all-reduce pushed now would show
-    theirs = torch.rand(rows, qk_tiles)
-    group.announce_words(7, theirs, qk_tiles)
-    got = all_reduce_qk_squares(qkv, heads, kv_heads, head_dim, k_scale, group.peers,
-                                pushed=(q_tiles, qk_tiles))  # fmt: skip
-    summed = own + theirs  # rank order: 0, then 1
-    want = torch.stack([summed[:, :q_tiles].sum(1), summed[:, q_tiles:].sum(1) * k_scale], 1)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    unpushed = qk_sum_squares(qkv, heads, kv_heads, head_dim, k_scale)  # this rank's alone
-    torch.testing.assert_close(own[:, :q_tiles].sum(1), unpushed[:, 0], rtol=1e-5, atol=0)
-    assert pushed.eq(-1).all()
-    assert group.peers.epochs.tolist() == [7] * PROGRAMS
-    assert int(group.peers.status[0]) == 0
-
-
-def test_a_squares_target_takes_only_whole_tiles_of_q_and_k():
-    from kernels.peer_collectives import SquaresTarget
-    from kernels.skinny_matmul import Config, skinny_matmul
-
-    group = OtherRank(0)
-    target = SquaresTarget(group.peers, 24, 8)
-    assert target.tiles(8) == (3, 4) and target.fits(1, 8)
-    assert target.tiles(16) is None and not target.fits(1, 16)
-    assert not target.fits(200, 8)  # 200 rows of 4 words: past the slot's 4096 bytes
-    with pytest.raises(ValueError, match="do not fit"):
-        skinny_matmul(torch.randn(1, 32), torch.randn(40, 32), config=Config(16, 32, 1),
-                      push=target)  # fmt: skip

@@ -43,7 +43,6 @@ POINTERS = {
     "data_ptrs": "*i64",
     "words_ptrs": "*i64",
     "epochs_ptr": "*i32",
-    "tile_parts_ptr": "*fp32",
     "status_ptr": "*i32",
     "out_ptr": "*bf16",
 }
@@ -88,7 +87,6 @@ def _skinny(**constants) -> tuple:
             NORM_CHUNK=2048,
             NORM_CHUNKS=2,
             PUSH_WORDS=False,
-            PUSH_SQUARES=False,
             WORLD=1,
             PEER_PROGRAMS=1,
             PACK=1,
@@ -157,36 +155,13 @@ CASES = {
     ),
     "peer_qk_squares_tagged": (
         kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
-        dict(
-            HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32, PUSHED=False, BLOCK_T=1
-        ),
-    ),  # fmt: skip
-    "peer_qk_squares_pushed": (
-        kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
-        dict(
-            HEAD_DIM=128,
-            BLOCK_D=128,
-            BLOCK_HEADS=16,
-            WORLD=2,
-            PROGRAMS=32,
-            PUSHED=True,
-            BLOCK_T=512,
-        ),
-    ),  # fmt: skip
+        dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32),
+    ),
     "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
     "skinny_matmul_64_rows": _skinny(SPLIT_K=True, ROWS=64, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row_pushing": _skinny(
         SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=1024, **PUSHING
-    ),
-    "skinny_matmul_one_row_pushing_squares": _skinny(
-        SPLIT_K=False,
-        ROWS=1,
-        BLOCK_N=8,
-        BLOCK_K=512,
-        PUSH_SQUARES=True,
-        WORLD=2,
-        PEER_PROGRAMS=32,
     ),
     "skinny_matmul_split_k_pushing": _skinny(
         SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, **PUSHING

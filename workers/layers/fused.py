@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from workers.distributed import PUSHED_ATTRIBUTE, QK_SQUARES_ATTRIBUTE
+from workers.distributed import PUSHED_ATTRIBUTE
 
 if TYPE_CHECKING:
     from kernels.skinny_matmul import Config
@@ -60,28 +60,16 @@ def _skinny_fits(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> bool:
 def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool, push=None) -> torch.Tensor | None:
     """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
     matmul where it applies (see above), or None. `push` (a kernels.peer_collectives
-    WordsTarget): the product is a row-parallel partial sum, pushed as it is written; (a
-    SquaresTarget): the product is a QKV projection, whose q and k tiles' sums of squares are
-    pushed where the call's cut allows (its QK_SQUARES_ATTRIBUTE says so)."""
+    WordsTarget): the product is a row-parallel partial sum, pushed as it is written."""
     if not _skinny_fits(x, weight, swiglu):
         return None
-    from kernels.launch import num_sms
-    from kernels.peer_collectives import SquaresTarget
-    from kernels.skinny_matmul import measured_config, plan, skinny_matmul
+    from kernels.skinny_matmul import measured_config, skinny_matmul
 
     config = measured_config(x, weight, swiglu)
     if config is None and not SKINNY_MATMUL:
         return None
-    squares = None
-    if isinstance(push, SquaresTarget):
-        block_n = (config or plan(*weight.shape, num_sms(x.device))).block_n
-        squares = push.tiles(block_n) if push.fits(x.shape[0], block_n) else None
-        if squares is None:
-            push = None
     out = skinny_matmul(x, weight, swiglu=swiglu, config=config, push=push)
-    if squares is not None:
-        setattr(out, QK_SQUARES_ATTRIBUTE, squares)
-    elif push is not None:
+    if push is not None:
         setattr(out, PUSHED_ATTRIBUTE, True)
     return out
 

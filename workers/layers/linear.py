@@ -19,7 +19,6 @@ from workers.distributed import (
     get_tp_size,
     tp_all_reduce,
     tp_partial_words_target,
-    tp_qk_squares_target,
 )
 from workers.layers import fused
 from workers.layers.quantization import Int4WeightOnly
@@ -147,18 +146,6 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_dim = head_dim
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
         super().__init__(hidden_size, output_size, bias)
-        self.push_qk_squares = False
-        """Set where a sharded QK-norm follows (Olmo 2 under tensor parallelism): the matmul
-        pushes its q and k tiles' sums of squares to the other ranks as it writes them, for the
-        norm's all-reduce (`tp_qk_squares_target`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        push = None
-        if self.push_qk_squares and self.bias is None and self.int4 is None:
-            q_width, k_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            push = tp_qk_squares_target(x.shape[0], q_width, k_width)
-        out = self.matmul(x, push)
-        return out if self.bias is None else out + self.bias
 
     @property
     def kv_shard_index(self) -> int:

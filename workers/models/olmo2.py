@@ -45,8 +45,6 @@ class Olmo2Attention(LlamaAttention):
             qkv.kv_replicas,
             eps,
         )
-        # the norms' all-reduce of sums of squares, where they span ranks, starts in the matmul
-        qkv.push_qk_squares = not (self.q_norm.unsharded and self.k_norm.unsharded)
 
     def qk_norms(self) -> tuple[ShardedRMSNorm, ShardedRMSNorm]:
         return self.q_norm, self.k_norm
