@@ -98,7 +98,7 @@ from kernels.launch import (
     num_sms,
     pdl_options,
     rearm,
-    wait_for_previous_only,
+    wait_for_previous_launching,
 )
 from kernels.paged_checks import check_paged_attention
 from kernels.rope import (
@@ -195,10 +195,8 @@ def _kernel(
     num_heads = num_kv_heads * GROUP_SIZE
     if not EARLY:
         # the next kernel (the output projection) launches once this one's K/V reads are done,
-        # so that its weight prefetch does not crowd them
-        wait_for_previous_only(PDL)
-        if LAUNCH_EARLY:
-            launch_next(PDL)
+        # so that its weight prefetch does not crowd them (with LAUNCH_EARLY, now)
+        wait_for_previous_launching(LAUNCH_EARLY, PDL)
 
     # -- this split's tiles of BLOCK_N tokens (with PROLOGUE, of the tokens before the new one) --
     seq_len = tl.load(seq_lens_ptr + batch)
@@ -250,9 +248,7 @@ def _kernel(
             head_base, table, first_tile, last_tile, cached, dims, stride_cache_kv,
             stride_cache_block, stride_cache_slot, BLOCK_SIZE, BLOCK_N,
         )  # fmt: skip
-        wait_for_previous_only(PDL)
-        if LAUNCH_EARLY:
-            launch_next(PDL)
+        wait_for_previous_launching(LAUNCH_EARLY, PDL)
 
     # -- q --
     if PROLOGUE:

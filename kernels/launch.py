@@ -110,3 +110,12 @@ def wait_for_previous(PDL: tl.constexpr):
     the next kernel launch. Called first, before any global memory access."""
     wait_for_previous_only(PDL)
     launch_next(PDL)
+
+
+@triton.jit
+def wait_for_previous_launching(LAUNCH: tl.constexpr, PDL: tl.constexpr):
+    """`wait_for_previous` with LAUNCH, else `wait_for_previous_only` (the caller lets the next
+    kernel launch later, at `launch_next`)."""
+    wait_for_previous_only(PDL)
+    if LAUNCH:
+        launch_next(PDL)

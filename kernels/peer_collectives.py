@@ -59,7 +59,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch_next, pdl_options, wait_for_previous, wait_for_previous_only
+from kernels.launch import (
+    launch_next,
+    pdl_options,
+    wait_for_previous,
+    wait_for_previous_launching,
+)
 from kernels.rmsnorm import add_rounded, norm_warps, rms_normalise
 from kernels.rope import check_qkv, qk_tiles, sum_squares
 
@@ -544,9 +549,7 @@ def _tagged_all_reduce_rms_norm_add_kernel(
     if LAUNCH_FIRST:  # the next kernel may launch now, while the one before still runs
         launch_next(PDL)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
-    wait_for_previous_only(PDL)
-    if not LAUNCH_FIRST:
-        launch_next(PDL)
+    wait_for_previous_launching(not LAUNCH_FIRST, PDL)
     program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     epoch, half = _next_epoch(epochs_ptr, program)
