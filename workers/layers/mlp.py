@@ -21,12 +21,13 @@ class GatedMLP(nn.Module):
         # x: [T, hidden] -> gate_up [T, 2 * I / tp] -> [T, I / tp] -> [T, hidden]
         return self.down(self.gate_up_proj(x))
 
-    def down(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    def down(self, gate_up: torch.Tensor, reduce: bool = True, ahead=None) -> torch.Tensor:
         """The block from gate_up's output on: the activation and down_proj (`reduce=False`:
-        this rank's partial sum, see RowParallelLinear)."""
+        this rank's partial sum, see RowParallelLinear; `ahead`: see `fused.AHEAD`)."""
         down = self.down_proj
         if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
-            out = fused.swiglu_linear(gate_up, down.weight, down.partial_push(gate_up, reduce))
+            push = down.partial_push(gate_up, reduce)
+            out = fused.swiglu_linear(gate_up, down.weight, push, ahead)
             if out is not None:
                 return down.finish(out, reduce)
         return down(self.act(gate_up), reduce)
