@@ -167,8 +167,14 @@ CASES = {
         SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=1024, **PUSHING
     ),
     "skinny_matmul_one_row_pushing_ahead": _skinny(
-        SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=1024, AHEAD_ROWS=32, AHEAD_LINES=8,
-        AHEAD_EVICT_LAST=True, **PUSHING,
+        SPLIT_K=False,
+        ROWS=1,
+        BLOCK_N=8,
+        BLOCK_K=1024,
+        AHEAD_ROWS=32,
+        AHEAD_LINES=8,
+        AHEAD_EVICT_LAST=True,
+        **PUSHING,
     ),  # fmt: skip
     "skinny_matmul_split_k_pushing": _skinny(
         SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, **PUSHING
