@@ -81,13 +81,10 @@ def _matmul_kernel(
     residual_ptr, stride_residual, norm_w_ptr, stream_ptr, stride_stream, eps, stage_ptr,
     M, N, K, K_PER_SPLIT, SPLIT,
     words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
-    ahead_ptr, stride_ahead, AHEAD_N, AHEAD_K0, AHEAD_KLEN, AHEAD_PER,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
     NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PUSH_WORDS: tl.constexpr,
-    WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr,
-    AHEAD_ROWS: tl.constexpr, AHEAD_LINES: tl.constexpr, AHEAD_EVICT_LAST: tl.constexpr,
-    PDL: tl.constexpr,
+    WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,10 +98,6 @@ def _matmul_kernel(
         # launched early: while the kernel before finishes, pull this program's first two W
         # tiles into L2 (weights, which no kernel writes), then wait for it
         prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
-        if AHEAD_ROWS > 0:  # and this program's share of the next matmul's rows, further on in K
-            first = (tile + split * tl.num_programs(0)) * AHEAD_PER
-            prefetch_ahead(ahead_ptr, stride_ahead, AHEAD_N, AHEAD_K0, AHEAD_KLEN, first,
-                           AHEAD_PER, AHEAD_ROWS, AHEAD_LINES, AHEAD_EVICT_LAST)  # fmt: skip
     wait_for_previous(PDL)
     if NORM:  # the row's 1 / rms over all of K (every program): its chunks' loads all in flight
         squares = tl.zeros([NORM_CHUNK], dtype=tl.float32)
@@ -239,48 +232,6 @@ def prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K: tl.const
     )
 
 
-@triton.jit
-def prefetch_ahead(w_ptr, stride_w, N, k0, k_len, first, count, ROWS: tl.constexpr,
-                   LINES: tl.constexpr, EVICT_LAST: tl.constexpr):  # fmt: skip
-    """`prefetch.global.L2` of the 128-byte lines of columns k0 to k0 + k_len (at most LINES
-    lines) of W's rows first to first + count (of N; count <= ROWS); with EVICT_LAST marked to
-    stay in L2 over lines read since, until their own matmul reads them."""
-    i = tl.arange(0, ROWS * LINES)
-    row = first + i // LINES
-    pointers = w_ptr + row.to(tl.int64) * stride_w + k0 + (i % LINES) * 64  # 16-bit weights
-    ok = (i // LINES < count) & (row < N) & ((i % LINES) * 64 < k_len)
-    if EVICT_LAST:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; "
-            "mov.b32 $0, 0; }",
-            "=r,l,r",
-            [pointers, ok.to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-    else:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-            "=r,l,r",
-            [pointers, ok.to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-class Ahead(NamedTuple):
-    """The weight the matmul after this one reads, and the columns of its rows, k0 to k0 +
-    k_count, that this call's programs ask L2 for before their wait: bytes the next matmul would
-    otherwise stream while memory sits idle behind a wait on the other ranks or attention."""
-
-    weight: torch.Tensor
-    k0: int
-    k_count: int
-    evict_last: bool = True
-
-
 class Config(NamedTuple):
     """How one call is cut: tiles of `block_n` features, K steps of `block_k`, `split` slices of K
     (1: no partials), and the launch's warps and pipeline stages. `fma`: a one-row call sums its
@@ -292,12 +243,6 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 4
     fma: bool = False
-
-
-def prefetched_columns(config: Config) -> int:
-    """The columns of every W row from 0 on that a call cut by `config` prefetches itself (its
-    first slice's first two K steps)."""
-    return 2 * config.block_k
 
 
 @functools.lru_cache
@@ -405,7 +350,6 @@ def skinny_matmul(
     split: int | None = None,
     config: Config | None = None,
     push: WordsTarget | None = None,
-    ahead: Ahead | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 64) times weight [N, K] transposed: [M, N] in x's dtype, summed in fp32.
 
@@ -415,16 +359,14 @@ def skinny_matmul(
     `config` the whole plan (a measured one, or a sweep's candidate). `push`: the product is a
     row-parallel layer's partial sum, and each output tile also goes, as it is written, to the
     other ranks as the tagged words of the post-norm all-reduce that follows
-    (kernels/peer_collectives.py), which then only waits for theirs. `ahead`: columns of the
-    next matmul's weight that this call's programs ask L2 for while they wait for the kernel
-    before (with PDL only; see `Ahead`)."""
+    (kernels/peer_collectives.py), which then only waits for theirs."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     if push is not None and (
         push.row_words * push.pack < weight.shape[0] or weight.shape[0] % push.pack
     ):
         raise ValueError(f"skinny_matmul: {weight.shape[0]} outputs do not fit {push}")
-    return _launch(x, weight, swiglu, None, split, config, push, ahead)
+    return _launch(x, weight, swiglu, None, split, config, push)
 
 
 def rms_norm_add_matmul(
@@ -473,11 +415,9 @@ def _launch(
     split: int | None,
     config: Config | None,
     push: WordsTarget | None,
-    ahead: Ahead | None = None,
 ) -> torch.Tensor:
     """One call: x (or what `swiglu` or `norm` = (residual, norm weight, stream out, eps) forms
-    from it on the way in) times weight transposed; its tiles pushed to `push` too, `ahead`'s
-    columns asked of L2."""
+    from it on the way in) times weight transposed; its tiles pushed to `push` too."""
     m = x.shape[0]
     n, k = weight.shape
     if not 1 <= m <= MAX_ROWS:
@@ -511,41 +451,15 @@ def _launch(
         push_constants = dict(WORLD=1, PEER_PROGRAMS=1, PACK=1)
     else:
         words, push_constants = push.args(), push.constants()
-    pdl = pdl_options(x.device)
-    ahead_args, ahead_constants = _ahead(ahead, grid[0] * grid[1], pdl["PDL"], counters)
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
         residual, residual.stride(0), norm_weight, stream, stream.stride(0), eps, stage,
-        m, n, k, k_per_split, slices, *words, *ahead_args,
+        m, n, k, k_per_split, slices, *words,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
         NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=push is not None, **push_constants,
-        **ahead_constants, num_warps=config.num_warps,
-        num_stages=stages(config, x.element_size()), **pdl,
+        num_warps=config.num_warps, num_stages=stages(config, x.element_size()),
+        **pdl_options(x.device),
     )  # fmt: skip
     return y
-
-
-_AHEAD_ELEMENTS = 1 << 14  # the most lines one program asks for (its prefetches, one a lane)
-
-
-def _ahead(ahead: Ahead | None, programs: int, pdl: bool, unused: torch.Tensor) -> tuple:
-    """(arguments, constexprs) of the kernel's look-ahead prefetch: `ahead`'s rows shared out
-    over the programs, or none (without PDL, nothing waits long enough to hide it; or a share
-    too wide for one program's lanes)."""
-    off = (unused, 0, 0, 0, 0, 0), dict(AHEAD_ROWS=0, AHEAD_LINES=1, AHEAD_EVICT_LAST=False)
-    if ahead is None or not pdl:
-        return off
-    weight = ahead.weight
-    n, k = weight.shape
-    k_len = min(ahead.k_count, k - ahead.k0)
-    if weight.element_size() != 2 or weight.stride(1) != 1 or k_len <= 0 or ahead.k0 % 64:
-        return off
-    per = triton.cdiv(n, programs)
-    rows = triton.next_power_of_2(per)
-    lines = triton.next_power_of_2(triton.cdiv(k_len, 64))
-    if rows * lines > _AHEAD_ELEMENTS:
-        return off
-    args = (weight, weight.stride(0), n, ahead.k0, k_len, per)
-    return args, dict(AHEAD_ROWS=rows, AHEAD_LINES=lines, AHEAD_EVICT_LAST=ahead.evict_last)

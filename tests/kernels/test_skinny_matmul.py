@@ -215,7 +215,7 @@ def test_layers_send_only_measured_shapes_by_default(monkeypatch):
     monkeypatch.setattr(fused, "FORCE_TRITON", True)
     seen = []
 
-    def kernel(x, w, swiglu=False, split=None, config=None, push=None, ahead=None):
+    def kernel(x, w, swiglu=False, split=None, config=None, push=None):
         seen.append(config)
         return x @ w.T
 
@@ -333,9 +333,9 @@ def test_an_olmo2_engine_decodes_the_same_through_it(tmp_path, monkeypatch):
     calls = {"swiglu": 0, "plain": 0}
     real = module.skinny_matmul
 
-    def counted(x, weight, swiglu=False, split=None, config=None, push=None, ahead=None):
+    def counted(x, weight, swiglu=False, split=None, config=None, push=None):
         calls["swiglu" if swiglu else "plain"] += 1
-        return real(x, weight, swiglu, split, config, push, ahead)
+        return real(x, weight, swiglu, split, config, push)
 
     monkeypatch.setattr(module, "skinny_matmul", counted)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)

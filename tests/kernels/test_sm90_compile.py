@@ -90,9 +90,6 @@ def _skinny(**constants) -> tuple:
             WORLD=1,
             PEER_PROGRAMS=1,
             PACK=1,
-            AHEAD_ROWS=0,
-            AHEAD_LINES=1,
-            AHEAD_EVICT_LAST=False,
         )  # fmt: skip
         | constants,
     )
@@ -166,16 +163,6 @@ CASES = {
     "skinny_matmul_one_row_pushing": _skinny(
         SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=1024, **PUSHING
     ),
-    "skinny_matmul_one_row_pushing_ahead": _skinny(
-        SPLIT_K=False,
-        ROWS=1,
-        BLOCK_N=8,
-        BLOCK_K=1024,
-        AHEAD_ROWS=32,
-        AHEAD_LINES=8,
-        AHEAD_EVICT_LAST=True,
-        **PUSHING,
-    ),  # fmt: skip
     "skinny_matmul_split_k_pushing": _skinny(
         SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, **PUSHING
     ),
@@ -261,7 +248,6 @@ def _report() -> dict:
                 if any(op in line for op in ("st.global", "atom.global", "red.global"))
             ],
             "prefetch": [i for i, line in enumerate(lines) if "prefetch.global.L2" in line],
-            "prefetch_evict_last": any("prefetch.global.L2::evict_last" in line for line in lines),
         }
     try:
         report["fp32_default_plan_shared"] = _fp32_default_plan_shared()
@@ -309,7 +295,6 @@ def test_compiles_for_sm90_and_waits_before_touching_memory(report, name):
         assert got["memory"] and min(got["memory"]) > got["wait"][0]
     assert all(i < got["wait"][0] for i in got["prefetch"])
     assert bool(got["prefetch"]) == name.startswith("skinny_matmul")
-    assert got["prefetch_evict_last"] == name.endswith("_ahead")  # the next matmul's columns
 
 
 if __name__ == "__main__":

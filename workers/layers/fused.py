@@ -57,45 +57,10 @@ def _skinny_fits(x: torch.Tensor, weight: torch.Tensor, swiglu: bool) -> bool:
     return 1 <= x.shape[0] <= MAX_ROWS
 
 
-def _parse_ahead(text: str) -> dict[str, int]:
-    """'o:512+down:256' (or with commas) -> {'o': 512, 'down': 256}: columns of the next
-    matmul's weight a role's call asks L2 for (see `Ahead`)."""
-    out = {}
-    for item in filter(None, text.replace("+", ",").split(",")):
-        role, sep, columns = item.partition(":")
-        if not sep or not columns.isdigit() or int(columns) % 64:
-            raise ValueError(f"AFS_AHEAD: {item!r} is not ROLE:COLUMNS (a multiple of 64)")
-        out[role] = int(columns)
-    return out
-
-
-AHEAD = _parse_ahead(os.environ.get("AFS_AHEAD", ""))
-"""Columns of the next matmul's weight, past those it prefetches itself, that a decode matmul of
-each role asks L2 for before its wait (`kernels.skinny_matmul.Ahead`)."""
-AHEAD_EVICT_LAST = os.environ.get("AFS_AHEAD_EVICT_LAST", "1") != "0"
-
-
-def _ahead(x: torch.Tensor, ahead):
-    """The `Ahead` of a call given ahead = (role, next weight), or None."""
-    if ahead is None:
-        return None
-    role, weight = ahead
-    columns = AHEAD.get(role, 0)
-    if not columns or weight is None or weight.dtype != x.dtype or weight.dim() != 2:
-        return None
-    from kernels.skinny_matmul import Ahead, measured_config, plan, prefetched_columns
-
-    config = measured_config(x, weight) or plan(weight.shape[0], weight.shape[1], 132)
-    return Ahead(weight, prefetched_columns(config), columns, AHEAD_EVICT_LAST)
-
-
-def _skinny(
-    x: torch.Tensor, weight: torch.Tensor, swiglu: bool, push=None, ahead=None
-) -> torch.Tensor | None:
+def _skinny(x: torch.Tensor, weight: torch.Tensor, swiglu: bool, push=None) -> torch.Tensor | None:
     """x (or, with `swiglu`, silu(gate) * up of x) times weight transposed through the skinny
     matmul where it applies (see above), or None. `push` (a kernels.peer_collectives
-    WordsTarget): the product is a row-parallel partial sum, pushed as it is written. `ahead`:
-    (role, the next matmul's weight), see `AHEAD`."""
+    WordsTarget): the product is a row-parallel partial sum, pushed as it is written."""
     if not _skinny_fits(x, weight, swiglu):
         return None
     from kernels.skinny_matmul import measured_config, skinny_matmul
@@ -103,7 +68,7 @@ def _skinny(
     config = measured_config(x, weight, swiglu)
     if config is None and not SKINNY_MATMUL:
         return None
-    out = skinny_matmul(x, weight, swiglu=swiglu, config=config, push=push, ahead=_ahead(x, ahead))
+    out = skinny_matmul(x, weight, swiglu=swiglu, config=config, push=push)
     if push is not None:
         setattr(out, PUSHED_ATTRIBUTE, True)
     return out
@@ -154,17 +119,15 @@ def rms_norm_add_linear(
     return rms_norm_add_matmul(x, residual, norm_weight, eps, weight, config=config)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, push=None, ahead=None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, push=None) -> torch.Tensor:
     """x W^T: a decode batch (2-D, up to 64 rows) through the skinny matmul kernel where it
-    applies (see above), anything else through F.linear. `push`, `ahead`: see `_skinny`; the
-    product says whether it was pushed by its workers.distributed.PUSHED_ATTRIBUTE."""
-    out = _skinny(x, weight, swiglu=False, push=push, ahead=ahead)
+    applies (see above), anything else through F.linear. `push`: see `_skinny`; the product
+    says whether it was pushed by its workers.distributed.PUSHED_ATTRIBUTE."""
+    out = _skinny(x, weight, swiglu=False, push=push)
     return F.linear(x, weight) if out is None else out
 
 
-def swiglu_linear(
-    gate_up: torch.Tensor, weight: torch.Tensor, push=None, ahead=None
-) -> torch.Tensor | None:
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, push=None) -> torch.Tensor | None:
     """(silu(gate) * up) W^T from gate_up [T, 2K] in one skinny matmul launch, or None where that
     kernel does not apply (the caller runs the activation and its matmul apart)."""
-    return _skinny(gate_up, weight, swiglu=True, push=push, ahead=ahead)
+    return _skinny(gate_up, weight, swiglu=True, push=push)

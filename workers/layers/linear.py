@@ -65,11 +65,9 @@ class LinearBase(nn.Module):
         self.int4 = Int4WeightOnly(self.weight.data, group_size)
         self.register_parameter("weight", None)
 
-    def matmul(self, x: torch.Tensor, push=None, ahead=None) -> torch.Tensor:
-        """x W^T; `push`, `ahead`: see `fused.linear` (the int4 path takes neither)."""
-        if self.int4 is not None:
-            return self.int4(x)
-        return fused.linear(x, self.weight, push, ahead)
+    def matmul(self, x: torch.Tensor, push=None) -> torch.Tensor:
+        """x W^T; `push`: see `fused.linear` (the int4 path takes none)."""
+        return self.int4(x) if self.int4 is not None else fused.linear(x, self.weight, push)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -185,13 +183,12 @@ class RowParallelLinear(LinearBase):
         cols = param.shape[1]
         copy_checked(param, loaded.narrow(1, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor, reduce: bool = True, ahead=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """`reduce=False` returns this rank's partial sum, for a caller that sums it over the
         ranks itself with the post-norm's all-reduce (`RMSNorm.norm_and_add(reduce=True)`); only
         without a bias, which must come after. Where the peer kernels take that all-reduce as
-        tagged words, the matmul pushes its tiles to the other ranks as it writes them.
-        `ahead`: (role, the weight the next matmul reads), see `fused.AHEAD`."""
-        return self.finish(self.matmul(x, self.partial_push(x, reduce), ahead), reduce)
+        tagged words, the matmul pushes its tiles to the other ranks as it writes them."""
+        return self.finish(self.matmul(x, self.partial_push(x, reduce)), reduce)
 
     def partial_push(self, x: torch.Tensor, reduce: bool):
         """Where this layer's partial sum of x's rows goes as it is written (see forward), or

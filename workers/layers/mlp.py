@@ -21,13 +21,12 @@ class GatedMLP(nn.Module):
         # x: [T, hidden] -> gate_up [T, 2 * I / tp] -> [T, I / tp] -> [T, hidden]
         return self.down(self.gate_up_proj(x))
 
-    def down(self, gate_up: torch.Tensor, reduce: bool = True, ahead=None) -> torch.Tensor:
+    def down(self, gate_up: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """The block from gate_up's output on: the activation and down_proj (`reduce=False`:
-        this rank's partial sum, see RowParallelLinear; `ahead`: see `fused.AHEAD`)."""
+        this rank's partial sum, see RowParallelLinear)."""
         down = self.down_proj
         if down.int4 is None:  # a decode batch: the activation inside down's matmul, if it can
-            push = down.partial_push(gate_up, reduce)
-            out = fused.swiglu_linear(gate_up, down.weight, push, ahead)
+            out = fused.swiglu_linear(gate_up, down.weight, down.partial_push(gate_up, reduce))
             if out is not None:
                 return down.finish(out, reduce)
         return down(self.act(gate_up), reduce)

@@ -57,7 +57,6 @@ class Olmo2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.next_layer: tuple[Olmo2DecoderLayer, ...] = ()  # set by the model: the one after
 
     def forward(
         self, hidden: torch.Tensor, pending: PendingNorm | None, rope: RotaryStep
@@ -68,13 +67,11 @@ class Olmo2DecoderLayer(nn.Module):
         MLP's partial sum and its pending norm."""
         attn = self.self_attn
         stream, qkv = attn.qkv_proj.forward_stream(hidden, pending)
-        mlp = self.mlp
-        o = attn.o_proj(attn.attend(qkv, rope), reduce=False, ahead=("o", mlp.gate_up_proj.weight))
-        post_attention = (self.post_attention_layernorm, stream)
-        stream, gate_up = mlp.gate_up_proj.forward_stream(o, post_attention)
-        after = self.next_layer[0].self_attn.qkv_proj.weight if self.next_layer else None
-        down = mlp.down(gate_up, reduce=False, ahead=None if after is None else ("down", after))
-        return down, (self.post_feedforward_layernorm, stream)
+        o = attn.o_proj(attn.attend(qkv, rope), reduce=False)
+        stream, gate_up = self.mlp.gate_up_proj.forward_stream(
+            o, (self.post_attention_layernorm, stream)
+        )
+        return self.mlp.down(gate_up, reduce=False), (self.post_feedforward_layernorm, stream)
 
 
 def stream_after(layer_output: tuple[torch.Tensor, PendingNorm]) -> torch.Tensor:
@@ -85,9 +82,3 @@ def stream_after(layer_output: tuple[torch.Tensor, PendingNorm]) -> torch.Tensor
 
 class Olmo2ForCausalLM(CausalLM):
     decoder_layer = Olmo2DecoderLayer
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        layers = self.model.layers
-        for layer, after in zip(layers, layers[1:], strict=False):
-            layer.next_layer = (after,)  # a tuple: not registered as a submodule
