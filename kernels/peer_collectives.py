@@ -35,7 +35,9 @@ the other buffers hold: the caller must read `status` and give up on the group, 
 left spinning forever.
 
 The two kernels a tensor-parallel layer runs three times (the post-norm with its all-reduce, the
-QK-norm's sums) can instead exchange tagged words (`PeerBuffers.tagged`), as NCCL's low-latency
+QK-norm's sums), and the all-gather (the LM head's logits, a decode step's largest exchange: a
+slice of the vocabulary, whose words take twice its bytes), can instead exchange tagged words
+(`PeerBuffers.tagged`), as NCCL's low-latency
 protocol does: each 8-byte word carries the call's epoch in its high half and 32 bits of data
 (two 16-bit elements, or one 32-bit) in its low half. A rank writes its words straight into
 every other rank's buffer and then polls its own until every word it needs carries the epoch;
@@ -75,6 +77,8 @@ POST_NORM_LAUNCH_FIRST = os.environ.get("AFS_PEER_POST_NORM_LAUNCH_FIRST", "1") 
 waits for the matmul before it: the projection's programs then take the SMs the matmul leaves
 and prefetch their first weight tiles while the matmul ends and the ranks' words cross (7B at
 tp = 2, batch 1: 405.9 against 402.8 tok/s on two H200s). 0: at the end of its wait."""
+TAGGED_GATHER = os.environ.get("AFS_PEER_TAGGED_GATHER", "1") != "0"
+"""With tagged words on, the all-gather takes them too where they fit (0: data and flags)."""
 _BLOCK = 1024
 _FLAG_BYTES = 4096
 """Room for the flags at the start of each buffer (int32 [WORLD, PROGRAMS] for up to 32 ranks)."""
@@ -106,8 +110,9 @@ class PeerBuffers:
     memory after it, instead of writing locally and reading the others' buffers. (The engine
     sets it: on by default, measured faster on two H200s.)"""
     tagged: bool = False
-    """The post-norm's all-reduce and the QK-norm's sums exchange tagged words instead of data
-    and flags (the engine sets it, the same on every rank)."""
+    """The post-norm's all-reduce, the QK-norm's sums and the all-gather (where its words fit)
+    exchange tagged words instead of data and flags (the engine sets it, the same on every
+    rank)."""
 
     @staticmethod
     def buffer_bytes(capacity: int, world: int) -> int:
@@ -444,6 +449,48 @@ def _all_gather_kernel(
 
 
 @triton.jit
+def _tagged_all_gather_kernel(
+    x_ptr, out_ptr, ROWS, COLS,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """_all_gather_kernel's result through tagged words: program p owns chunks p, p + PROGRAMS,
+    ... of BLOCK elements of the flat [ROWS, COLS] slice, BLOCK // PACK words each."""
+    wait_for_previous(PDL)  # before the first access to memory
+    program = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program)
+    n = ROWS * COLS
+    WORDS: tl.constexpr = BLOCK // PACK
+
+    # -- this rank's chunks: tagged, into every other rank's buffer, and into its own columns --
+    for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        value = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        word_offsets = start // PACK + tl.arange(0, WORDS)
+        _push_words(_pack_words(value, epoch, BLOCK, PACK), word_offsets, word_offsets * PACK < n,
+                    words_ptrs, rank, half, WORLD, SLOT_WORDS)  # fmt: skip
+        rows, cols = offsets // COLS, offsets % COLS
+        tl.store(out_ptr + rows * (WORLD * COLS) + rank * COLS + cols, value, mask=mask)
+
+    # -- the others' chunks, once their words carry this call's epoch, into their columns --
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
+            for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
+                word_offsets = start // PACK + tl.arange(0, WORDS)
+                words = _await_words(src + word_offsets, word_offsets * PACK < n, epoch,
+                                     status_ptr, max_spins)  # fmt: skip
+                value = _unpack_words(words, dtype, BLOCK, PACK)
+                offsets = start + tl.arange(0, BLOCK)
+                rows, cols = offsets // COLS, offsets % COLS
+                tl.store(out_ptr + rows * (WORLD * COLS) + peer * COLS + cols, value,
+                         mask=offsets < n)  # fmt: skip
+
+
+@triton.jit
 def _all_reduce_rms_norm_add_kernel(
     x_ptr, residual_ptr, out_ptr, weight_ptr, eps, ROWS, HIDDEN,
     flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
@@ -626,13 +673,22 @@ def all_reduce_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
 
 
 def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
-    """x [R, C] on every rank -> [R, WORLD * C], rank r's x in columns r*C .. (r+1)*C."""
+    """x [R, C] on every rank -> [R, WORLD * C], rank r's x in columns r*C .. (r+1)*C. Through
+    tagged words where the buffers take them (twice x's bytes for 16-bit data)."""
     _check(x, peers)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     cols = x.shape[-1]
     out = torch.empty(*x.shape[:-1], peers.world * cols, dtype=x.dtype, device=x.device)
+    size = x.element_size()
+    words = -(-x.numel() // (4 // size)) if size in (2, 4) else None
+    if peers.tagged and TAGGED_GATHER and words is not None and words * 8 <= peers.capacity:
+        _tagged_all_gather_kernel[(PROGRAMS,)](
+            x, out, rows, cols, *peers.words_args(), BLOCK=_BLOCK, PACK=4 // size,
+            **peers.words_constants(),
+        )  # fmt: skip
+        return out
     _all_gather_kernel[(PROGRAMS,)](
-        x, out, rows, cols, *peers.args(x.element_size()), BLOCK=_BLOCK, **peers.constants()
+        x, out, rows, cols, *peers.args(size), BLOCK=_BLOCK, **peers.constants()
     )
     return out
 

@@ -167,6 +167,29 @@ def test_tagged_words_carry_the_post_norm_all_reduce(rank, dtype):
     assert group.flags(group.other).eq(0).all()  # no flags: the words are the barrier
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tagged_words_carry_the_all_gather(rank, dtype):
+    """Through tagged words the all-gather puts each rank's slice in its columns, and leaves
+    this rank's flat slice in the other rank's buffer tagged with the call's epoch."""
+    group = OtherRank(rank)
+    group.peers.tagged = True
+    pack = 2 if dtype == torch.float16 else 1
+    for epoch, (rows, cols) in enumerate([(3, 70), (1, 333), (2, 200)], start=1):
+        x, theirs = torch.randn(rows, cols).to(dtype), torch.randn(rows, cols).to(dtype)
+        flat = -(-rows * cols // pack) * pack  # the slice's elements, in whole words
+        group.announce_words(epoch, theirs.view(1, -1), flat)
+        out = all_gather_last_dim(x, group.peers)
+        parts = [theirs, x] if rank else [x, theirs]
+        assert torch.equal(out, torch.cat(parts, dim=-1)), epoch
+        mine = tagged_words(x.view(1, -1), flat, epoch)
+        left = group.words(group.other, rank, epoch)[: mine.numel()]
+        assert torch.equal(left, mine.view(-1))
+        assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
+        assert int(group.peers.status[0]) == 0
+    assert group.flags(group.other).eq(0).all()  # no flags: the words are the barrier
+
+
 def test_tagged_words_with_a_stale_tag_are_waited_for():
     """Words from the call before (the same half two calls back) are not taken: the call
     waits for this epoch's, gives up after max_spins polls and says so in the status."""
@@ -354,6 +377,12 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             ref = x.clone()
             dist.all_reduce(ref, group=group)
             assert torch.equal(distributed.tp_all_reduce(x.clone()), ref), (shape, dtype)
+            parts = [torch.empty_like(x) for _ in range(2)]
+            dist.all_gather(parts, x, group=group)
+            assert torch.equal(distributed.tp_all_gather_last_dim(x), torch.cat(parts, -1))
+        for tagged in (False, True):  # the LM head's gather of a one-row step's logits
+            peers.push, peers.tagged = True, tagged
+            x = torch.randn(1, 50176, generator=gen, device=device).to(torch.bfloat16)
             parts = [torch.empty_like(x) for _ in range(2)]
             dist.all_gather(parts, x, group=group)
             assert torch.equal(distributed.tp_all_gather_last_dim(x), torch.cat(parts, -1))

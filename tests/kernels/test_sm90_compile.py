@@ -57,6 +57,8 @@ DECODE = dict(
     DOT_PRECISION="tf32",
     FEW_SPLITS=False,
     LAUNCH_EARLY=False,
+    PREFETCH_TILES=0,
+    ROW_LINES=2,
 )  # decode attention's constexprs but the prologue's
 
 
@@ -68,8 +70,10 @@ EARLY_PROLOGUE = dict(
     BLOCK_HEADS=16,
     EARLY=True,
     FEW_SPLITS=True,
+    PREFETCH_TILES=1,
 )
-"""Decode attention's constexprs with the prologue inside, its first key tile read early."""
+"""Decode attention's constexprs with the prologue inside, its first key tile read early and
+its next one asked of L2."""
 
 
 PUSHING = dict(PUSH_WORDS=True, WORLD=2, PEER_PROGRAMS=32, PACK=2)
@@ -128,6 +132,10 @@ CASES = {
     "peer_all_reduce": (
         kernels.peer_collectives._all_reduce_kernel,
         dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PUSH=True),
+    ),
+    "peer_all_gather_tagged": (
+        kernels.peer_collectives._tagged_all_gather_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=1024, PACK=2),
     ),
     "peer_all_gather": (
         kernels.peer_collectives._all_gather_kernel,
@@ -294,7 +302,8 @@ def test_compiles_for_sm90_and_waits_before_touching_memory(report, name):
     else:
         assert got["memory"] and min(got["memory"]) > got["wait"][0]
     assert all(i < got["wait"][0] for i in got["prefetch"])
-    assert bool(got["prefetch"]) == name.startswith("skinny_matmul")
+    prefetching = name.startswith("skinny_matmul") or name.startswith("decode_attention_prologue_")
+    assert bool(got["prefetch"]) == prefetching
 
 
 if __name__ == "__main__":
