@@ -125,8 +125,6 @@ EARLY = os.environ.get("AFS_ATTN_EARLY", "1") != "0"
 # the next kernel let launch at a program's start instead of once its K/V reads are done: where
 # the QK-norm's sums come from a kernel of their own (unset: None, then; 1: always; 0: never)
 LAUNCH_EARLY = {"1": True, "0": False}.get(os.environ.get("AFS_ATTN_LAUNCH_EARLY", ""))
-# with EARLY: the split's next key tiles (up to this many) asked of L2 before the wait as well
-PREFETCH_TILES = int(os.environ.get("AFS_ATTN_PREFETCH_TILES", "1"))
 _LOG2E = 1.4426950408889634
 
 
@@ -184,8 +182,7 @@ def _kernel(
     DOT_PRECISION: tl.constexpr,
     PROLOGUE: tl.constexpr, QK_NORM: tl.constexpr, SQUARES_GIVEN: tl.constexpr,
     BLOCK_HEADS: tl.constexpr, EARLY: tl.constexpr, FEW_SPLITS: tl.constexpr,
-    LAUNCH_EARLY: tl.constexpr, PREFETCH_TILES: tl.constexpr, ROW_LINES: tl.constexpr,
-    PDL: tl.constexpr,
+    LAUNCH_EARLY: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split) over its run of key tiles; the last split of a (sequence,
     KV head) to finish merges them all. With PROLOGUE, q_ptr is the fused projection
@@ -251,13 +248,6 @@ def _kernel(
             head_base, table, first_tile, last_tile, cached, dims, stride_cache_kv,
             stride_cache_block, stride_cache_slot, BLOCK_SIZE, BLOCK_N,
         )  # fmt: skip
-        if PDL:  # and the next tiles' lines into L2, which the loop then finds there
-            for t in tl.static_range(1, PREFETCH_TILES + 1):
-                _prefetch_tile(
-                    head_base, table, first_tile + t, last_tile, cached, stride_cache_kv,
-                    stride_cache_block, stride_cache_slot, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
-                    ROW_LINES,
-                )  # fmt: skip
         wait_for_previous_launching(LAUNCH_EARLY, PDL)
 
     # -- q --
@@ -361,35 +351,6 @@ def _load_tile(
     k = tl.load(tile_ptrs, mask=valid[:, None], other=0.0)
     v = tl.load(tile_ptrs + stride_cache_kv, mask=valid[:, None], other=0.0)
     return k, v, valid
-
-
-@triton.jit
-def _prefetch_tile(
-    head_base, table, tile, last_tile, cached, stride_cache_kv, stride_cache_block,
-    stride_cache_slot, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    ROW_LINES: tl.constexpr,
-):  # fmt: skip
-    """`prefetch.global.L2` of every 128-byte line of the K and V of one key tile (none past
-    last_tile; a token's row of HEAD_DIM elements in at most ROW_LINES lines, a power of two):
-    one instruction per line, no registers filled."""
-    tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = tokens < tl.minimum(cached, last_tile * BLOCK_N)
-    block = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    rows = block * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
-    line_bytes = tl.arange(0, 2 * ROW_LINES) % ROW_LINES * 128  # K's lines, then V's
-    kv = (tl.arange(0, 2 * ROW_LINES) // ROW_LINES).to(tl.int64) * stride_cache_kv
-    base = head_base.to(tl.pointer_type(tl.int8))
-    element = head_base.dtype.element_ty.primitive_bitwidth // 8
-    pointers = base + (rows[:, None] + kv[None, :]) * element + line_bytes[None, :]
-    ok = valid[:, None] & (line_bytes < HEAD_DIM * element)[None, :]
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-        "=r,l,r",
-        [pointers, ok.to(tl.int32)],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
 
 
 @triton.jit
@@ -530,7 +491,6 @@ def decode_attention_qkv(
         PROLOGUE=True, QK_NORM=qk_norm, SQUARES_GIVEN=squares_given,
         BLOCK_HEADS=qk_tiles(num_heads, num_kv_heads, head_dim)[1], EARLY=EARLY,
         LAUNCH_EARLY=squares_given if LAUNCH_EARLY is None else LAUNCH_EARLY,
-        PREFETCH_TILES=PREFETCH_TILES if EARLY else 0,
     )  # fmt: skip
     return _launch(
         qkv, 0, prologue_args, prologue, kv_cache, block_tables, seq_lens, scale, out, num_splits
@@ -541,7 +501,7 @@ def decode_attention_qkv(
 _NO_PROLOGUE_ARGS = (None, None, 0.0, None, 1, 1, None, None, None, None)
 _NO_PROLOGUE = dict(
     PROLOGUE=False, QK_NORM=False, SQUARES_GIVEN=False, BLOCK_HEADS=1, EARLY=False,
-    LAUNCH_EARLY=False, PREFETCH_TILES=0,
+    LAUNCH_EARLY=False,
 )  # fmt: skip
 
 
@@ -610,7 +570,6 @@ def _launch(
         # fp32 products in full precision (TF32 would miss the fp32 tolerance); ignored otherwise
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **prologue, FEW_SPLITS=few_splits,
-        ROW_LINES=triton.next_power_of_2(triton.cdiv(head_dim * kv_cache.element_size(), 128)),
         **pdl_options(q.device),
     )  # fmt: skip
     return out

@@ -57,8 +57,6 @@ DECODE = dict(
     DOT_PRECISION="tf32",
     FEW_SPLITS=False,
     LAUNCH_EARLY=False,
-    PREFETCH_TILES=0,
-    ROW_LINES=2,
 )  # decode attention's constexprs but the prologue's
 
 
@@ -70,10 +68,8 @@ EARLY_PROLOGUE = dict(
     BLOCK_HEADS=16,
     EARLY=True,
     FEW_SPLITS=True,
-    PREFETCH_TILES=1,
 )
-"""Decode attention's constexprs with the prologue inside, its first key tile read early and
-its next one asked of L2."""
+"""Decode attention's constexprs with the prologue inside, its first key tile read early."""
 
 
 PUSHING = dict(PUSH_WORDS=True, WORLD=2, PEER_PROGRAMS=32, PACK=2)
@@ -302,8 +298,7 @@ def test_compiles_for_sm90_and_waits_before_touching_memory(report, name):
     else:
         assert got["memory"] and min(got["memory"]) > got["wait"][0]
     assert all(i < got["wait"][0] for i in got["prefetch"])
-    prefetching = name.startswith("skinny_matmul") or name.startswith("decode_attention_prologue_")
-    assert bool(got["prefetch"]) == prefetching
+    assert bool(got["prefetch"]) == name.startswith("skinny_matmul")
 
 
 if __name__ == "__main__":
