@@ -188,8 +188,9 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     peer kernels, which a CUDA graph can capture. Collective over the group; True where every
     rank managed it and a test sum came out right, else False and the group carries everything.
     The kernels push (see the kernels); AFS_PEER_PUSH=0 in every rank's environment makes them
-    pull instead. The post-norm's all-reduce and the QK-norm's sums exchange tagged words;
-    AFS_PEER_TAGGED=0 makes them use data and flags as the others do."""
+    pull instead. The post-norm's all-reduce, the QK-norm's sums and the all-gather (where its
+    words fit) exchange tagged words; AFS_PEER_TAGGED=0 makes them use data and flags as the
+    others do."""
     global _PEERS
     if _TP.size == 1 or device.type != "cuda":
         return False
