@@ -199,16 +199,21 @@ class WordsTarget(NamedTuple):
         return dict(WORLD=self.peers.world, PEER_PROGRAMS=PROGRAMS, PACK=self.pack)
 
 
+def word_pack(element_size: int) -> int | None:
+    """Elements a tagged word carries in its low 32 bits (two 16-bit, one 32-bit), or None for
+    data of another size (which exchanges data and flags)."""
+    return {2: 2, 4: 1}.get(element_size)
+
+
 def words_target(
     peers: PeerBuffers, rows: int, hidden: int, dtype: torch.dtype
 ) -> WordsTarget | None:
     """The tagged words' layout of a post-norm all-reduce of [rows, hidden] in `dtype` (a row
     padded to a power of two elements, two 16-bit or one 32-bit element a word), or None where
     that call exchanges data and flags instead (tagged words off, no rows, or too many)."""
-    size = dtype.itemsize
-    if not peers.tagged or size not in (2, 4) or rows < 1:
+    pack = word_pack(dtype.itemsize)
+    if not peers.tagged or pack is None or rows < 1:
         return None
-    pack = 2 if size == 2 else 1
     row_words = max(triton.next_power_of_2(hidden), 2) // pack
     if rows * row_words * 8 > peers.capacity:
         return None
@@ -420,6 +425,14 @@ def _all_reduce_kernel(
 
 
 @triton.jit
+def _store_gathered(out_ptr, value, offsets, mask, owner, COLS, WORLD: tl.constexpr):
+    """value at `offsets` of rank `owner`'s flat [ROWS, COLS] slice into its columns of out
+    [ROWS, WORLD * COLS]."""
+    rows, cols = offsets // COLS, offsets % COLS
+    tl.store(out_ptr + rows * (WORLD * COLS) + owner * COLS + cols, value, mask=mask)
+
+
+@triton.jit
 def _all_gather_kernel(
     x_ptr, out_ptr, ROWS, COLS,
     flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
@@ -443,9 +456,8 @@ def _all_gather_kernel(
         for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
             offsets = start + tl.arange(0, BLOCK)
             mask = offsets < n
-            rows, cols = offsets // COLS, offsets % COLS
             value = tl.load(data + offsets, mask=mask)
-            tl.store(out_ptr + rows * (WORLD * COLS) + peer * COLS + cols, value, mask=mask)
+            _store_gathered(out_ptr, value, offsets, mask, peer, COLS, WORLD)
 
 
 @triton.jit
@@ -472,8 +484,7 @@ def _tagged_all_gather_kernel(
         word_offsets = start // PACK + tl.arange(0, WORDS)
         _push_words(_pack_words(value, epoch, BLOCK, PACK), word_offsets, word_offsets * PACK < n,
                     words_ptrs, rank, half, WORLD, SLOT_WORDS)  # fmt: skip
-        rows, cols = offsets // COLS, offsets % COLS
-        tl.store(out_ptr + rows * (WORLD * COLS) + rank * COLS + cols, value, mask=mask)
+        _store_gathered(out_ptr, value, offsets, mask, rank, COLS, WORLD)
 
     # -- the others' chunks, once their words carry this call's epoch, into their columns --
     for peer in tl.static_range(WORLD):
@@ -483,11 +494,9 @@ def _tagged_all_gather_kernel(
                 word_offsets = start // PACK + tl.arange(0, WORDS)
                 words = _await_words(src + word_offsets, word_offsets * PACK < n, epoch,
                                      status_ptr, max_spins)  # fmt: skip
-                value = _unpack_words(words, dtype, BLOCK, PACK)
                 offsets = start + tl.arange(0, BLOCK)
-                rows, cols = offsets // COLS, offsets % COLS
-                tl.store(out_ptr + rows * (WORLD * COLS) + peer * COLS + cols, value,
-                         mask=offsets < n)  # fmt: skip
+                _store_gathered(out_ptr, _unpack_words(words, dtype, BLOCK, PACK), offsets,
+                                offsets < n, peer, COLS, WORLD)  # fmt: skip
 
 
 @triton.jit
@@ -679,16 +688,18 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     cols = x.shape[-1]
     out = torch.empty(*x.shape[:-1], peers.world * cols, dtype=x.dtype, device=x.device)
-    size = x.element_size()
-    words = -(-x.numel() // (4 // size)) if size in (2, 4) else None
-    if peers.tagged and TAGGED_GATHER and words is not None and words * 8 <= peers.capacity:
+    pack = word_pack(x.element_size())
+    if (
+        peers.tagged and TAGGED_GATHER and pack is not None
+        and -(-x.numel() // pack) * 8 <= peers.capacity
+    ):  # fmt: skip
         _tagged_all_gather_kernel[(PROGRAMS,)](
-            x, out, rows, cols, *peers.words_args(), BLOCK=_BLOCK, PACK=4 // size,
+            x, out, rows, cols, *peers.words_args(), BLOCK=_BLOCK, PACK=pack,
             **peers.words_constants(),
         )  # fmt: skip
         return out
     _all_gather_kernel[(PROGRAMS,)](
-        x, out, rows, cols, *peers.args(size), BLOCK=_BLOCK, **peers.constants()
+        x, out, rows, cols, *peers.args(x.element_size()), BLOCK=_BLOCK, **peers.constants()
     )
     return out
 
