@@ -68,7 +68,7 @@ from kernels.launch import (
     wait_for_previous_launching,
 )
 from kernels.rmsnorm import add_rounded, norm_warps, rms_normalise
-from kernels.rope import check_qkv, qk_tiles, sum_squares_qk
+from kernels.rope import check_qkv, qk_tiles, sum_squares
 
 PROGRAMS = 32
 """Programs per call, on every rank."""
@@ -221,20 +221,14 @@ def words_target(
 
 
 @triton.jit
-def row_epochs(epochs_ptr, rows, PEER_PROGRAMS: tl.constexpr):
-    """[ROWS, 1]: the epoch each row's words carry in the post-norm all-reduce call that comes
-    next on this rank (row r is program r % PEER_PROGRAMS's there: its count of calls plus one).
-    A matmul reads it at its start, off the path from its last load to its push."""
-    return tl.load(epochs_ptr + rows % PEER_PROGRAMS)[:, None] + 1
-
-
-@triton.jit
-def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epoch, rank, SLOT_WORDS,
+def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
                    ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
-                   PACK: tl.constexpr):  # fmt: skip
+                   PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr):  # fmt: skip
     """A matmul's output tile values [ROWS, BLOCK_N] (columns col0 onwards, of N), as the
-    tagged words of the post-norm all-reduce call that comes next on this rank (`epoch`, from
-    `row_epochs`), into slot `rank` of every other rank's buffer."""
+    tagged words of the post-norm all-reduce call that comes next on this rank, into slot
+    `rank` of every other rank's buffer: row r is program r % PEER_PROGRAMS's there, so its
+    epoch is that program's count of calls plus one."""
+    epoch = tl.load(epochs_ptr + rows % PEER_PROGRAMS)[:, None] + 1  # [ROWS, 1]
     flat = tl.reshape(values, [ROWS * BLOCK_N])  # a row's pairs stay side by side
     payload = tl.reshape(_payload(flat, ROWS * BLOCK_N, PACK), [ROWS, BLOCK_N // PACK])
     words = (epoch.to(tl.int64) << 32) | payload
@@ -269,23 +263,6 @@ def _next_epoch(epochs_ptr, program):
     epoch = tl.load(epochs_ptr + program) + 1
     tl.store(epochs_ptr + program, epoch)
     return epoch, (epoch % 2).to(tl.int64)
-
-
-@triton.jit
-def _early_epoch(epochs_ptr, program):
-    """This program's call number, read before the wait for the kernel before: with PDL every
-    kernel lets the next launch only after its own wait (the tagged post-norm aside, which is
-    never the kernel right before a peer call), so the peer call before this one has finished
-    and no other kernel writes the counters. A matmul before this call may still read them
-    (`row_epochs`): the caller stores the new count (`_count_call`) after the wait."""
-    return tl.load(epochs_ptr + program) + 1
-
-
-@triton.jit
-def _count_call(epochs_ptr, program, epoch):
-    """Store this call's number (from `_early_epoch`); returns the half (0 or 1) it uses."""
-    tl.store(epochs_ptr + program, epoch)
-    return (epoch % 2).to(tl.int64)
 
 
 @triton.jit
@@ -492,11 +469,10 @@ def _tagged_all_gather_kernel(
 ):  # fmt: skip
     """_all_gather_kernel's result through tagged words: program p owns chunks p, p + PROGRAMS,
     ... of BLOCK elements of the flat [ROWS, COLS] slice, BLOCK // PACK words each."""
+    wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
-    epoch = _early_epoch(epochs_ptr, program)
-    wait_for_previous(PDL)  # before any other access to memory
-    half = _count_call(epochs_ptr, program, epoch)
     dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program)
     n = ROWS * COLS
     WORDS: tl.constexpr = BLOCK // PACK
 
@@ -575,10 +551,9 @@ def _token_squares(row, k_scale, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM: tl.constexpr
                    BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr):  # fmt: skip
     """[2] fp32: the sum of squares of a token's q heads in its fused projection `row`, and of
     its k heads times k_scale."""
-    q_total, k_total = sum_squares_qk(
-        row, row + NUM_HEADS * HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS
-    )  # a chunk of q and one of k in flight at once
-    k_total = k_total * k_scale
+    q_total = sum_squares(row, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS)
+    k_row = row + NUM_HEADS * HEAD_DIM
+    k_total = sum_squares(k_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_HEADS) * k_scale
     return tl.where(tl.arange(0, 2) == 0, q_total, k_total)
 
 
@@ -630,11 +605,10 @@ def _tagged_all_reduce_rms_norm_add_kernel(
     if LAUNCH_FIRST:  # the next kernel may launch now, while the one before still runs
         launch_next(PDL)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
-    program = tl.program_id(0)
-    epoch = _early_epoch(epochs_ptr, program)
     wait_for_previous_launching(not LAUNCH_FIRST, PDL)
-    half = _count_call(epochs_ptr, program, epoch)  # the matmul before has read the counters
+    program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, program)
     WORDS: tl.constexpr = BLOCK // PACK
     word_cols = tl.arange(0, WORDS)
     word_mask = word_cols * PACK < HIDDEN
@@ -667,10 +641,9 @@ def _tagged_all_reduce_qk_squares_kernel(
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """_all_reduce_qk_squares_kernel's result through tagged words, two a token."""
+    wait_for_previous(PDL)  # before the first access to memory
     program = tl.program_id(0)
-    epoch = _early_epoch(epochs_ptr, program)
-    wait_for_previous(PDL)  # before any other access to memory
-    half = _count_call(epochs_ptr, program, epoch)
+    epoch, half = _next_epoch(epochs_ptr, program)
     parts = tl.arange(0, 2)  # q, k
 
     # -- this rank's two sums per token, tagged, into every other rank's buffer --

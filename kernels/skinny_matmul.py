@@ -62,7 +62,7 @@ from kernels.launch import (
     rearm,
     wait_for_previous,
 )
-from kernels.peer_collectives import WordsTarget, push_row_words, row_epochs
+from kernels.peer_collectives import WordsTarget, push_row_words
 from kernels.rmsnorm import add_rounded
 
 MAX_ROWS = 64
@@ -99,10 +99,6 @@ def _matmul_kernel(
         # tiles into L2 (weights, which no kernel writes), then wait for it
         prefetch_l2(w_ptr, cols, col_ok, stride_w, k_start, k_end, BLOCK_K)
     wait_for_previous(PDL)
-    if PUSH_WORDS:  # the epochs its words will carry, read now: off the path to the push
-        epoch = row_epochs(epochs_ptr, rows, PEER_PROGRAMS)
-    else:
-        epoch = 0
     if NORM:  # the row's 1 / rms over all of K (every program): its chunks' loads all in flight
         squares = tl.zeros([NORM_CHUNK], dtype=tl.float32)
         for c in tl.static_range(0, NORM_CHUNKS):
@@ -181,8 +177,8 @@ def _matmul_kernel(
     out_ok = row_ok[:, None] & col_ok[None, :]
     if not SPLIT_K:
         _write_tile(acc.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok, tile * BLOCK_N, N,
-                    words_ptrs, epoch, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
-                    PUSH_WORDS, WORLD, PACK)  # fmt: skip
+                    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
+                    PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
@@ -193,22 +189,21 @@ def _matmul_kernel(
             for s in range(SPLIT):
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             _write_tile(total.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok,
-                        tile * BLOCK_N, N, words_ptrs, epoch, rank, SLOT_WORDS, ROW_WORDS,
-                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PACK)  # fmt: skip
+                        tile * BLOCK_N, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
+                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
             rearm(count_ptr + tile)
 
 
 @triton.jit
-def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epoch, rank,
+def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank,
                 SLOT_WORDS, ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                PUSH_WORDS: tl.constexpr, WORLD: tl.constexpr,
+                PUSH_WORDS: tl.constexpr, WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr,
                 PACK: tl.constexpr):  # fmt: skip
-    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too (each
-    row's carrying `epoch`, from `row_epochs`)."""
+    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too."""
     tl.store(out, value, mask=out_ok)
     if PUSH_WORDS:
-        push_row_words(value, rows, row_ok, col0, N, words_ptrs, epoch, rank, SLOT_WORDS,
-                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PACK)  # fmt: skip
+        push_row_words(value, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
+                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
 
 
 @triton.jit

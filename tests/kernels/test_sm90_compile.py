@@ -186,8 +186,6 @@ READ_EARLY = {
     "peer_post_norm_tagged",
     "peer_post_norm_pushed",
     "peer_post_norm_pushed_launching_first",
-    "peer_all_gather_tagged",  # their call counters (see _early_epoch)
-    "peer_qk_squares_tagged",
 }
 
 
