@@ -248,6 +248,33 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
     return False
 
 
+def warm_peer_post_norm(weight: torch.Tensor, eps: float, dtype: torch.dtype) -> list[int]:
+    """Run the post-norm's all-reduce kernel of data and flags once on zeros, on every rank
+    together, for each class of row count Triton compiles apart (one, a multiple of 16, any
+    other) among the steps it serves: those too many rows for tagged words that the buffers still
+    take (a prefill chunk of some hundred tokens). Decode steps and the warm-up's prefill never
+    reach it, so otherwise the first such step would stall on its compiles (on two H200s, two of
+    about 0.4 s each). `weight` and `eps`: a post-norm's; `dtype`: the activations'. Collective;
+    returns the row counts run (none without peer buffers)."""
+    peers = _PEERS
+    if peers is None:
+        return []
+    from kernels.peer_collectives import all_reduce_rms_norm_add, words_target
+
+    hidden = weight.shape[0]
+    most = peers.capacity // (hidden * dtype.itemsize)
+    first = 1
+    while first <= most and words_target(peers, first, hidden, dtype) is not None:
+        first += 1
+    chosen: dict[str, int] = {}
+    for rows in range(first, min(most, first + 16) + 1):
+        chosen.setdefault("one" if rows == 1 else "16" if rows % 16 == 0 else "other", rows)
+    for rows in sorted(chosen.values()):
+        x = torch.zeros(rows, hidden, dtype=dtype, device=weight.device)
+        all_reduce_rms_norm_add(x, torch.zeros_like(x), weight, eps, peers)
+    return sorted(chosen.values())
+
+
 class PeerCollectiveTimeout(RuntimeError):
     """A peer collective gave up waiting for another rank: the group is out of step."""
 

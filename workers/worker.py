@@ -28,6 +28,7 @@ from workers.distributed import (
     tp_broadcast_object,
     tp_broadcast_tensor,
     tp_min,
+    warm_peer_post_norm,
 )
 from workers.engine.kv_cache import allocate_kv_slab, kv_block_bytes
 from workers.layers.sampler import Sampler
@@ -101,6 +102,9 @@ class ShardWorker:
             if config.tp > 1 and not eager:
                 # graphs at tp > 1 hold the peer kernels, not NCCL: without them, run eagerly
                 eager = not init_peer_collectives(self._peer_capacity(), device)
+                norm = None if eager else self.model.reducing_post_norm()
+                if norm is not None:  # compiled now, not at the first step that needs it
+                    warm_peer_post_norm(norm.weight, norm.eps, model_config.torch_dtype)
             graphs = DecodeGraphs(
                 self.model,
                 kv_caches,

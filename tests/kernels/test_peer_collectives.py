@@ -355,6 +355,25 @@ def test_a_timed_out_collective_stops_the_rank(monkeypatch):
         distributed.check_peer_collectives()
 
 
+@pytest.mark.parametrize("tagged, rows", [(True, [9, 16]), (False, [1, 2, 16])])
+def test_the_post_norm_kernel_of_flags_is_run_once_per_row_class_it_serves(
+    monkeypatch, tagged, rows
+):
+    """The steps too many rows for tagged words but within the buffers (fp32 rows of 64: tagged
+    up to 4096 / (64 * 8) = 8 rows, data up to 4096 / (64 * 4) = 16) take the kernel of data and
+    flags: one run for each class of row count Triton compiles apart (one, a multiple of
+    16, other), the first rows past the tagged words' limit (every size with them off)."""
+    from workers import distributed
+
+    group = OtherRank(0, push=True)
+    group.peers.tagged = tagged
+    group.flags(0)[1].fill_(10)  # the other rank has announced every call up to 10
+    monkeypatch.setattr(distributed, "_PEERS", group.peers)
+    assert distributed.warm_peer_post_norm(torch.ones(64), 1e-6, torch.float32) == rows
+    assert group.peers.epochs.tolist() == [len(rows)] * PROGRAMS  # one call each
+    assert int(group.peers.status[0]) == 0
+
+
 def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
     import torch.distributed as dist
 

@@ -81,6 +81,11 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
+    def reducing_post_norm(self) -> nn.Module | None:
+        """A norm whose post-norm form takes a row-parallel layer's all-reduce (Olmo 2's), so
+        that a worker can compile that peer kernel before serving; None for models without."""
+        return None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> [R, vocab] in the model's dtype; the sampler widens to fp32
         # where it computes (a plain greedy row's argmax needs no copy: widening is exact)

@@ -82,3 +82,6 @@ def stream_after(layer_output: tuple[torch.Tensor, PendingNorm]) -> torch.Tensor
 
 class Olmo2ForCausalLM(CausalLM):
     decoder_layer = Olmo2DecoderLayer
+
+    def reducing_post_norm(self) -> RMSNorm:
+        return self.model.layers[0].post_attention_layernorm
