@@ -6,6 +6,7 @@ reduce to plain dense layers and the collectives to no-ops.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from dataclasses import dataclass
@@ -263,16 +264,19 @@ def warm_peer_post_norm(weight: torch.Tensor, eps: float, dtype: torch.dtype) ->
 
     hidden = weight.shape[0]
     most = peers.capacity // (hidden * dtype.itemsize)
-    first = 1
-    while first <= most and words_target(peers, first, hidden, dtype) is not None:
-        first += 1
+    # the first row count without tagged words (words_target's rule, which only gets stricter)
+    sizes = range(1, most + 1)
+    first = sizes[0] + bisect.bisect_left(
+        sizes, True, key=lambda rows: words_target(peers, rows, hidden, dtype) is None
+    )
     chosen: dict[str, int] = {}
     for rows in range(first, min(most, first + 16) + 1):
         chosen.setdefault("one" if rows == 1 else "16" if rows % 16 == 0 else "other", rows)
-    for rows in sorted(chosen.values()):
+    row_counts = sorted(chosen.values())
+    for rows in row_counts:
         x = torch.zeros(rows, hidden, dtype=dtype, device=weight.device)
         all_reduce_rms_norm_add(x, torch.zeros_like(x), weight, eps, peers)
-    return sorted(chosen.values())
+    return row_counts
 
 
 class PeerCollectiveTimeout(RuntimeError):
