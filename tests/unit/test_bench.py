@@ -12,8 +12,9 @@ import torch
 from checkpoints import make_checkpoint
 
 from cluster import cli
+from workers.bench import latency
 from workers.bench.ceilings import Roofline, ratios
-from workers.bench.latency import hf_peer_model
+from workers.bench.latency import hf_first_and_total, hf_peer_model
 from workers.bench.results import load_result
 from workers.bench.throughput import make_workload
 from workers.weights.loader import load_model
@@ -55,7 +56,7 @@ def test_ceilings(tmp_path):
 
 
 def test_latency_with_the_hf_peer(tmp_path, tiny_llama_dir):
-    flags = ["--model", str(tiny_llama_dir), "--prompt-lens", "8,40", "--new-tokens", "6"]
+    flags = ["--model", str(tiny_llama_dir), "--prompt-lens", "8,40", "--new-tokens", "12"]
     result = _bench(tmp_path, "latency", *flags, "--peer", "hf", *CEILING_FLAGS)
     figures, floors, peer = result["figures"], result["floors"], result["peers"]["hf"]
     assert set(figures) == {"prompt_len_8", "prompt_len_40"}
@@ -69,6 +70,15 @@ def test_latency_with_the_hf_peer(tmp_path, tiny_llama_dir):
         assert row["decode_ms_per_token"] > floors[key]["decode_ms_per_token"]
         assert row["prefill_roofline_fraction"] < 1 and row["decode_roofline_fraction"] < 1
         assert row["decode_tok_s"] == pytest.approx(1e3 / row["decode_ms_per_token"])
+
+
+def test_the_hf_peer_times_are_the_least_of_their_runs(monkeypatch):
+    runs = {1: [0.009, 0.002, 0.004], 12: [0.007, 0.005, 0.006]}  # seconds, in the order run
+    monkeypatch.setattr(latency, "hf_generate", lambda hf, prompts, n: runs[n].pop(0))
+    assert hf_first_and_total(None, [1, 2, 3], 12) == (0.002, 0.005)
+    runs = {1: [0.004, 0.003, 0.005], 12: [0.003, 0.004, 0.003]}  # t(N) never above t(1)
+    with pytest.raises(RuntimeError, match="too few new tokens"):
+        hf_first_and_total(None, [1, 2, 3], 12)
 
 
 def test_throughput_with_the_hf_peer(tmp_path, tiny_llama_dir):

@@ -9,7 +9,8 @@ token; decode is (N − 1) tokens over the time after it. Floors come from the c
 the start of the run: a decode token reads every weight and the K/V of its whole context. With
 `--peer hf`, transformers' `generate()` runs the same prompts on our loaded weights copied into
 its own class, whatever the model's format (identical weights, no GGUF reader needed); its decode
-rate is (N − 1) / (t(N) − t(1)) with `min_new_tokens` forcing N tokens.
+rate is (N − 1) / (t(N) − t(1)) with `min_new_tokens` forcing N tokens, each t the least of
+three runs.
 """
 
 from __future__ import annotations
@@ -191,6 +192,24 @@ def hf_generate(hf: nn.Module, prompts: list[list[int]], new_tokens: int) -> flo
     return seconds
 
 
+def hf_first_and_total(
+    hf: nn.Module, prompt: list[int], new_tokens: int, repeats: int = 3
+) -> tuple[float, float]:
+    """Seconds of `generate()` for 1 token and for `new_tokens`, each the least of `repeats` runs.
+
+    Noise only adds time, so the least of a few runs is the closest to the true time; one run of
+    each could, for a small model on a busy CPU, put t(1) above t(N) and give a negative decode.
+    """
+    first = min(hf_generate(hf, [prompt], 1) for _ in range(repeats))
+    total = min(hf_generate(hf, [prompt], new_tokens) for _ in range(repeats))
+    if total <= first:
+        raise RuntimeError(
+            f"generate() of {new_tokens} tokens took {total * 1e3:.2f} ms, no longer than "
+            f"{first * 1e3:.2f} ms for 1: too few new tokens to time its decode"
+        )
+    return first, total
+
+
 def _latency(
     prompt_len: int, new_tokens: int, prefill_s: float, decode_s: float, roofline: Roofline
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -284,8 +303,7 @@ def run(args: argparse.Namespace) -> Path:
         peer = {}
         for n, prompt in tqdm(prompts.items(), desc="hf latency", unit="prompt"):
             hf_generate(hf, [warmups[n]], 2)
-            first = hf_generate(hf, [prompt], 1)
-            total = hf_generate(hf, [prompt], args.new_tokens)
+            first, total = hf_first_and_total(hf, prompt, args.new_tokens)
             peer_row, _ = _latency(n, args.new_tokens, first, total - first, roofline)
             peer[f"prompt_len_{n}"] = peer_row
         peers["hf"] = {
