@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from workers.bench.latency import hf_generate
+from workers.bench.latency import hf_first_and_total, hf_generate
 from workers.engine.llm_engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
@@ -79,8 +79,7 @@ def engine_figures(engine: LLMEngine, prompts: list[list[int]], new_tokens: int)
 
 def hf_figures(model, prompts: list[list[int]], new_tokens: int) -> dict:
     hf_generate(model, prompts[:1], 4)  # warm-up
-    one = hf_generate(model, prompts[:1], 1)
-    full = hf_generate(model, prompts[:1], new_tokens)
+    one, full = hf_first_and_total(model, prompts[0], new_tokens, repeats=1)  # one run each
     wall = hf_generate(model, prompts, new_tokens)
     return {
         "batch1_decode_tok_s": (new_tokens - 1) / (full - one),
