@@ -36,8 +36,8 @@ left spinning forever.
 
 The two kernels a tensor-parallel layer runs three times (the post-norm with its all-reduce, the
 QK-norm's sums), and the all-gather (the LM head's logits, a decode step's largest exchange: a
-slice of the vocabulary, whose words take twice its bytes), can instead exchange tagged words
-(`PeerBuffers.tagged`), as NCCL's low-latency
+slice of the vocabulary, whose words take twice its bytes), and the broadcast of a decode step's
+ids from rank 0 can instead exchange tagged words (`PeerBuffers.tagged`), as NCCL's low-latency
 protocol does: each 8-byte word carries the call's epoch in its high half and 32 bits of data
 (two 16-bit elements, or one 32-bit) in its low half. A rank writes its words straight into
 every other rank's buffer and then polls its own until every word it needs carries the epoch;
@@ -80,6 +80,7 @@ tp = 2, batch 1: 405.9 against 402.8 tok/s on two H200s). 0: at the end of its w
 TAGGED_GATHER = os.environ.get("AFS_PEER_TAGGED_GATHER", "1") != "0"
 """With tagged words on, the all-gather takes them too where they fit (0: data and flags)."""
 _BLOCK = 1024
+_BROADCAST_BLOCK = 128  # a decode step's ids: one chunk, one program
 _FLAG_BYTES = 4096
 """Room for the flags at the start of each buffer (int32 [WORLD, PROGRAMS] for up to 32 ranks)."""
 
@@ -664,6 +665,31 @@ def _tagged_all_reduce_qk_squares_kernel(
         tl.store(out_ptr + token * 2 + parts, total)
 
 
+@triton.jit
+def _tagged_broadcast_kernel(
+    x_ptr, N,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
+    WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Rank 0's x (N 32-bit words of data) into every rank's x through tagged words: rank 0 only
+    pushes (it waits for no one), the others wait for its words. Program p owns chunks p,
+    p + PROGRAMS, ... of BLOCK elements."""
+    wait_for_previous(PDL)  # before the first access to memory
+    program = tl.program_id(0)
+    epoch, half = _next_epoch(epochs_ptr, program)
+    for start in range(program * BLOCK, N, PROGRAMS * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < N
+        if rank == 0:
+            value = tl.load(x_ptr + offsets, mask=mask, other=0)
+            _push_words(_pack_words(value, epoch, BLOCK, 1), offsets, mask, words_ptrs, rank,
+                        half, WORLD, SLOT_WORDS)  # fmt: skip
+        else:
+            src = _words_slot(words_ptrs, rank, 0, half, WORLD, SLOT_WORDS)
+            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins)
+            tl.store(x_ptr + offsets, _unpack_words(words, tl.int32, BLOCK, 1), mask=mask)
+
+
 def _check(x: torch.Tensor, peers: PeerBuffers) -> None:
     if not peers.fits(x):
         raise ValueError(
@@ -702,6 +728,38 @@ def all_gather_last_dim(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
         x, out, rows, cols, *peers.args(x.element_size()), BLOCK=_BLOCK, **peers.constants()
     )
     return out
+
+
+def broadcast_fits(x: torch.Tensor, peers: PeerBuffers) -> bool:
+    """Whether `broadcast_` takes x: tagged words on, x contiguous, whole 32-bit words whose tagged
+    words (twice x's bytes) fit a slot."""
+    nbytes = x.numel() * x.element_size()
+    return peers.tagged and x.is_contiguous() and nbytes % 4 == 0 and 2 * nbytes <= peers.capacity
+
+
+def broadcast_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
+    """Rank 0's x into every rank's x, in place (every rank calls it with the same shape and
+    dtype); returns x. Through tagged words, each 32 bits of x one word: rank 0 writes its words
+    into the others' buffers and goes on without waiting, so it costs rank 0 one short kernel;
+    the others wait for them.
+
+    Rank 0 waits for no one, so its next call must not be another broadcast, or rank 0 could
+    write a half again before a slower rank has read it: a call that every rank waits in (any
+    other collective, these kernels' or the group's) has to come between two broadcasts. (A
+    decode step's forward holds several.)"""
+    if not broadcast_fits(x, peers):
+        raise ValueError(
+            f"peer broadcast: tagged words and a contiguous tensor of whole 32-bit words of at "
+            f"most {peers.capacity // 2} bytes are needed, got {tuple(x.shape)} {x.dtype} "
+            f"(contiguous: {x.is_contiguous()}, tagged words: {peers.tagged})"
+        )
+    words = x.view(-1).view(torch.int32)
+    if words.numel():  # a call without data would wait for nothing
+        _tagged_broadcast_kernel[(PROGRAMS,)](
+            words, words.numel(), *peers.words_args(), BLOCK=_BROADCAST_BLOCK,
+            **peers.words_constants(),
+        )  # fmt: skip
+    return x
 
 
 def all_reduce_rms_norm_add(

@@ -147,10 +147,22 @@ def tp_qk_sum_squares(
 
 def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns it. On GPUs
-    it is queued on the stream like a kernel: no rank waits for it on the host."""
+    it is queued on the stream like a kernel: no rank waits for it on the host. Through the
+    peer kernel (kernels/peer_collectives.py's `broadcast_`) where it takes x, else the group."""
     if _TP.size > 1:
+        peers = _PEERS
+        if PEER_BROADCAST and peers is not None and x.is_cuda:
+            from kernels.peer_collectives import broadcast_, broadcast_fits
+
+            if broadcast_fits(x, peers):
+                return broadcast_(x, peers)
         dist.broadcast(x, src=0, group=_TP.group)
     return x
+
+
+PEER_BROADCAST = os.environ.get("AFS_PEER_BROADCAST", "1") != "0"
+"""Broadcasts (a decode step's ids, drawn by rank 0) go through the peer kernel where it takes
+them; 0: through the group (NCCL)."""
 
 
 def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from kernels.peer_collectives import (
     all_reduce_,
     all_reduce_qk_squares,
     all_reduce_rms_norm_add,
+    broadcast_,
 )
 from kernels.rmsnorm import rms_norm_add
 from kernels.rope import qk_sum_squares
@@ -204,6 +205,57 @@ def test_tagged_words_with_a_stale_tag_are_waited_for():
     assert int(group.peers.status[0]) == 1
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_tagged_words_carry_the_broadcast_from_rank_0(rank):
+    """Rank 0's tensor lands in every rank's, bit for bit whatever its dtype: rank 0 leaves its
+    words (each 32 bits of x, tagged with the call's epoch) in the other rank's buffer and keeps
+    its own x; rank 1 takes rank 0's words as they are."""
+    group = OtherRank(rank)
+    group.peers.tagged = True
+    cases = [torch.tensor([5, 100_351, 2**40 + 7, -3]), torch.randn(3, 6).half(), torch.randn(7)]
+    for epoch, theirs in enumerate(cases, start=1):  # both halves, and a half used again
+        x = torch.zeros_like(theirs) if rank else theirs.clone()
+        words = theirs.reshape(1, -1).view(torch.float32)  # its bits, 32 at a time
+        if rank:
+            group.announce_words(epoch, words, words.shape[1])
+        assert broadcast_(x, group.peers) is x
+        assert torch.equal(x, theirs), epoch
+        if rank == 0:
+            mine = tagged_words(words, words.shape[1], epoch)
+            left = group.words(group.other, rank, epoch)[: mine.numel()]
+            assert torch.equal(left, mine.view(-1))
+        assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
+        assert int(group.peers.status[0]) == 0
+    assert group.flags(group.other).eq(0).all()  # no flags: the words are the barrier
+
+
+def test_a_broadcast_waits_for_rank_0s_words_of_this_call():
+    """Rank 1 does not take words left by the call two back: it waits, gives up after max_spins
+    polls and says so, leaving x as it was."""
+    group = OtherRank(1)
+    group.peers.tagged, group.peers.max_spins = True, 50
+    group.announce_words(1, torch.tensor([[1.5, 2.5]]), 2)
+    group.peers.epochs.fill_(2)  # the next call is number 3, in the half call 1 used
+    x = torch.zeros(2)
+    broadcast_(x, group.peers)
+    assert int(group.peers.status[0]) == 1
+
+
+def test_a_broadcast_refuses_what_its_words_cannot_carry():
+    group = OtherRank(0)
+    with pytest.raises(ValueError, match="tagged words"):
+        broadcast_(torch.zeros(4, dtype=torch.int64), group.peers)  # tagged words off
+    group.peers.tagged = True
+    with pytest.raises(ValueError, match="whole 32-bit words"):
+        broadcast_(torch.zeros(3, dtype=torch.float16), group.peers)
+    with pytest.raises(ValueError, match="at most 2048 bytes"):
+        broadcast_(torch.zeros(257, dtype=torch.int64), group.peers)
+    with pytest.raises(ValueError, match="contiguous"):
+        broadcast_(torch.zeros(4, 4).t(), group.peers)
+    assert group.peers.epochs.tolist() == [0] * PROGRAMS
+    assert group.words(1, 0, 1).eq(0).all()
+
+
 @pytest.mark.parametrize("push", PUSH)
 def test_qk_squares_summed_over_ranks_equal_the_two_kernels(push):
     """The sharded QK-norm's sums in one kernel: bitwise each rank's qk_sum_squares, summed."""
@@ -266,6 +318,8 @@ def _cpu_rank(
             y = all_gather_last_dim(x, peers)
         elif kind == "squares":  # tokens of 2 q heads and 1 k and v head of 16
             y = all_reduce_qk_squares(x.view(-1, 64), 2, 1, 16, 0.5, peers)
+        elif kind == "broadcast":  # rank 0's, as int64 ids
+            y = broadcast_(x.to(torch.int64), peers)
         else:  # the post-norm with its all-reduce, rows of 50
             x = x.view(-1, 50)
             y = all_reduce_rms_norm_add(x, torch.ones_like(x), torch.ones(50), 1e-6, peers)
@@ -308,16 +362,24 @@ def _run_cpu_ranks(calls: list, max_spins=None, push=False, tagged=False) -> dic
 def test_two_processes_meet_at_every_barrier(push, tagged):
     sizes = [1, 7, 300, 2048, 33, 40_000]  # 40 000: several chunks per program
     kinds = ["sum", "gather", "sum", "norm", "squares"]
+    if tagged:  # rank 0's ids, between calls that every rank waits in
+        kinds.insert(2, "broadcast")
     rows = {"norm": 50, "squares": 64}
     calls = []
     for i in range(20):
         kind, size = kinds[i % len(kinds)], sizes[i % len(sizes)]
         if kind in rows:  # whole rows
             size = rows[kind] * (1 + size // rows[kind] % 40)
+        if kind == "broadcast":
+            ids = [torch.randint(-(2**40), 2**40, (min(size, 2000),)) for _ in range(2)]
+            calls.append((kind, ids))
+            continue
         calls.append((kind, [torch.randn(size) for _ in range(2)]))
     got = _run_cpu_ranks(calls, push=push, tagged=tagged)
     for i, (kind, inputs) in enumerate(calls):
-        if kind == "sum":
+        if kind == "broadcast":
+            want = inputs[0]
+        elif kind == "sum":
             want = inputs[0] + inputs[1]
         elif kind == "gather":
             want = torch.cat(inputs)
@@ -405,6 +467,12 @@ def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
             parts = [torch.empty_like(x) for _ in range(2)]
             dist.all_gather(parts, x, group=group)
             assert torch.equal(distributed.tp_all_gather_last_dim(x), torch.cat(parts, -1))
+        peers.push, peers.tagged = True, True  # a step's ids from rank 0, then through NCCL
+        for shape, dtype in [((1,), torch.int64), ((64,), torch.int64), ((3, 10), torch.float16)]:
+            ids = torch.randint(0, 100_352, shape, generator=gen, device=device).to(dtype)
+            got = distributed.tp_broadcast_tensor(ids.clone())
+            dist.broadcast(ids, src=0, group=group)  # every rank waits in it between broadcasts
+            assert torch.equal(got, ids), (shape, dtype)
         ways = [(False, False), (True, False), (True, True)]  # (push, tagged)
         for (push, tagged), rows in [(way, rows) for way in ways for rows in (1, 64)]:
             peers.push, peers.tagged = push, tagged  # the post-norm with its all-reduce

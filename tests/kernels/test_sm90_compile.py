@@ -161,6 +161,11 @@ CASES = {
         kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
         dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32),
     ),
+    "peer_broadcast_tagged": (
+        kernels.peer_collectives._tagged_broadcast_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=128),
+        {"x_ptr": "*i32"},  # 32-bit words of data
+    ),
     "skinny_matmul": _skinny(SPLIT_K=True, ROWS=16, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
     "skinny_matmul_one_row": _skinny(SPLIT_K=True, ROWS=1, BLOCK_N=16, BLOCK_K=256),
     "skinny_matmul_64_rows": _skinny(SPLIT_K=True, ROWS=64, BLOCK_N=64, BLOCK_K=128, SWIGLU=True),
@@ -189,13 +194,17 @@ READ_EARLY = {
 }
 
 
-def _compile(kernel, constants: dict, pdl: bool, data: str = "*bf16", **options):
+def _compile(
+    kernel, constants: dict, pdl: bool, data: str = "*bf16", pointers: dict | None = None,
+    **options,
+):  # fmt: skip
     signature = {}
+    pointers = POINTERS | (pointers or {})
     for name in inspect.signature(kernel.fn).parameters:
         if name in constants or name == "PDL":
             signature[name] = "constexpr"
         elif name.endswith(("_ptr", "_ptrs")):
-            signature[name] = POINTERS.get(name, data)
+            signature[name] = pointers.get(name, data)
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constants, PDL=pdl))
@@ -203,8 +212,8 @@ def _compile(kernel, constants: dict, pdl: bool, data: str = "*bf16", **options)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _ptx(kernel, constants: dict, pdl: bool) -> str:
-    return _compile(kernel, constants, pdl).asm["ptx"]
+def _ptx(kernel, constants: dict, pdl: bool, pointers: dict | None = None) -> str:
+    return _compile(kernel, constants, pdl, pointers=pointers).asm["ptx"]
 
 
 H200_SHARED_BYTES = 232448
@@ -230,10 +239,11 @@ def _fp32_default_plan_shared() -> dict:
 def _report() -> dict:
     """name -> what the PTX shows, or the error; run in a process of its own (below)."""
     report = {}
-    for name, (kernel, constants) in CASES.items():
+    for name, (kernel, constants, *pointers) in CASES.items():
+        pointers = pointers[0] if pointers else None  # a case's own pointer types
         try:
-            plain = _ptx(kernel, constants, pdl=False)
-            lines = _ptx(kernel, constants, pdl=True).splitlines()
+            plain = _ptx(kernel, constants, pdl=False, pointers=pointers)
+            lines = _ptx(kernel, constants, pdl=True, pointers=pointers).splitlines()
         except Exception as exc:  # noqa: BLE001 - reported to the test
             report[name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
