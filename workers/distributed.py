@@ -151,7 +151,7 @@ def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     peer kernel (kernels/peer_collectives.py's `broadcast_`) where it takes x, else the group."""
     if _TP.size > 1:
         peers = _PEERS
-        if PEER_BROADCAST and peers is not None and x.is_cuda:
+        if PEER_BROADCAST and peers is not None and x.device == peers.status.device:
             from kernels.peer_collectives import broadcast_, broadcast_fits
 
             if broadcast_fits(x, peers):
@@ -289,6 +289,24 @@ def warm_peer_post_norm(weight: torch.Tensor, eps: float, dtype: torch.dtype) ->
         x = torch.zeros(rows, hidden, dtype=dtype, device=weight.device)
         all_reduce_rms_norm_add(x, torch.zeros_like(x), weight, eps, peers)
     return row_counts
+
+
+def warm_peer_broadcast(device: torch.device) -> list[int]:
+    """Run the peer broadcast of a step's ids once on zeros, on every rank together, for each
+    class of id count Triton compiles apart (two 32-bit words an id: a multiple of 16 words or
+    not), so that the first decode steps that send their ids do not stall on its compile. Each
+    broadcast is followed by an all-reduce, a call every rank waits in (as `broadcast_` needs).
+    Collective; returns the id counts run (none without peer buffers or the peer broadcast)."""
+    peers = _PEERS
+    if peers is None or not PEER_BROADCAST or not peers.tagged:
+        return []
+    from kernels.peer_collectives import all_reduce_, broadcast_
+
+    counts = [1, 8]
+    for count in counts:
+        broadcast_(torch.zeros(count, dtype=torch.int64, device=device), peers)
+        all_reduce_(torch.zeros(4, device=device), peers)  # as init_peer_collectives' test sum
+    return counts
 
 
 class PeerCollectiveTimeout(RuntimeError):

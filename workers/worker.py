@@ -28,6 +28,7 @@ from workers.distributed import (
     tp_broadcast_object,
     tp_broadcast_tensor,
     tp_min,
+    warm_peer_broadcast,
     warm_peer_post_norm,
 )
 from workers.engine.kv_cache import allocate_kv_slab, kv_block_bytes
@@ -105,6 +106,8 @@ class ShardWorker:
                 norm = None if eager else self.model.reducing_post_norm()
                 if norm is not None:  # compiled now, not at the first step that needs it
                     warm_peer_post_norm(norm.weight, norm.eps, model_config.torch_dtype)
+                if not eager:  # the same for the broadcast of a step's ids
+                    warm_peer_broadcast(device)
             graphs = DecodeGraphs(
                 self.model,
                 kv_caches,

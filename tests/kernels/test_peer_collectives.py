@@ -436,6 +436,25 @@ def test_the_post_norm_kernel_of_flags_is_run_once_per_row_class_it_serves(
     assert int(group.peers.status[0]) == 0
 
 
+def test_the_broadcast_is_run_once_per_id_class_each_behind_an_all_reduce(monkeypatch):
+    """At start-up the broadcast of a step's ids runs for one id and for eight (two words an id:
+    a multiple of 16 words or not, which Triton compiles apart), each followed by an all-reduce
+    that every rank waits in; rank 0 leaves its words, tagged with the last broadcast's call."""
+    from workers import distributed
+
+    group = OtherRank(0, push=True)
+    group.peers.tagged = True
+    group.flags(0)[1].fill_(10)  # the other rank has announced every call up to 10
+    monkeypatch.setattr(distributed, "_PEERS", group.peers)
+    assert distributed.warm_peer_broadcast(torch.device("cpu")) == [1, 8]
+    assert group.peers.epochs.tolist() == [4] * PROGRAMS  # two broadcasts, two sums
+    words = group.words(1, 0, 3)[:16]  # the eight ids' call (the same half as the first's)
+    assert torch.equal(words, torch.full_like(words, 3 << 32))  # zeros, tagged
+    assert int(group.peers.status[0]) == 0
+    monkeypatch.setattr(distributed, "PEER_BROADCAST", False)
+    assert distributed.warm_peer_broadcast(torch.device("cpu")) == []
+
+
 def _two_gpu_rank(rank: int, init_method: str, failures) -> None:
     import torch.distributed as dist
 
