@@ -73,6 +73,18 @@ class OtherRank:
         tagged = tagged_words(rows, block, epoch)
         self.words(self.rank, self.other, epoch)[: tagged.numel()].copy_(tagged.view(-1))
 
+    def check_words_left(self, rows: torch.Tensor, block: int, epoch: int) -> None:
+        """This rank's rows (padded to `block` elements), tagged with call `epoch`, are in its
+        slot of the other rank's tagged words."""
+        mine = tagged_words(rows, block, epoch)
+        left = self.words(self.other, self.rank, epoch)[: mine.numel()]
+        assert torch.equal(left, mine.view(-1))
+
+    def check_counted(self, epoch: int) -> None:
+        """Every program has counted call `epoch`, and no wait gave up."""
+        assert self.peers.epochs.tolist() == [epoch] * PROGRAMS
+        assert int(self.peers.status[0]) == 0
+
     def published(self, epoch: int, like: torch.Tensor) -> torch.Tensor:
         """What this rank left for the other in call `epoch`."""
         owner = self.other if self.push else self.rank
@@ -183,11 +195,8 @@ def test_tagged_words_carry_the_all_gather(rank, dtype):
         out = all_gather_last_dim(x, group.peers)
         parts = [theirs, x] if rank else [x, theirs]
         assert torch.equal(out, torch.cat(parts, dim=-1)), epoch
-        mine = tagged_words(x.view(1, -1), flat, epoch)
-        left = group.words(group.other, rank, epoch)[: mine.numel()]
-        assert torch.equal(left, mine.view(-1))
-        assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
-        assert int(group.peers.status[0]) == 0
+        group.check_words_left(x.view(1, -1), flat, epoch)
+        group.check_counted(epoch)
     assert group.flags(group.other).eq(0).all()  # no flags: the words are the barrier
 
 
@@ -221,17 +230,14 @@ def test_tagged_words_carry_the_broadcast_from_rank_0(rank):
         assert broadcast_(x, group.peers) is x
         assert torch.equal(x, theirs), epoch
         if rank == 0:
-            mine = tagged_words(words, words.shape[1], epoch)
-            left = group.words(group.other, rank, epoch)[: mine.numel()]
-            assert torch.equal(left, mine.view(-1))
-        assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
-        assert int(group.peers.status[0]) == 0
+            group.check_words_left(words, words.shape[1], epoch)
+        group.check_counted(epoch)
     assert group.flags(group.other).eq(0).all()  # no flags: the words are the barrier
 
 
 def test_a_broadcast_waits_for_rank_0s_words_of_this_call():
     """Rank 1 does not take words left by the call two back: it waits, gives up after max_spins
-    polls and says so, leaving x as it was."""
+    polls and says so in the status."""
     group = OtherRank(1)
     group.peers.tagged, group.peers.max_spins = True, 50
     group.announce_words(1, torch.tensor([[1.5, 2.5]]), 2)
