@@ -734,7 +734,7 @@ def broadcast_fits(x: torch.Tensor, peers: PeerBuffers) -> bool:
     """Whether `broadcast_` takes x: tagged words on, x contiguous, whole 32-bit words whose tagged
     words (twice x's bytes) fit a slot."""
     nbytes = x.numel() * x.element_size()
-    return peers.tagged and x.is_contiguous() and nbytes % 4 == 0 and 2 * nbytes <= peers.capacity
+    return peers.tagged and nbytes % 4 == 0 and peers.fits(x, 2 * nbytes)
 
 
 def broadcast_(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:

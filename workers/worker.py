@@ -103,10 +103,10 @@ class ShardWorker:
             if config.tp > 1 and not eager:
                 # graphs at tp > 1 hold the peer kernels, not NCCL: without them, run eagerly
                 eager = not init_peer_collectives(self._peer_capacity(), device)
-                norm = None if eager else self.model.reducing_post_norm()
-                if norm is not None:  # compiled now, not at the first step that needs it
-                    warm_peer_post_norm(norm.weight, norm.eps, model_config.torch_dtype)
-                if not eager:  # the same for the broadcast of a step's ids
+                if not eager:  # compiled now, not at the first step that needs them
+                    norm = self.model.reducing_post_norm()
+                    if norm is not None:
+                        warm_peer_post_norm(norm.weight, norm.eps, model_config.torch_dtype)
                     warm_peer_broadcast(device)
             graphs = DecodeGraphs(
                 self.model,
