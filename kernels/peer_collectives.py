@@ -240,6 +240,38 @@ def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, 
 
 
 @triton.jit
+def pushed_rows_post_norm(x_ptr, stride_x, ROWS, HIDDEN, residual_ptr, stride_residual,
+                          weight_ptr, eps, out_ptr, stride_out, words_ptrs, epochs_ptr, rank,
+                          SLOT_WORDS, ROW_WORDS, status_ptr, max_spins, BLOCK: tl.constexpr,
+                          WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr,
+                          PACK: tl.constexpr):  # fmt: skip
+    """The post-norm all-reduce of rows a matmul pushed (push_row_words), made by one program of
+    that matmul once every other program has written its tiles: each row of x (this rank's
+    partial, [ROWS, HIDDEN], read from L2) summed in rank order with the other ranks' words of
+    the call, then residual + rms_norm of it into out, as the tagged post-norm kernel does; then
+    every peer program's epoch counted, as that call would have. BLOCK: a row's words times
+    PACK (HIDDEN's next power of two)."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    WORDS: tl.constexpr = BLOCK // PACK
+    word_cols = tl.arange(0, WORDS)
+    word_mask = word_cols * PACK < HIDDEN
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    for row in range(0, ROWS):
+        epoch = tl.load(epochs_ptr + row % PEER_PROGRAMS) + 1  # the call push_row_words tagged
+        own = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        total = _sum_in_rank_order(own, row * ROW_WORDS + word_cols, word_mask, epoch,
+                                   (epoch % 2).to(tl.int64), words_ptrs, rank, SLOT_WORDS,
+                                   status_ptr, max_spins, BLOCK, PACK, WORLD)  # fmt: skip
+        total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
+        _store_post_norm(total, weight, eps, HIDDEN, residual_ptr + row * stride_residual,
+                         out_ptr + row * stride_out, cols, mask, dtype)  # fmt: skip
+    programs = tl.arange(0, PEER_PROGRAMS)
+    tl.store(epochs_ptr + programs, tl.load(epochs_ptr + programs) + 1)
+
+
+@triton.jit
 def _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins,
                        WORLD: tl.constexpr, PROGRAMS: tl.constexpr):  # fmt: skip
     # every thread's stores to this rank's half come before the flag that announces them
