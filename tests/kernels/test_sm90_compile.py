@@ -179,7 +179,13 @@ CASES = {
         SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, **PUSHING
     ),
     "skinny_matmul_one_row_post_norm_after": _skinny(
-        SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=1024, SWIGLU=True, TAIL=True, TAIL_BLOCK=4096,
+        SPLIT_K=False,
+        ROWS=1,
+        BLOCK_N=8,
+        BLOCK_K=1024,
+        SWIGLU=True,
+        TAIL=True,
+        TAIL_BLOCK=4096,
         **PUSHING,
     ),
     "skinny_matmul_split_k_post_norm_after": _skinny(
