@@ -80,7 +80,7 @@ def _matmul_kernel(
     part_ptr, count_ptr,
     residual_ptr, stride_residual, norm_w_ptr, stream_ptr, stride_stream, eps, stage_ptr,
     M, N, K, K_PER_SPLIT, SPLIT,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, status_ptr, max_spins, tail_count_ptr,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, status_ptr, max_spins,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
     NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PUSH_WORDS: tl.constexpr,
@@ -179,7 +179,7 @@ def _matmul_kernel(
     if not SPLIT_K:
         _write_tile(acc.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok, tile * BLOCK_N, N,
                     words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
-                    PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
+                    PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK, TAIL)  # fmt: skip
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
@@ -191,30 +191,31 @@ def _matmul_kernel(
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             _write_tile(total.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok,
                         tile * BLOCK_N, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
-                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
+                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK,
+                        TAIL)  # fmt: skip
             rearm(count_ptr + tile)
     if TAIL:
-        # -- the post-norm's all-reduce: the last program of the grid, once every tile is
-        #    written, sums each row with the other ranks' words and forms the stream --
-        if last_to_arrive(tail_count_ptr, tl.num_programs(0) * tl.num_programs(1)):
-            pushed_rows_post_norm(y_ptr, stride_y, M, N, residual_ptr, stride_residual,
-                                  norm_w_ptr, eps, stream_ptr, stride_stream, words_ptrs,
-                                  epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, status_ptr,
-                                  max_spins, TAIL_BLOCK, WORLD, PEER_PROGRAMS,
-                                  PACK)  # fmt: skip
-            rearm(tail_count_ptr)
+        # -- the post-norm's all-reduce: the grid's last program (the last to start) waits
+        #    for every rank's words of every tile, sums them and forms the stream --
+        if (tile == tl.num_programs(0) - 1) & (split == tl.num_programs(1) - 1):
+            pushed_rows_post_norm(M, N, residual_ptr, stride_residual, norm_w_ptr, eps,
+                                  stream_ptr, stride_stream, words_ptrs, epochs_ptr, rank,
+                                  SLOT_WORDS, ROW_WORDS, status_ptr, max_spins, TAIL_BLOCK,
+                                  WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
 
 
 @triton.jit
 def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank,
                 SLOT_WORDS, ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                 PUSH_WORDS: tl.constexpr, WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr,
-                PACK: tl.constexpr):  # fmt: skip
-    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too."""
-    tl.store(out, value, mask=out_ok)
+                PACK: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
+    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too; with
+    TAIL only as tagged words, to every rank, this one too (its post-norm reads them, not y)."""
+    if not TAIL:
+        tl.store(out, value, mask=out_ok)
     if PUSH_WORDS:
         push_row_words(value, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
-                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
+                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK, TAIL)  # fmt: skip
 
 
 @triton.jit
@@ -339,7 +340,7 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, ...]:
         device,
         lambda: (
             torch.empty(_WORKSPACE_FLOATS, dtype=torch.float32, device=device),
-            torch.zeros(_COUNTERS + 1, dtype=torch.int32, device=device),  # tiles', the grid's
+            torch.zeros(_COUNTERS, dtype=torch.int32, device=device),
         ),
     )
 
@@ -431,11 +432,12 @@ def matmul_all_reduce_rms_norm_add(
     """A row-parallel projection and Olmo 2's post-norm after it in one launch: residual +
     rms_norm(sum over the ranks of x W^T), the value `skinny_matmul(..., push=push)` and then
     `kernels.peer_collectives.all_reduce_rms_norm_add(..., pushed=True)` give, the sum's norm
-    taken in this launch's warps. The tiles are pushed as they are written; the grid's last
-    program, once every tile is written, waits for the other ranks' words, sums and normalises
-    each row, and counts the call on `push`'s peers: one launch, and one wait for a whole grid,
-    fewer a sublayer. That program takes the rows one after another: meant for a step of one
-    row or a few."""
+    taken in this launch's warps. Each tile goes, as tagged words, to every rank, this one too
+    (the product itself is not stored); the grid's last program (the last to start) then waits
+    for every rank's words of every tile, sums and normalises each row, and counts the call on
+    `push`'s peers: one launch, and one wait for a whole grid, fewer a sublayer. The tags say
+    when a tile is in, so no program fences or counts. That program takes the rows one after
+    another: meant for a step of one row or a few."""
     n = weight.shape[0]
     m = x.shape[0]
     if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
@@ -513,7 +515,7 @@ def _launch(
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
         residual, residual.stride(0), norm_weight, stream, stream.stride(0), eps, stage,
-        m, n, k, k_per_split, slices, *words, counters[_COUNTERS:],
+        m, n, k, k_per_split, slices, *words,
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
         NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=push is not None, **push_constants,

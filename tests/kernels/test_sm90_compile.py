@@ -33,7 +33,6 @@ POINTERS = {
     "block_tables_ptr": "*i32",
     "seq_lens_ptr": "*i32",
     "count_ptr": "*i32",
-    "tail_count_ptr": "*i32",
     "cos_ptr": "*fp32",
     "sin_ptr": "*fp32",
     "squares_ptr": "*fp32",
