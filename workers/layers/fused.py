@@ -119,10 +119,13 @@ def rms_norm_add_linear(
     return rms_norm_add_matmul(x, residual, norm_weight, eps, weight, config=config)
 
 
-MATMUL_POST_NORM = os.environ.get("AFS_MATMUL_POST_NORM", "1") != "0"
+MATMUL_POST_NORM = os.environ.get("AFS_MATMUL_POST_NORM", "1")
 """A one-row step's row-parallel projection, where it pushes its partial sums, also forms the
 post-norm after it: its grid's last program takes the all-reduce and the norm
-(`linear_post_norm`); 0: the post-norm's own peer kernel after it."""
+(`linear_post_norm`). "1": both of a layer's; "attention" or "mlp": that sublayer's only; "0":
+neither (the post-norm's own peer kernel after it)."""
+if MATMUL_POST_NORM not in ("0", "1", "attention", "mlp"):
+    raise ValueError(f"AFS_MATMUL_POST_NORM: 0, 1, attention or mlp, got {MATMUL_POST_NORM!r}")
 
 
 def linear_post_norm(
@@ -134,7 +137,9 @@ def linear_post_norm(
     post-norm's all-reduce (kernels/skinny_matmul.py's `matmul_all_reduce_rms_norm_add`), or
     None where that does not apply: turned off, nothing to push to (`push` None: one rank, or
     no tagged words), more than one row, or a shape the skinny matmul does not take."""
-    if not MATMUL_POST_NORM or push is None or x.shape[0] != 1:
+    if MATMUL_POST_NORM not in ("1", "mlp" if swiglu else "attention"):
+        return None
+    if push is None or x.shape[0] != 1:
         return None
     if not _skinny_fits(x, weight, swiglu) or residual.stride(-1) != 1:
         return None
