@@ -224,59 +224,19 @@ def words_target(
 @triton.jit
 def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
                    ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, WORLD: tl.constexpr,
-                   PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr,
-                   SELF: tl.constexpr):  # fmt: skip
+                   PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr):  # fmt: skip
     """A matmul's output tile values [ROWS, BLOCK_N] (columns col0 onwards, of N), as the
     tagged words of the post-norm all-reduce call that comes next on this rank, into slot
-    `rank` of every other rank's buffer (and with SELF of this rank's too): row r is program
-    r % PEER_PROGRAMS's there, so its epoch is that program's count of calls plus one."""
+    `rank` of every other rank's buffer: row r is program r % PEER_PROGRAMS's there, so its
+    epoch is that program's count of calls plus one."""
     epoch = tl.load(epochs_ptr + rows % PEER_PROGRAMS)[:, None] + 1  # [ROWS, 1]
     flat = tl.reshape(values, [ROWS * BLOCK_N])  # a row's pairs stay side by side
     payload = tl.reshape(_payload(flat, ROWS * BLOCK_N, PACK), [ROWS, BLOCK_N // PACK])
     words = (epoch.to(tl.int64) << 32) | payload
     word_cols = col0 // PACK + tl.arange(0, BLOCK_N // PACK)
     ok = row_ok[:, None] & (word_cols * PACK < N)[None, :]
-    offsets = rows[:, None] * ROW_WORDS + word_cols[None, :]
-    half = (epoch % 2).to(tl.int64)
-    if SELF:
-        dst = _words_slot(words_ptrs, rank, rank, half, WORLD, SLOT_WORDS)
-        tl.store(dst + offsets, words, mask=ok)
-    _push_words(words, offsets, ok, words_ptrs, rank, half, WORLD, SLOT_WORDS)
-
-
-@triton.jit
-def pushed_rows_post_norm(ROWS, HIDDEN, residual_ptr, stride_residual, weight_ptr, eps, out_ptr,
-                          stride_out, words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
-                          status_ptr, max_spins, BLOCK: tl.constexpr, WORLD: tl.constexpr,
-                          PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr):  # fmt: skip
-    """The post-norm all-reduce of [ROWS, HIDDEN] partial sums a matmul pushed to every rank,
-    this one included (push_row_words with SELF), made by one program of that matmul: each
-    row's words of every rank, in this rank's buffer, waited for until they carry the call's
-    epoch, summed in rank order, then residual + rms_norm of the sum into out, as the tagged
-    post-norm kernel makes it; then every peer program's epoch counted, as that call would
-    have. The tags say when a tile is in: no fence, no counter. BLOCK: a row's words times PACK
-    (HIDDEN's next power of two)."""
-    cols = tl.arange(0, BLOCK)
-    mask = cols < HIDDEN
-    WORDS: tl.constexpr = BLOCK // PACK
-    word_cols = tl.arange(0, WORDS)
-    word_mask = word_cols * PACK < HIDDEN
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
-    for row in range(0, ROWS):
-        epoch = tl.load(epochs_ptr + row % PEER_PROGRAMS) + 1  # the call push_row_words tagged
-        half = (epoch % 2).to(tl.int64)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for owner in tl.static_range(WORLD):
-            src = _words_slot(words_ptrs, rank, owner, half, WORLD, SLOT_WORDS)
-            words = _await_words(src + row * ROW_WORDS + word_cols, word_mask, epoch, status_ptr,
-                                 max_spins)  # fmt: skip
-            total += _unpack_words(words, dtype, BLOCK, PACK).to(tl.float32)
-        total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
-        _store_post_norm(total, weight, eps, HIDDEN, residual_ptr + row * stride_residual,
-                         out_ptr + row * stride_out, cols, mask, dtype)  # fmt: skip
-    programs = tl.arange(0, PEER_PROGRAMS)
-    tl.store(epochs_ptr + programs, tl.load(epochs_ptr + programs) + 1)
+    _push_words(words, rows[:, None] * ROW_WORDS + word_cols[None, :], ok, words_ptrs, rank,
+                (epoch % 2).to(tl.int64), WORLD, SLOT_WORDS)  # fmt: skip
 
 
 @triton.jit

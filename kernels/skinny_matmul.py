@@ -62,7 +62,7 @@ from kernels.launch import (
     rearm,
     wait_for_previous,
 )
-from kernels.peer_collectives import WordsTarget, push_row_words, pushed_rows_post_norm
+from kernels.peer_collectives import WordsTarget, push_row_words
 from kernels.rmsnorm import add_rounded
 
 MAX_ROWS = 64
@@ -80,12 +80,11 @@ def _matmul_kernel(
     part_ptr, count_ptr,
     residual_ptr, stride_residual, norm_w_ptr, stream_ptr, stride_stream, eps, stage_ptr,
     M, N, K, K_PER_SPLIT, SPLIT,
-    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, status_ptr, max_spins,
+    words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
     NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PUSH_WORDS: tl.constexpr,
-    WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr,
-    TAIL: tl.constexpr, TAIL_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -179,7 +178,7 @@ def _matmul_kernel(
     if not SPLIT_K:
         _write_tile(acc.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok, tile * BLOCK_N, N,
                     words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS, ROWS, BLOCK_N,
-                    PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK, TAIL)  # fmt: skip
+                    PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
     else:
         # -- publish this slice's partial; the tile's last program sums them in slice order --
         tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT * ROWS * BLOCK_N)
@@ -191,31 +190,20 @@ def _matmul_kernel(
                 total += tl.load(tile_parts + s * (ROWS * BLOCK_N) + offsets, cache_modifier=".cg")
             _write_tile(total.to(y_ptr.dtype.element_ty), out, out_ok, rows, row_ok,
                         tile * BLOCK_N, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS, ROW_WORDS,
-                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK,
-                        TAIL)  # fmt: skip
+                        ROWS, BLOCK_N, PUSH_WORDS, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
             rearm(count_ptr + tile)
-    if TAIL:
-        # -- the post-norm's all-reduce: the grid's last program (the last to start) waits
-        #    for every rank's words of every tile, sums them and forms the stream --
-        if (tile == tl.num_programs(0) - 1) & (split == tl.num_programs(1) - 1):
-            pushed_rows_post_norm(M, N, residual_ptr, stride_residual, norm_w_ptr, eps,
-                                  stream_ptr, stride_stream, words_ptrs, epochs_ptr, rank,
-                                  SLOT_WORDS, ROW_WORDS, status_ptr, max_spins, TAIL_BLOCK,
-                                  WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
 
 
 @triton.jit
 def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank,
                 SLOT_WORDS, ROW_WORDS, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                 PUSH_WORDS: tl.constexpr, WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr,
-                PACK: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
-    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too; with
-    TAIL only as tagged words, to every rank, this one too (its post-norm reads them, not y)."""
-    if not TAIL:
-        tl.store(out, value, mask=out_ok)
+                PACK: tl.constexpr):  # fmt: skip
+    """An output tile into y, and with PUSH_WORDS to the other ranks as tagged words too."""
+    tl.store(out, value, mask=out_ok)
     if PUSH_WORDS:
         push_row_words(value, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
-                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK, TAIL)  # fmt: skip
+                       ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
 
 
 @triton.jit
@@ -419,48 +407,6 @@ def rms_norm_add_matmul(
     return stream, product
 
 
-def matmul_all_reduce_rms_norm_add(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    push: WordsTarget,
-    swiglu: bool = False,
-    config: Config | None = None,
-) -> torch.Tensor:
-    """A row-parallel projection and Olmo 2's post-norm after it in one launch: residual +
-    rms_norm(sum over the ranks of x W^T), the value `skinny_matmul(..., push=push)` and then
-    `kernels.peer_collectives.all_reduce_rms_norm_add(..., pushed=True)` give, the sum's norm
-    taken in this launch's warps. Each tile goes, as tagged words, to every rank, this one too
-    (the product itself is not stored); the grid's last program (the last to start) then waits
-    for every rank's words of every tile, sums and normalises each row, and counts the call on
-    `push`'s peers: one launch, and one wait for a whole grid, fewer a sublayer. The tags say
-    when a tile is in, so no program fences or counts. That program takes the rows one after
-    another: meant for a step of one row or a few."""
-    n = weight.shape[0]
-    m = x.shape[0]
-    if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
-        raise ValueError(
-            f"matmul_all_reduce_rms_norm_add: residual {tuple(residual.shape)} "
-            f"{residual.dtype}, expected [{m}, {n}] {x.dtype} with contiguous rows"
-        )
-    if norm_weight.shape != (n,) or not norm_weight.is_contiguous():
-        raise ValueError(
-            f"matmul_all_reduce_rms_norm_add: norm weight {tuple(norm_weight.shape)}, "
-            f"expected [{n}]"
-        )
-    if push.row_words * push.pack != max(triton.next_power_of_2(n), 2):
-        raise ValueError(f"matmul_all_reduce_rms_norm_add: {n} outputs do not fit {push}")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] * (2 if swiglu else 1):
-        raise ValueError(
-            f"matmul_all_reduce_rms_norm_add: x {tuple(x.shape)} and weight {tuple(weight.shape)}"
-        )
-    stream = torch.empty_like(residual)
-    _launch(x, weight, swiglu, None, None, config, push, (residual, norm_weight, stream, eps))
-    return stream
-
-
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -469,12 +415,9 @@ def _launch(
     split: int | None,
     config: Config | None,
     push: WordsTarget | None,
-    tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """One call: x (or what `swiglu` or `norm` = (residual, norm weight, stream out, eps) forms
-    from it on the way in) times weight transposed; its tiles pushed to `push` too, and with
-    `tail` = (residual, norm weight, stream out, eps) the post-norm of the all-reduced product
-    formed by the grid's last program (see matmul_all_reduce_rms_norm_add)."""
+    from it on the way in) times weight transposed; its tiles pushed to `push` too."""
     m = x.shape[0]
     n, k = weight.shape
     if not 1 <= m <= MAX_ROWS:
@@ -487,8 +430,8 @@ def _launch(
     slices, k_per_split = _slices(n, k, config, rows)
     parts, counters = _workspace(x.device)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if norm is None:  # the norm's arguments unused (or the tail's); its constexprs fixed
-        residual, norm_weight, stream, eps = (x, x, x, 0.0) if tail is None else tail
+    if norm is None:  # the norm's arguments unused; its constexprs fixed, so K compiles nothing new
+        residual, norm_weight, stream, eps = x, x, x, 0.0
         chunk = chunks = 1
     else:
         residual, norm_weight, stream, eps = norm
@@ -504,13 +447,10 @@ def _launch(
             )
         stage = _stage(x.device, x.dtype)
     if push is None:  # unused, constexprs fixed
-        words = (counters, counters, 0, 0, 0, counters, 0)
+        words = (counters, counters, 0, 0, 0)
         push_constants = dict(WORLD=1, PEER_PROGRAMS=1, PACK=1)
     else:
-        words = (*push.args(), push.peers.status, push.peers.max_spins)
-        push_constants = push.constants()
-    if tail is not None and (push is None or norm is not None):
-        raise ValueError("skinny_matmul: a post-norm after the product needs its push, no norm")
+        words, push_constants = push.args(), push.constants()
     _matmul_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), y, y.stride(0),
         parts, counters,
@@ -519,7 +459,6 @@ def _launch(
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
         NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=push is not None, **push_constants,
-        TAIL=tail is not None, TAIL_BLOCK=1 if tail is None else push.row_words * push.pack,
         num_warps=config.num_warps, num_stages=stages(config, x.element_size()),
         **pdl_options(x.device),
     )  # fmt: skip

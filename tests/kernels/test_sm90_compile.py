@@ -90,8 +90,6 @@ def _skinny(**constants) -> tuple:
             WORLD=1,
             PEER_PROGRAMS=1,
             PACK=1,
-            TAIL=False,
-            TAIL_BLOCK=1,
         )  # fmt: skip
         | constants,
     )
@@ -176,19 +174,6 @@ CASES = {
     ),
     "skinny_matmul_split_k_pushing": _skinny(
         SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, **PUSHING
-    ),
-    "skinny_matmul_one_row_post_norm_after": _skinny(
-        SPLIT_K=False,
-        ROWS=1,
-        BLOCK_N=8,
-        BLOCK_K=1024,
-        SWIGLU=True,
-        TAIL=True,
-        TAIL_BLOCK=4096,
-        **PUSHING,
-    ),
-    "skinny_matmul_split_k_post_norm_after": _skinny(
-        SPLIT_K=True, ROWS=16, BLOCK_N=32, BLOCK_K=128, TAIL=True, TAIL_BLOCK=4096, **PUSHING
     ),
     "skinny_matmul_post_norm_one_row": _skinny(
         SPLIT_K=False, ROWS=1, BLOCK_N=8, BLOCK_K=512, NORM=True

@@ -119,40 +119,6 @@ def rms_norm_add_linear(
     return rms_norm_add_matmul(x, residual, norm_weight, eps, weight, config=config)
 
 
-MATMUL_POST_NORM = os.environ.get("AFS_MATMUL_POST_NORM", "1")
-"""A one-row step's row-parallel projection, where it pushes its partial sums, also forms the
-post-norm after it: its grid's last program takes the all-reduce and the norm
-(`linear_post_norm`). "1": both of a layer's; "attention" or "mlp": that sublayer's only; "0":
-neither (the post-norm's own peer kernel after it)."""
-if MATMUL_POST_NORM not in ("0", "1", "attention", "mlp"):
-    raise ValueError(f"AFS_MATMUL_POST_NORM: 0, 1, attention or mlp, got {MATMUL_POST_NORM!r}")
-
-
-def linear_post_norm(
-    x: torch.Tensor, weight: torch.Tensor, push, residual: torch.Tensor,
-    norm_weight: torch.Tensor, eps: float, swiglu: bool = False,
-) -> torch.Tensor | None:  # fmt: skip
-    """residual + rms_norm(sum over the ranks of x W^T) (with `swiglu`, of silu(gate) * up of
-    x), the next residual stream, from one skinny matmul launch whose last program takes the
-    post-norm's all-reduce (kernels/skinny_matmul.py's `matmul_all_reduce_rms_norm_add`), or
-    None where that does not apply: turned off, nothing to push to (`push` None: one rank, or
-    no tagged words), more than one row, or a shape the skinny matmul does not take."""
-    if MATMUL_POST_NORM not in ("1", "mlp" if swiglu else "attention"):
-        return None
-    if push is None or x.shape[0] != 1:
-        return None
-    if not _skinny_fits(x, weight, swiglu) or residual.stride(-1) != 1:
-        return None
-    from kernels.skinny_matmul import matmul_all_reduce_rms_norm_add, measured_config
-
-    config = measured_config(x, weight, swiglu)
-    if config is None and not SKINNY_MATMUL:
-        return None
-    return matmul_all_reduce_rms_norm_add(
-        x, weight, residual, norm_weight, eps, push, swiglu=swiglu, config=config
-    )
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, push=None) -> torch.Tensor:
     """x W^T: a decode batch (2-D, up to 64 rows) through the skinny matmul kernel where it
     applies (see above), anything else through F.linear. `push`: see `_skinny`; the product

@@ -190,22 +190,6 @@ class RowParallelLinear(LinearBase):
         tagged words, the matmul pushes its tiles to the other ranks as it writes them."""
         return self.finish(self.matmul(x, self.partial_push(x, reduce)), reduce)
 
-    def forward_post_norm(
-        self, x: torch.Tensor, pending: PendingNorm
-    ) -> tuple[torch.Tensor, PendingNorm | None]:
-        """This layer of x with the post-norm `pending` = (norm, residual) after it: (the
-        stream, residual + norm(the product summed over the ranks), None) from one launch where
-        the skinny matmul takes the all-reduce and the norm too (`fused.linear_post_norm`), else
-        (this rank's partial sum, pending), for the projection after it to form (forward with
-        reduce=False)."""
-        if self.int4 is None and self.bias is None:
-            norm, residual = pending
-            push = self.partial_push(x, reduce=False)
-            stream = fused.linear_post_norm(x, self.weight, push, residual, norm.weight, norm.eps)
-            if stream is not None:
-                return stream, None
-        return self(x, reduce=False), pending
-
     def partial_push(self, x: torch.Tensor, reduce: bool):
         """Where this layer's partial sum of x's rows goes as it is written (see forward), or
         None: none unless the caller sums it itself (`reduce=False`)."""

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from workers.layers import fused
 from workers.layers.activation import SiluAndMul
 from workers.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-
-if TYPE_CHECKING:
-    from workers.layers.linear import PendingNorm
 
 
 class GatedMLP(nn.Module):
@@ -35,20 +30,3 @@ class GatedMLP(nn.Module):
             if out is not None:
                 return down.finish(out, reduce)
         return down(self.act(gate_up), reduce)
-
-    def down_post_norm(
-        self, gate_up: torch.Tensor, pending: PendingNorm
-    ) -> tuple[torch.Tensor, PendingNorm | None]:
-        """`down` with the post-norm `pending` = (norm, residual) after it, as
-        RowParallelLinear.forward_post_norm: (the stream, None) where the activation, down_proj,
-        the all-reduce and the norm take one launch, else (this rank's partial sum, pending)."""
-        down = self.down_proj
-        if down.int4 is None and down.bias is None:
-            norm, residual = pending
-            push = down.partial_push(gate_up, reduce=False)
-            stream = fused.linear_post_norm(
-                gate_up, down.weight, push, residual, norm.weight, norm.eps, swiglu=True
-            )
-            if stream is not None:
-                return stream, None
-        return self.down(gate_up, reduce=False), pending

@@ -60,23 +60,21 @@ class Olmo2DecoderLayer(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, pending: PendingNorm | None, rope: RotaryStep
-    ) -> tuple[torch.Tensor, PendingNorm | None]:
-        """hidden is the stream (`pending` None: the embedding, or a layer whose last projection
-        formed it) or the last layer's MLP partial sum, whose norm and add `pending` holds. Each
-        norm and add is formed by the row-parallel projection before it, where its matmul takes
-        the all-reduce and the norm in its last program, or else by the projection after it
-        (with the norm's kernel, which takes the sublayer's all-reduce too); returns the MLP's
-        partial sum and its pending norm, or the stream and None."""
+    ) -> tuple[torch.Tensor, PendingNorm]:
+        """hidden is the stream (the embedding: `pending` None) or the last layer's MLP partial
+        sum, whose norm and add `pending` holds; each norm and add is formed by the projection
+        after it (with the norm's kernel, which takes the sublayer's all-reduce too); returns the
+        MLP's partial sum and its pending norm."""
         attn = self.self_attn
         stream, qkv = attn.qkv_proj.forward_stream(hidden, pending)
-        o, pending = attn.o_proj.forward_post_norm(
-            attn.attend(qkv, rope), (self.post_attention_layernorm, stream)
+        o = attn.o_proj(attn.attend(qkv, rope), reduce=False)
+        stream, gate_up = self.mlp.gate_up_proj.forward_stream(
+            o, (self.post_attention_layernorm, stream)
         )
-        stream, gate_up = self.mlp.gate_up_proj.forward_stream(o, pending)
-        return self.mlp.down_post_norm(gate_up, (self.post_feedforward_layernorm, stream))
+        return self.mlp.down(gate_up, reduce=False), (self.post_feedforward_layernorm, stream)
 
 
-def stream_after(layer_output: tuple[torch.Tensor, PendingNorm | None]) -> torch.Tensor:
+def stream_after(layer_output: tuple[torch.Tensor, PendingNorm]) -> torch.Tensor:
     """The residual stream after a layer, formed from what its forward returned (hooks that
     watch the stream)."""
     return form_stream(*layer_output)
