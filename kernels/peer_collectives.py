@@ -77,6 +77,11 @@ POST_NORM_LAUNCH_FIRST = os.environ.get("AFS_PEER_POST_NORM_LAUNCH_FIRST", "1") 
 waits for the matmul before it: the projection's programs then take the SMs the matmul leaves
 and prefetch their first weight tiles while the matmul ends and the ranks' words cross (7B at
 tp = 2, batch 1: 405.9 against 402.8 tok/s on two H200s). 0: at the end of its wait."""
+RESIDUAL_EARLY = os.environ.get("AFS_PEER_RESIDUAL_EARLY", "1") != "0"
+"""The tagged post-norm loads its program's first residual row before it waits for the kernel
+before it, as it does the norm's weight: the residual stream a sublayer started from was written
+before that sublayer's matmul, the kernel before this one, which lets this one launch only once
+its own wait is over. 0: after the other ranks' words, as it adds it."""
 TAGGED_GATHER = os.environ.get("AFS_PEER_TAGGED_GATHER", "1") != "0"
 """With tagged words on, the all-gather takes them too where they fit (0: data and flags)."""
 _BLOCK = 1024
@@ -596,18 +601,24 @@ def _tagged_all_reduce_rms_norm_add_kernel(
     x_ptr, residual_ptr, out_ptr, weight_ptr, eps, ROWS, HIDDEN,
     words_ptrs, epochs_ptr, rank, SLOT_WORDS, status_ptr, max_spins,
     WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr,
-    PUSHED: tl.constexpr, LAUNCH_FIRST: tl.constexpr, PDL: tl.constexpr,
+    PUSHED: tl.constexpr, LAUNCH_FIRST: tl.constexpr, RESIDUAL_EARLY: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """_all_reduce_rms_norm_add_kernel's result through tagged words: program p owns rows p,
     p + PROGRAMS, ...; a row is BLOCK // PACK words in the slots. PUSHED: the matmul that made x
-    pushed them already (push_row_words), so this call only waits for the others'."""
+    pushed them already (push_row_words), so this call only waits for the others'.
+    RESIDUAL_EARLY: the program's first residual row is read before the wait (the caller
+    guarantees that no kernel after the one before the one before wrote it)."""
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
+    program = tl.program_id(0)
     if LAUNCH_FIRST:  # the next kernel may launch now, while the one before still runs
         launch_next(PDL)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
+    if RESIDUAL_EARLY:
+        first_residual = tl.load(residual_ptr + program * HIDDEN + cols,
+                                 mask=mask & (cols * 0 + program < ROWS), other=0.0)  # fmt: skip
     wait_for_previous_launching(not LAUNCH_FIRST, PDL)
-    program = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     epoch, half = _next_epoch(epochs_ptr, program)
     WORDS: tl.constexpr = BLOCK // PACK
@@ -631,7 +642,16 @@ def _tagged_all_reduce_rms_norm_add_kernel(
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, BLOCK,
                                    PACK, WORLD)  # fmt: skip
         total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
-        _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask, dtype)
+        if RESIDUAL_EARLY:
+            if row == program:
+                residual = first_residual
+            else:
+                residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+            normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
+            tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
+        else:
+            _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask,
+                             dtype)  # fmt: skip
 
 
 @triton.jit
@@ -769,12 +789,15 @@ def all_reduce_rms_norm_add(
     eps: float,
     peers: PeerBuffers,
     pushed: bool = False,
+    residual_settled: bool = False,
 ) -> torch.Tensor:
     """Olmo 2's post-norm after a row-parallel layer, with its all-reduce inside: x [T, hidden]
     this rank's partial sums -> residual + rms_norm(sum over ranks of x), a new tensor. The
     values are those of `all_reduce_` followed by kernels/rmsnorm.py's `rms_norm_add`.
     `pushed`: the matmul that made x pushed it as tagged words (to `words_target` of this call,
-    which must not be None), so that this call only waits for the others'."""
+    which must not be None), so that this call only waits for the others'. `residual_settled`:
+    residual was written before the kernel that made x began (the stream a post-norm block
+    started from), so the kernel may read it before it waits for that kernel."""
     _check(x, peers)
     if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(
@@ -793,7 +816,8 @@ def all_reduce_rms_norm_add(
         _tagged_all_reduce_rms_norm_add_kernel[(PROGRAMS,)](
             x, residual, out, weight, eps, rows, hidden, *peers.words_args(),
             BLOCK=target.row_words * target.pack, PACK=target.pack, PUSHED=pushed,
-            LAUNCH_FIRST=POST_NORM_LAUNCH_FIRST, **peers.words_constants(),
+            LAUNCH_FIRST=POST_NORM_LAUNCH_FIRST, RESIDUAL_EARLY=RESIDUAL_EARLY and residual_settled,
+            **peers.words_constants(),
             num_warps=norm_warps(block),
         )  # fmt: skip
         return out

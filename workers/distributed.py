@@ -96,10 +96,15 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 def tp_all_reduce_rms_norm_add(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual_settled: bool = False,
 ) -> torch.Tensor | None:
     """residual + rms_norm(sum of x over the ranks) as one peer kernel, or None where that
-    kernel does not apply (one rank, no peer buffers, a tensor they cannot take)."""
+    kernel does not apply (one rank, no peer buffers, a tensor they cannot take).
+    `residual_settled`: see kernels.peer_collectives.all_reduce_rms_norm_add."""
     pushed = getattr(x, PUSHED_ATTRIBUTE, False)
     if pushed:
         delattr(x, PUSHED_ATTRIBUTE)  # read once: a second reader pushes x itself
@@ -107,7 +112,9 @@ def tp_all_reduce_rms_norm_add(
         return None
     from kernels.peer_collectives import all_reduce_rms_norm_add
 
-    return all_reduce_rms_norm_add(x, residual.contiguous(), weight, eps, _PEERS, pushed)
+    return all_reduce_rms_norm_add(
+        x, residual.contiguous(), weight, eps, _PEERS, pushed, residual_settled
+    )
 
 
 PUSHED_ATTRIBUTE = "_afs_peer_words_pushed"

@@ -153,11 +153,13 @@ def test_all_reduce_with_the_post_norm_equals_the_two_kernels(push, dtype):
     assert group.flags(1)[0].tolist() == [1] * PROGRAMS
 
 
+@pytest.mark.parametrize("settled", [False, True], ids=["residual-late", "residual-early"])
 @pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_tagged_words_carry_the_post_norm_all_reduce(rank, dtype):
+def test_tagged_words_carry_the_post_norm_all_reduce(rank, dtype, settled):
     """Through tagged words the post-norm with its all-reduce gives bitwise the two kernels'
-    result, and leaves its rows in the other rank's buffer tagged with the call's epoch."""
+    result, and leaves its rows in the other rank's buffer tagged with the call's epoch; the
+    same with each program's first residual row read before its wait."""
     group = OtherRank(rank)
     group.peers.tagged = True
     rows, hidden, block = 3, 95, 128  # 95: an odd row, a word half masked
@@ -169,7 +171,9 @@ def test_tagged_words_carry_the_post_norm_all_reduce(rank, dtype):
         summed = (parts[0].float() + parts[1].float()).to(dtype)
         expected = rms_norm_add(summed, residual, weight, 1e-6)
         group.announce_words(epoch, theirs, block)
-        got = all_reduce_rms_norm_add(x, residual, weight, 1e-6, group.peers)
+        got = all_reduce_rms_norm_add(
+            x, residual, weight, 1e-6, group.peers, residual_settled=settled
+        )
         assert torch.equal(got, expected), epoch
         mine = tagged_words(x, block, epoch)  # the words that hold a row's elements
         left = group.words(group.other, rank, epoch)[: mine.numel()].view(mine.shape)
@@ -178,6 +182,19 @@ def test_tagged_words_carry_the_post_norm_all_reduce(rank, dtype):
         assert group.peers.epochs.tolist() == [epoch] * PROGRAMS
         assert int(group.peers.status[0]) == 0
     assert group.flags(group.other).eq(0).all()  # no flags: the words are the barrier
+
+
+def test_a_residual_read_early_serves_only_its_programs_first_row():
+    """With more rows than programs, a program's later rows take their own residual rows."""
+    group = OtherRank(0)
+    group.peers.tagged = True
+    rows, hidden = PROGRAMS + 3, 8
+    x, theirs = torch.randn(rows, hidden), torch.randn(rows, hidden)
+    residual, weight = torch.randn(rows, hidden), 1 + 0.2 * torch.randn(hidden)
+    group.announce_words(1, theirs, hidden)
+    got = all_reduce_rms_norm_add(x, residual, weight, 1e-6, group.peers, residual_settled=True)
+    assert torch.equal(got, rms_norm_add(x + theirs, residual, weight, 1e-6))
+    group.check_counted(1)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

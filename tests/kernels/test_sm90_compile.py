@@ -147,15 +147,51 @@ CASES = {
     ),
     "peer_post_norm_tagged": (
         kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=False, LAUNCH_FIRST=False),
+        dict(
+            WORLD=2,
+            PROGRAMS=32,
+            BLOCK=4096,
+            PACK=2,
+            PUSHED=False,
+            LAUNCH_FIRST=False,
+            RESIDUAL_EARLY=False,
+        ),
     ),
     "peer_post_norm_pushed": (
         kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=True, LAUNCH_FIRST=False),
+        dict(
+            WORLD=2,
+            PROGRAMS=32,
+            BLOCK=4096,
+            PACK=2,
+            PUSHED=True,
+            LAUNCH_FIRST=False,
+            RESIDUAL_EARLY=False,
+        ),
     ),
     "peer_post_norm_pushed_launching_first": (
         kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=True, LAUNCH_FIRST=True),
+        dict(
+            WORLD=2,
+            PROGRAMS=32,
+            BLOCK=4096,
+            PACK=2,
+            PUSHED=True,
+            LAUNCH_FIRST=True,
+            RESIDUAL_EARLY=False,
+        ),
+    ),
+    "peer_post_norm_pushed_residual_early": (
+        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
+        dict(
+            WORLD=2,
+            PROGRAMS=32,
+            BLOCK=4096,
+            PACK=2,
+            PUSHED=True,
+            LAUNCH_FIRST=True,
+            RESIDUAL_EARLY=True,
+        ),
     ),
     "peer_qk_squares_tagged": (
         kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
@@ -191,6 +227,7 @@ READ_EARLY = {
     "peer_post_norm_tagged",
     "peer_post_norm_pushed",
     "peer_post_norm_pushed_launching_first",
+    "peer_post_norm_pushed_residual_early",
 }
 
 

@@ -50,10 +50,13 @@ class RMSNorm(nn.Module):
 
         `reduce`: x is this rank's partial sum (a row-parallel layer that left its all-reduce
         here); it is summed over the ranks first, in the same kernel where the peer kernels
-        can take it."""
+        can take it. The residual is the stream the block started from: written before the
+        kernels that made x, so that kernel may read it before it waits for them."""
         if reduce:
             if use_triton(x):
-                fused = tp_all_reduce_rms_norm_add(x, residual, self.weight, self.eps)
+                fused = tp_all_reduce_rms_norm_add(
+                    x, residual, self.weight, self.eps, residual_settled=True
+                )
                 if fused is not None:
                     return fused
             x = tp_all_reduce(x)
