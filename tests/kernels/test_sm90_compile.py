@@ -95,6 +95,16 @@ def _skinny(**constants) -> tuple:
     )
 
 
+def _tagged_post_norm(**constants) -> tuple:
+    """A case of the tagged post-norm all-reduce: pushed partials, launching at the end of its
+    wait, the residual read after it, unless given."""
+    return (
+        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
+        dict(WORLD=2, PROGRAMS=32, BLOCK=4096, PACK=2, PUSHED=True, LAUNCH_FIRST=False,
+             RESIDUAL_EARLY=False) | constants,
+    )  # fmt: skip
+
+
 CASES = {
     "rmsnorm": (kernels.rmsnorm._kernel, dict(ADD_BEFORE=False, ADD_AFTER=True, BLOCK=4096)),
     "activation": (kernels.activation._kernel, dict(BLOCK=1024)),
@@ -145,53 +155,11 @@ CASES = {
         kernels.peer_collectives._all_reduce_qk_squares_kernel,
         dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_HEADS=16, WORLD=2, PROGRAMS=32, PUSH=True),
     ),
-    "peer_post_norm_tagged": (
-        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(
-            WORLD=2,
-            PROGRAMS=32,
-            BLOCK=4096,
-            PACK=2,
-            PUSHED=False,
-            LAUNCH_FIRST=False,
-            RESIDUAL_EARLY=False,
-        ),
-    ),
-    "peer_post_norm_pushed": (
-        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(
-            WORLD=2,
-            PROGRAMS=32,
-            BLOCK=4096,
-            PACK=2,
-            PUSHED=True,
-            LAUNCH_FIRST=False,
-            RESIDUAL_EARLY=False,
-        ),
-    ),
-    "peer_post_norm_pushed_launching_first": (
-        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(
-            WORLD=2,
-            PROGRAMS=32,
-            BLOCK=4096,
-            PACK=2,
-            PUSHED=True,
-            LAUNCH_FIRST=True,
-            RESIDUAL_EARLY=False,
-        ),
-    ),
-    "peer_post_norm_pushed_residual_early": (
-        kernels.peer_collectives._tagged_all_reduce_rms_norm_add_kernel,
-        dict(
-            WORLD=2,
-            PROGRAMS=32,
-            BLOCK=4096,
-            PACK=2,
-            PUSHED=True,
-            LAUNCH_FIRST=True,
-            RESIDUAL_EARLY=True,
-        ),
+    "peer_post_norm_tagged": _tagged_post_norm(PUSHED=False),
+    "peer_post_norm_pushed": _tagged_post_norm(),
+    "peer_post_norm_pushed_launching_first": _tagged_post_norm(LAUNCH_FIRST=True),
+    "peer_post_norm_pushed_residual_early": _tagged_post_norm(
+        LAUNCH_FIRST=True, RESIDUAL_EARLY=True
     ),
     "peer_qk_squares_tagged": (
         kernels.peer_collectives._tagged_all_reduce_qk_squares_kernel,
