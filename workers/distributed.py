@@ -112,6 +112,8 @@ def tp_all_reduce_rms_norm_add(
         return None
     from kernels.peer_collectives import all_reduce_rms_norm_add
 
+    # a copy made by contiguous() is a PyTorch kernel, which lets the next one launch only once
+    # it is done: the residual stays settled
     return all_reduce_rms_norm_add(
         x, residual.contiguous(), weight, eps, _PEERS, pushed, residual_settled
     )

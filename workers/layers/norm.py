@@ -50,8 +50,8 @@ class RMSNorm(nn.Module):
 
         `reduce`: x is this rank's partial sum (a row-parallel layer that left its all-reduce
         here); it is summed over the ranks first, in the same kernel where the peer kernels
-        can take it. The residual is the stream the block started from: written before the
-        kernels that made x, so that kernel may read it before it waits for them."""
+        can take it. The residual is the stream the block started from, written before the
+        kernels that made x: the peer kernel may read it before it waits for the one before."""
         if reduce:
             if use_triton(x):
                 fused = tp_all_reduce_rms_norm_add(
