@@ -539,16 +539,17 @@ def _all_reduce_rms_norm_add_kernel(
         for peer in tl.static_range(WORLD):
             data = _source(data_ptrs, rank, peer, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
             total += tl.load(data + offsets, mask=mask, other=0.0).to(tl.float32)
-        _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask, dtype)
+        residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+        _store_post_norm(total, weight, eps, HIDDEN, residual, out_ptr, offsets, mask, dtype)
 
 
 @triton.jit
-def _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask,
+def _store_post_norm(total, weight, eps, HIDDEN, residual, out_ptr, offsets, mask,
                      dtype: tl.constexpr):  # fmt: skip
     """A row's sum over the ranks (fp32, zero past HIDDEN) rounded as the all-reduce rounds it,
-    then what kernels/rmsnorm.py's post-norm computes from it, stored at out_ptr + offsets."""
+    then what kernels/rmsnorm.py's post-norm computes from it and the row's residual, stored at
+    out_ptr + offsets."""
     normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
-    residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
     tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
 
 
@@ -642,16 +643,11 @@ def _tagged_all_reduce_rms_norm_add_kernel(
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, BLOCK,
                                    PACK, WORLD)  # fmt: skip
         total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
-        if RESIDUAL_EARLY:
-            if row == program:
-                residual = first_residual
-            else:
-                residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
-            normed = rms_normalise(total.to(dtype).to(tl.float32), weight, eps, HIDDEN, dtype)
-            tl.store(out_ptr + offsets, add_rounded(residual, normed, dtype), mask=mask)
+        if RESIDUAL_EARLY and row == program:  # the row loaded before the wait
+            residual = first_residual
         else:
-            _store_post_norm(total, weight, eps, HIDDEN, residual_ptr, out_ptr, offsets, mask,
-                             dtype)  # fmt: skip
+            residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+        _store_post_norm(total, weight, eps, HIDDEN, residual, out_ptr, offsets, mask, dtype)
 
 
 @triton.jit

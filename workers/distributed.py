@@ -154,6 +154,11 @@ def tp_qk_sum_squares(
     return tp_all_reduce(qk_sum_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale))
 
 
+PEER_BROADCAST = os.environ.get("AFS_PEER_BROADCAST", "1") != "0"
+"""Broadcasts (a decode step's ids, drawn by rank 0) go through the peer kernel where it takes
+them; 0: through the group (NCCL)."""
+
+
 def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns it. On GPUs
     it is queued on the stream like a kernel: no rank waits for it on the host. Through the
@@ -167,11 +172,6 @@ def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
                 return broadcast_(x, peers)
         dist.broadcast(x, src=0, group=_TP.group)
     return x
-
-
-PEER_BROADCAST = os.environ.get("AFS_PEER_BROADCAST", "1") != "0"
-"""Broadcasts (a decode step's ids, drawn by rank 0) go through the peer kernel where it takes
-them; 0: through the group (NCCL)."""
 
 
 def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
