@@ -72,11 +72,6 @@ _WORKSPACE_FLOATS = 1 << 22  # 16 MiB of fp32 partials
 _COUNTERS = 1 << 16
 _NORM_CHUNK = 2048  # elements of x a program loads at once for the norm's mean square
 _STAGE_ELEMENTS = 1 << 23  # scratch for the post-norm's stream, a row a program (tl.dot cuts)
-AHEAD = os.environ.get("AFS_SKINNY_AHEAD", "1") != "0"
-"""A one-row call on the CUDA cores asks for its next W tile before its products of this one
-(AFS_SKINNY_AHEAD=0: each tile when its step comes)."""
-BROADCAST_X = os.environ.get("AFS_SKINNY_BROADCAST_X", "1") != "0"
-"""With AHEAD, a one-row call without the post-norm reads x broadcast in W's layout."""
 
 
 @triton.jit
@@ -89,8 +84,7 @@ def _matmul_kernel(
     SPLIT_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
     NORM_CHUNK: tl.constexpr, NORM_CHUNKS: tl.constexpr, PUSH_WORDS: tl.constexpr,
-    WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr, AHEAD: tl.constexpr,
-    BROADCAST_X: tl.constexpr, PDL: tl.constexpr,
+    WORLD: tl.constexpr, PEER_PROGRAMS: tl.constexpr, PACK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -132,31 +126,21 @@ def _matmul_kernel(
                     tl.store(stream_ptr + chunk, formed, mask=in_k)
             tl.debug_barrier()
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
-    if AHEAD:  # the first W tile; each step then asks for the next before its own products
-        w_next = _w_tile(w_rows, col_ok, k_start, k_end, BLOCK_K)
     if ROWS == 1:  # the products' running sums, each thread its own columns: one reduction, last
-        if BROADCAST_X:  # in the layout W's tiles are loaded in (a product of one: 0, or NaN
-            wide = w_next.to(tl.float32) * 0.0  # where a weight is not finite, as it would be)
-        else:
-            wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        wide = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
 
     # -- stream this program's slice of K: W [BLOCK_N, BLOCK_K] and x [ROWS, BLOCK_K] tiles --
     for k in range(k_start, k_end, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
-        if AHEAD:
-            w = w_next
-            w_next = _w_tile(w_rows, col_ok, k + BLOCK_K, k_end, BLOCK_K)  # past the end: masked
-        else:
-            w = _w_tile(w_rows, col_ok, k, k_end, BLOCK_K)
+        w = tl.load(
+            w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",  # read once a step: leave L2 to what is read again
+        )
         x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]
         x_ok = row_ok[:, None] & k_ok[None, :]
-        if BROADCAST_X:
-            # the one row read as a [BLOCK_N, BLOCK_K] tile, every W row's copy of it (from L1),
-            # in W's own layout: no step passes x or W through shared memory to match them
-            x_tile = x_ptr + cols[:, None] * 0 + ks[None, :]
-            x_ok = col_ok[:, None] & k_ok[None, :]
         if SWIGLU:  # x holds gate | up: silu(gate) * up in fp32, rounded as kernels/activation.py
             gate = tl.load(x_tile, mask=x_ok, other=0.0).to(tl.float32)
             up = tl.load(x_tile + K, mask=x_ok, other=0.0).to(tl.float32)
@@ -220,18 +204,6 @@ def _write_tile(value, out, out_ok, rows, row_ok, col0, N, words_ptrs, epochs_pt
     if PUSH_WORDS:
         push_row_words(value, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, SLOT_WORDS,
                        ROW_WORDS, ROWS, BLOCK_N, WORLD, PEER_PROGRAMS, PACK)  # fmt: skip
-
-
-@triton.jit
-def _w_tile(w_rows, col_ok, k, k_end, BLOCK_K: tl.constexpr):
-    """W's [BLOCK_N, BLOCK_K] tile at columns k (those at k_end and past masked off)."""
-    ks = k + tl.arange(0, BLOCK_K)
-    return tl.load(
-        w_rows + ks[None, :],
-        mask=col_ok[:, None] & (ks < k_end)[None, :],
-        other=0.0,
-        eviction_policy="evict_first",  # read once a step: leave L2 to what is read again
-    )
 
 
 @triton.jit
@@ -487,7 +459,6 @@ def _launch(
         SPLIT_K=slices > 1, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         IEEE=x.dtype == torch.float32, SWIGLU=swiglu, NORM=norm is not None,
         NORM_CHUNK=chunk, NORM_CHUNKS=chunks, PUSH_WORDS=push is not None, **push_constants,
-        AHEAD=AHEAD and rows == 1, BROADCAST_X=AHEAD and BROADCAST_X and rows == 1 and norm is None,
         num_warps=config.num_warps, num_stages=stages(config, x.element_size()),
         **pdl_options(x.device),
     )  # fmt: skip

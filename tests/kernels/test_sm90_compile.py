@@ -90,8 +90,6 @@ def _skinny(**constants) -> tuple:
             WORLD=1,
             PEER_PROGRAMS=1,
             PACK=1,
-            AHEAD=False,
-            BROADCAST_X=False,
         )  # fmt: skip
         | constants,
     )
