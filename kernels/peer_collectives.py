@@ -30,9 +30,10 @@ Pushing trades the reads over NVLink after the barrier, each a round trip, for p
 before it.
 
 A rank that waits too long for another (`max_spins` polls of a flag; a rank that stopped, or the
-ranks' calls out of step) stops waiting, sets `status` to 1 and finishes the call with whatever
-the other buffers hold: the caller must read `status` and give up on the group, but no GPU is
-left spinning forever.
+ranks' calls out of step) stops waiting, sets `status` to the kind of call that gave up (unless
+an earlier call on this rank did; `WAITS` names them) and finishes the call with whatever the
+other buffers hold: the caller must read `status` and give up on the group, but no GPU is left
+spinning forever.
 
 The two kernels a tensor-parallel layer runs three times (the post-norm with its all-reduce, the
 QK-norm's sums), and the all-gather (the LM head's logits, a decode step's largest exchange: a
@@ -72,6 +73,23 @@ from kernels.rope import check_qkv, qk_tiles, sum_squares
 
 PROGRAMS = 32
 """Programs per call, on every rank."""
+WAITS = (
+    "an all-reduce",
+    "an all-gather",
+    "a post-norm's all-reduce",
+    "the QK-norm's sums",
+    "a broadcast",
+)
+"""The kinds of call that wait for other ranks, as `status` names them (1 + the index here)."""
+
+
+def gave_up(status: int) -> str:
+    """What a nonzero `PeerBuffers.status` says gave up waiting."""
+    if 1 <= status <= len(WAITS):
+        return WAITS[status - 1]
+    return f"a peer call of unknown kind {status}"
+
+
 POST_NORM_LAUNCH_FIRST = os.environ.get("AFS_PEER_POST_NORM_LAUNCH_FIRST", "1") != "0"
 """The tagged post-norm lets the next kernel (the next projection) launch at its start, before it
 waits for the matmul before it: the projection's programs then take the SMs the matmul leaves
@@ -107,7 +125,8 @@ class PeerBuffers:
     epochs: torch.Tensor
     """int32 [PROGRAMS]: calls made so far, per program (local to this rank)."""
     status: torch.Tensor
-    """int32 [1]: 0, or 1 once a call gave up waiting for another rank."""
+    """int32 [1]: 0, or the kind of the first call on this rank that gave up waiting for another
+    rank (1 + its index in `WAITS`)."""
     max_spins: int = 1 << 26
     """Polls of a flag before a call gives up: tens of seconds on a GPU, far beyond any step (a
     rank compiling a kernel for a new shape can be seconds behind)."""
@@ -245,8 +264,8 @@ def push_row_words(values, rows, row_ok, col0, N, words_ptrs, epochs_ptr, rank, 
 
 
 @triton.jit
-def _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins,
-                       WORLD: tl.constexpr, PROGRAMS: tl.constexpr):  # fmt: skip
+def _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD: tl.constexpr,
+                       PROGRAMS: tl.constexpr, WHAT: tl.constexpr):  # fmt: skip
     # every thread's stores to this rank's half come before the flag that announces them
     tl.debug_barrier()
     for peer in tl.static_range(WORLD):
@@ -259,8 +278,16 @@ def _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins,
         while (tl.atomic_add(flag, 0, sem="acquire", scope="sys") < epoch) & (spins < max_spins):
             spins += 1
         if spins >= max_spins:
-            tl.atomic_xchg(status_ptr, 1)
+            _give_up(status_ptr, WHAT)
     tl.debug_barrier()
+
+
+@triton.jit
+def _give_up(status_ptr, WHAT: tl.constexpr):
+    """Say in `status` that a call of kind WHAT (1 + its index in WAITS) stopped waiting, unless
+    an earlier call on this rank already did: the first to give up is the one to look at, those
+    after it having waited for a group already out of step."""
+    tl.atomic_cas(status_ptr, 0, WHAT)
 
 
 @triton.jit
@@ -297,7 +324,7 @@ def _store_own(value, offsets, mask, data_ptrs, rank, half, dtype: tl.constexpr,
 def _publish_and_wait(x_ptr, n, program,
                       flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr, max_spins,
                       WORLD: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
-                      PUSH: tl.constexpr):  # fmt: skip
+                      PUSH: tl.constexpr, WHAT: tl.constexpr):  # fmt: skip
     """Steps 1 and 2 for a flat x of n elements: this program's chunks of x into slot `rank`
     (see _store_own), then the barrier. Returns the half this call used."""
     epoch, half = _next_epoch(epochs_ptr, program)
@@ -307,7 +334,8 @@ def _publish_and_wait(x_ptr, n, program,
         mask = offsets < n
         value = tl.load(x_ptr + offsets, mask=mask)
         _store_own(value, offsets, mask, data_ptrs, rank, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
-    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS,
+                       WHAT)  # fmt: skip
     return half
 
 
@@ -369,9 +397,9 @@ def _push_words(words, offsets, mask, words_ptrs, rank, half, WORLD: tl.constexp
 
 
 @triton.jit
-def _await_words(src, mask, epoch, status_ptr, max_spins):
+def _await_words(src, mask, epoch, status_ptr, max_spins, WHAT: tl.constexpr):
     """Poll the words at `src` (this rank's memory; masked lanes aside) until each carries
-    `epoch`, or max_spins polls (then status 1); returns them."""
+    `epoch`, or max_spins polls (then `_give_up`); returns them."""
     words = tl.load(src, mask=mask, other=0, volatile=True)
     missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
     spins = 0
@@ -380,14 +408,14 @@ def _await_words(src, mask, epoch, status_ptr, max_spins):
         missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
         spins += 1
     if spins >= max_spins:
-        tl.atomic_xchg(status_ptr, 1)
+        _give_up(status_ptr, WHAT)
     return words
 
 
 @triton.jit
 def _sum_in_rank_order(own, offsets, mask, epoch, half, words_ptrs, rank, SLOT_WORDS, status_ptr,
                        max_spins, BLOCK: tl.constexpr, PACK: tl.constexpr,
-                       WORLD: tl.constexpr):  # fmt: skip
+                       WORLD: tl.constexpr, WHAT: tl.constexpr):  # fmt: skip
     """own [BLOCK] (this rank's part) plus every other rank's, from their words at `offsets` of
     their slots in this rank's buffer once those carry `epoch`: in fp32, in rank order."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -396,7 +424,7 @@ def _sum_in_rank_order(own, offsets, mask, epoch, half, words_ptrs, rank, SLOT_W
             part = own
         else:
             src = _words_slot(words_ptrs, rank, peer, half, WORLD, SLOT_WORDS)
-            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins)
+            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins, WHAT)
             part = _unpack_words(words, own.dtype, BLOCK, PACK)
         total += part.to(tl.float32)
     return total
@@ -416,7 +444,7 @@ def _all_reduce_kernel(
     # -- 1, 2. this rank's chunks where the others will read them; the barrier --
     half = _publish_and_wait(
         x_ptr, N, program, flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr,
-        max_spins, WORLD, PROGRAMS, BLOCK, PUSH,
+        max_spins, WORLD, PROGRAMS, BLOCK, PUSH, 1,
     )  # fmt: skip
 
     # -- 3. the sum over ranks, in rank order, in fp32 --
@@ -453,7 +481,7 @@ def _all_gather_kernel(
     # -- 1, 2. this rank's slice [ROWS, COLS] where the others will read it; the barrier --
     half = _publish_and_wait(
         x_ptr, n, program, flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr,
-        max_spins, WORLD, PROGRAMS, BLOCK, PUSH,
+        max_spins, WORLD, PROGRAMS, BLOCK, PUSH, 2,
     )  # fmt: skip
 
     # -- 3. rank r's slice into columns [r * COLS, (r + 1) * COLS) of out [ROWS, WORLD * COLS] --
@@ -499,7 +527,7 @@ def _tagged_all_gather_kernel(
             for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
                 word_offsets = start // PACK + tl.arange(0, WORDS)
                 words = _await_words(src + word_offsets, word_offsets * PACK < n, epoch,
-                                     status_ptr, max_spins)  # fmt: skip
+                                     status_ptr, max_spins, 2)  # fmt: skip
                 offsets = start + tl.arange(0, BLOCK)
                 _store_gathered(out_ptr, _unpack_words(words, dtype, BLOCK, PACK), offsets,
                                 offsets < n, peer, COLS, WORLD)  # fmt: skip
@@ -528,7 +556,8 @@ def _all_reduce_rms_norm_add_kernel(
         _store_own(value, offsets, mask, data_ptrs, rank, half, dtype, SLOT_ELEMENTS, WORLD, PUSH)
 
     # -- 2. barrier --
-    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS,
+                       3)  # fmt: skip
 
     # -- 3. the sum in rank order, rounded as the all-reduce rounds it; then what
     #       kernels/rmsnorm.py's post-norm computes from it --
@@ -586,7 +615,8 @@ def _all_reduce_qk_squares_kernel(
                    SLOT_ELEMENTS, WORLD, PUSH)  # fmt: skip
 
     # -- 2. barrier --
-    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS)
+    _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS,
+                       4)  # fmt: skip
 
     # -- 3. the sums over ranks, in rank order --
     for token in range(program, TOKENS, PROGRAMS):
@@ -641,7 +671,7 @@ def _tagged_all_reduce_rms_norm_add_kernel(
         own = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         total = _sum_in_rank_order(own, row * WORDS + word_cols, word_mask, epoch, half,
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, BLOCK,
-                                   PACK, WORLD)  # fmt: skip
+                                   PACK, WORLD, 3)  # fmt: skip
         total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
         if RESIDUAL_EARLY and row == program:  # the row loaded before the wait
             residual = first_residual
@@ -677,7 +707,7 @@ def _tagged_all_reduce_qk_squares_kernel(
         own = tl.load(out_ptr + token * 2 + parts).to(tl.float32)
         total = _sum_in_rank_order(own, token * 2 + parts, parts < 2, epoch, half,
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, 2, 1,
-                                   WORLD)  # fmt: skip
+                                   WORLD, 4)  # fmt: skip
         tl.store(out_ptr + token * 2 + parts, total)
 
 
@@ -702,7 +732,7 @@ def _tagged_broadcast_kernel(
                         half, WORLD, SLOT_WORDS)  # fmt: skip
         else:
             src = _words_slot(words_ptrs, rank, 0, half, WORLD, SLOT_WORDS)
-            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins)
+            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins, 5)
             tl.store(x_ptr + offsets, _unpack_words(words, tl.int32, BLOCK, 1), mask=mask)
 
 

@@ -322,10 +322,13 @@ class PeerCollectiveTimeout(RuntimeError):
     """A peer collective gave up waiting for another rank: the group is out of step."""
 
 
-def _timed_out() -> PeerCollectiveTimeout:
+def _timed_out(status: int) -> PeerCollectiveTimeout:
+    from kernels.peer_collectives import gave_up
+
     return PeerCollectiveTimeout(
-        f"tensor-parallel rank {_TP.rank}: a collective waited past its limit for another rank; "
-        "the ranks are out of step and this replica must restart"
+        f"tensor-parallel rank {_TP.rank}: {gave_up(status)} waited past its limit for another "
+        "rank (the first of this rank's peer calls to give up); the ranks are out of step and "
+        "this replica must restart"
     )
 
 
@@ -341,7 +344,7 @@ def queue_peer_status() -> torch.Tensor | None:
 def raise_if_peers_timed_out(status: torch.Tensor | None) -> None:
     """`status`: a copy from queue_peer_status whose work is done."""
     if status is not None and int(status[0]):
-        raise _timed_out()
+        raise _timed_out(int(status[0]))
 
 
 def check_peer_collectives() -> None:

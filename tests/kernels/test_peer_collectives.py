@@ -20,12 +20,14 @@ import torch
 from kernels.peer_collectives import (
     _FLAG_BYTES,
     PROGRAMS,
+    WAITS,
     PeerBuffers,
     all_gather_last_dim,
     all_reduce_,
     all_reduce_qk_squares,
     all_reduce_rms_norm_add,
     broadcast_,
+    gave_up,
 )
 from kernels.rmsnorm import rms_norm_add
 from kernels.rope import qk_sum_squares
@@ -228,7 +230,7 @@ def test_tagged_words_with_a_stale_tag_are_waited_for():
     assert int(group.peers.status[0]) == 0
     group.peers.epochs.fill_(2)  # the next call is number 3, in the half call 1 used
     all_reduce_rms_norm_add(x, x, torch.ones(64), 1e-6, group.peers)
-    assert int(group.peers.status[0]) == 1
+    assert gave_up(int(group.peers.status[0])) == "a post-norm's all-reduce"
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -261,7 +263,21 @@ def test_a_broadcast_waits_for_rank_0s_words_of_this_call():
     group.peers.epochs.fill_(2)  # the next call is number 3, in the half call 1 used
     x = torch.zeros(2)
     broadcast_(x, group.peers)
-    assert int(group.peers.status[0]) == 1
+    assert gave_up(int(group.peers.status[0])) == "a broadcast"
+
+
+def test_the_status_keeps_the_first_call_that_gave_up():
+    """A call left waiting is the one to look at; those after it waited for a group already out
+    of step, and do not overwrite it."""
+    group = OtherRank(1)
+    group.peers.tagged, group.peers.max_spins = True, 50
+    broadcast_(torch.zeros(2), group.peers)  # rank 0's words never come
+    x = torch.randn(1, 64)
+    all_reduce_rms_norm_add(x, x, torch.ones(64), 1e-6, group.peers)  # nor the other's partial
+    assert int(group.peers.status[0]) == 1 + WAITS.index("a broadcast")
+    group.peers.status.zero_()
+    all_reduce_rms_norm_add(x, x, torch.ones(64), 1e-6, group.peers)
+    assert int(group.peers.status[0]) == 1 + WAITS.index("a post-norm's all-reduce")
 
 
 def test_a_broadcast_refuses_what_its_words_cannot_carry():
@@ -435,8 +451,10 @@ def test_a_timed_out_collective_stops_the_rank(monkeypatch):
     group = OtherRank(0)
     monkeypatch.setattr(distributed, "_PEERS", group.peers)
     distributed.check_peer_collectives()  # status 0: nothing to say
-    group.peers.status.fill_(1)
-    with pytest.raises(distributed.PeerCollectiveTimeout, match="out of step"):
+    group.peers.status.fill_(1 + WAITS.index("the QK-norm's sums"))
+    with pytest.raises(
+        distributed.PeerCollectiveTimeout, match="QK-norm's sums waited.*out of step"
+    ):
         distributed.check_peer_collectives()
 
 
