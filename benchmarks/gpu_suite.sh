@@ -40,11 +40,16 @@
 #                                             one tp = 2 replica under the load test, the
 #                                             in-process engine beside; needs ray, jsonschema
 #                                             and the gRPC extras on PYTHONPATH
+#   bash benchmarks/gpu_suite.sh coldstart    (2 GPUs) benchmarks/tp_cold_start.py: the tp = 2
+#                                             engine's first requests with an empty Triton
+#                                             cache: as it is, with the ids' broadcast over
+#                                             NCCL, without tagged words (COLD_TIMEOUT seconds
+#                                             each, default 150)
 # Results (JSON) and their rows go to $OUT when set (a device call), else benchmarks/results.
 # Each run is stopped after STEP_TIMEOUT seconds (default 300) and the part goes on with the next,
 # so a hang costs one run, not the part; the runs that failed are listed at the end.
 set -uo pipefail
-part=${1:?kernels, decode, throughput, tp, tpcheck, skinny, postnorm or cluster}
+part=${1:?kernels, decode, throughput, tp, tpcheck, skinny, postnorm, cluster or coldstart}
 out=${OUT:-benchmarks/results}
 runs=${OUT:+$OUT/runs.md}
 runs=${runs:-benchmarks/BENCHMARKS.md}
@@ -111,6 +116,13 @@ case "$part" in
       guard python3 benchmarks/cluster_overhead.py --model dummy:olmo2-7b --device cuda \
         --tp "$tp" --concurrency 1,8,32 --input-len 128 --output-len 128 --out "$out"
     done
+    ;;
+  coldstart)
+    cold=${COLD_TIMEOUT:-150}
+    step_timeout=$((3 * cold + 30)) # three variants, each stopped at its own limit
+    guard python3 benchmarks/tp_cold_start.py --model dummy:olmo2-7b --tp 2 \
+      --timeout "$cold" --out "$out" \
+      base= broadcast_nccl=AFS_PEER_BROADCAST=0 untagged=AFS_PEER_TAGGED=0
     ;;
   *)
     echo "unknown part: $part" >&2
