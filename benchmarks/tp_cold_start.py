@@ -178,8 +178,8 @@ def main() -> None:
             print(f"    step {step['step']} took {step['seconds']} s (at {step['at']} s)")
         if "error" in report:
             print(f"    {report['error']}")
-        elif report["ended"] != "done":
-            print("    " + report["stderr_tail"][-800:].replace("\n", "\n    "))
+        if report["ended"] != "done":  # the other ranks' errors land here
+            print("    " + report["stderr_tail"][-1200:].replace("\n", "\n    "))
     print(f"\n{'variant':>16} | {'engine up':>9} | {'levels done (s)':<30} | ended")
     for name, report in result["variants"].items():
         done = ", ".join(f"{s}" for s in report["levels"].values()) or "-"
