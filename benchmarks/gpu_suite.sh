@@ -42,9 +42,10 @@
 #                                             and the gRPC extras on PYTHONPATH
 #   bash benchmarks/gpu_suite.sh coldstart    (2 GPUs) benchmarks/tp_cold_start.py: the tp = 2
 #                                             engine's first requests with an empty Triton
-#                                             cache: as it is, with the ids' broadcast over
-#                                             NCCL, without tagged words (COLD_TIMEOUT seconds
-#                                             each, default 150)
+#                                             cache: as it is, with 16 times the peer calls'
+#                                             polls before they give up, with the ids'
+#                                             broadcast over NCCL, without tagged words
+#                                             (COLD_TIMEOUT seconds each, default 120)
 # Results (JSON) and their rows go to $OUT when set (a device call), else benchmarks/results.
 # Each run is stopped after STEP_TIMEOUT seconds (default 300) and the part goes on with the next,
 # so a hang costs one run, not the part; the runs that failed are listed at the end.
@@ -118,11 +119,11 @@ case "$part" in
     done
     ;;
   coldstart)
-    cold=${COLD_TIMEOUT:-150}
-    step_timeout=$((3 * cold + 30)) # three variants, each stopped at its own limit
+    cold=${COLD_TIMEOUT:-120}
+    step_timeout=$((4 * cold + 30)) # four variants, each stopped at its own limit
     guard python3 benchmarks/tp_cold_start.py --model dummy:olmo2-7b --tp 2 \
-      --timeout "$cold" --out "$out" \
-      base= broadcast_nccl=AFS_PEER_BROADCAST=0 untagged=AFS_PEER_TAGGED=0
+      --timeout "$cold" --out "$out" base= patient=AFS_PEER_MAX_SPINS=1073741824 \
+      broadcast_nccl=AFS_PEER_BROADCAST=0 untagged=AFS_PEER_TAGGED=0
     ;;
   *)
     echo "unknown part: $part" >&2

@@ -55,7 +55,7 @@ SM count ensures.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -81,6 +81,19 @@ WAITS = (
     "a broadcast",
 )
 """The kinds of call that wait for other ranks, as `status` names them (1 + the index here)."""
+
+
+MAX_SPINS_LIMIT = (1 << 31) - 1  # a kernel's int32 argument
+
+
+def max_spins_from_env(environ) -> int:
+    """AFS_PEER_MAX_SPINS (polls before a call gives up, 1 to 2^31 - 1), else 2^26."""
+    text = environ.get("AFS_PEER_MAX_SPINS", "")
+    if not text:
+        return 1 << 26
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SPINS_LIMIT:
+        raise ValueError(f"AFS_PEER_MAX_SPINS: a whole number of polls, 1 to {MAX_SPINS_LIMIT}")
+    return int(text)
 
 
 def gave_up(status: int) -> str:
@@ -127,9 +140,10 @@ class PeerBuffers:
     status: torch.Tensor
     """int32 [1]: 0, or the kind of the first call on this rank that gave up waiting for another
     rank (1 + its index in `WAITS`)."""
-    max_spins: int = 1 << 26
-    """Polls of a flag before a call gives up: tens of seconds on a GPU, far beyond any step (a
-    rank compiling a kernel for a new shape can be seconds behind)."""
+    max_spins: int = field(default_factory=lambda: max_spins_from_env(os.environ))
+    """Polls of a flag before a call gives up: by default 2^26, tens of seconds on a GPU, far
+    beyond any step (a rank compiling a kernel for a new shape can be seconds behind);
+    AFS_PEER_MAX_SPINS sets it."""
     push: bool = False
     """Write this rank's data into every rank's buffer before the barrier and read only local
     memory after it, instead of writing locally and reading the others' buffers. (The engine

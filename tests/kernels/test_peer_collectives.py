@@ -28,6 +28,7 @@ from kernels.peer_collectives import (
     all_reduce_rms_norm_add,
     broadcast_,
     gave_up,
+    max_spins_from_env,
 )
 from kernels.rmsnorm import rms_norm_add
 from kernels.rope import qk_sum_squares
@@ -657,3 +658,11 @@ def test_a_matmul_pushes_its_partial_and_the_post_norm_only_waits(rows, config, 
     assert torch.equal(got, rms_norm_add(summed, residual, norm_weight, 1e-6))
     assert pushed.eq(-1).all()
     assert int(group.peers.status[0]) == 0
+
+
+def test_the_polls_limit_comes_from_the_environment_or_is_refused():
+    assert max_spins_from_env({}) == 1 << 26
+    assert max_spins_from_env({"AFS_PEER_MAX_SPINS": "1073741824"}) == 1 << 30
+    for bad in ("0", "-5", "1e9", "2147483648", "many"):
+        with pytest.raises(ValueError, match="AFS_PEER_MAX_SPINS"):
+            max_spins_from_env({"AFS_PEER_MAX_SPINS": bad})
