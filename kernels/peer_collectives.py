@@ -55,7 +55,7 @@ SM count ensures.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -81,7 +81,9 @@ WAITS = (
     "a broadcast",
 )
 """The kinds of call that wait for other ranks, as `status` names them (1 + the index here)."""
-
+_ALL_REDUCE, _ALL_GATHER, _POST_NORM, _QK_SQUARES, _BROADCAST = (
+    tl.constexpr(1 + i) for i in range(len(WAITS))
+)  # each waiting kernel's kind in `status`, in WAITS' order
 
 MAX_SPINS_LIMIT = (1 << 31) - 1  # a kernel's int32 argument
 
@@ -94,6 +96,9 @@ def max_spins_from_env(environ) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_SPINS_LIMIT:
         raise ValueError(f"AFS_PEER_MAX_SPINS: a whole number of polls, 1 to {MAX_SPINS_LIMIT}")
     return int(text)
+
+
+MAX_SPINS = max_spins_from_env(os.environ)
 
 
 def gave_up(status: int) -> str:
@@ -140,10 +145,10 @@ class PeerBuffers:
     status: torch.Tensor
     """int32 [1]: 0, or the kind of the first call on this rank that gave up waiting for another
     rank (1 + its index in `WAITS`)."""
-    max_spins: int = field(default_factory=lambda: max_spins_from_env(os.environ))
+    max_spins: int = MAX_SPINS
     """Polls of a flag before a call gives up: by default 2^26, tens of seconds on a GPU, far
     beyond any step (a rank compiling a kernel for a new shape can be seconds behind);
-    AFS_PEER_MAX_SPINS sets it."""
+    AFS_PEER_MAX_SPINS sets it, read at import (`MAX_SPINS`)."""
     push: bool = False
     """Write this rank's data into every rank's buffer before the barrier and read only local
     memory after it, instead of writing locally and reading the others' buffers. (The engine
@@ -458,7 +463,7 @@ def _all_reduce_kernel(
     # -- 1, 2. this rank's chunks where the others will read them; the barrier --
     half = _publish_and_wait(
         x_ptr, N, program, flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr,
-        max_spins, WORLD, PROGRAMS, BLOCK, PUSH, 1,
+        max_spins, WORLD, PROGRAMS, BLOCK, PUSH, _ALL_REDUCE,
     )  # fmt: skip
 
     # -- 3. the sum over ranks, in rank order, in fp32 --
@@ -495,7 +500,7 @@ def _all_gather_kernel(
     # -- 1, 2. this rank's slice [ROWS, COLS] where the others will read it; the barrier --
     half = _publish_and_wait(
         x_ptr, n, program, flag_ptrs, data_ptrs, epochs_ptr, rank, SLOT_ELEMENTS, status_ptr,
-        max_spins, WORLD, PROGRAMS, BLOCK, PUSH, 2,
+        max_spins, WORLD, PROGRAMS, BLOCK, PUSH, _ALL_GATHER,
     )  # fmt: skip
 
     # -- 3. rank r's slice into columns [r * COLS, (r + 1) * COLS) of out [ROWS, WORLD * COLS] --
@@ -541,7 +546,7 @@ def _tagged_all_gather_kernel(
             for start in range(program * BLOCK, n, PROGRAMS * BLOCK):
                 word_offsets = start // PACK + tl.arange(0, WORDS)
                 words = _await_words(src + word_offsets, word_offsets * PACK < n, epoch,
-                                     status_ptr, max_spins, 2)  # fmt: skip
+                                     status_ptr, max_spins, _ALL_GATHER)  # fmt: skip
                 offsets = start + tl.arange(0, BLOCK)
                 _store_gathered(out_ptr, _unpack_words(words, dtype, BLOCK, PACK), offsets,
                                 offsets < n, peer, COLS, WORLD)  # fmt: skip
@@ -571,7 +576,7 @@ def _all_reduce_rms_norm_add_kernel(
 
     # -- 2. barrier --
     _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS,
-                       3)  # fmt: skip
+                       _POST_NORM)  # fmt: skip
 
     # -- 3. the sum in rank order, rounded as the all-reduce rounds it; then what
     #       kernels/rmsnorm.py's post-norm computes from it --
@@ -630,7 +635,7 @@ def _all_reduce_qk_squares_kernel(
 
     # -- 2. barrier --
     _announce_and_wait(flag_ptrs, rank, program, epoch, status_ptr, max_spins, WORLD, PROGRAMS,
-                       4)  # fmt: skip
+                       _QK_SQUARES)  # fmt: skip
 
     # -- 3. the sums over ranks, in rank order --
     for token in range(program, TOKENS, PROGRAMS):
@@ -685,7 +690,7 @@ def _tagged_all_reduce_rms_norm_add_kernel(
         own = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         total = _sum_in_rank_order(own, row * WORDS + word_cols, word_mask, epoch, half,
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, BLOCK,
-                                   PACK, WORLD, 3)  # fmt: skip
+                                   PACK, WORLD, _POST_NORM)  # fmt: skip
         total = tl.where(mask, total, 0.0)  # an odd row's last word: its high half not ours
         if RESIDUAL_EARLY and row == program:  # the row loaded before the wait
             residual = first_residual
@@ -721,7 +726,7 @@ def _tagged_all_reduce_qk_squares_kernel(
         own = tl.load(out_ptr + token * 2 + parts).to(tl.float32)
         total = _sum_in_rank_order(own, token * 2 + parts, parts < 2, epoch, half,
                                    words_ptrs, rank, SLOT_WORDS, status_ptr, max_spins, 2, 1,
-                                   WORLD, 4)  # fmt: skip
+                                   WORLD, _QK_SQUARES)  # fmt: skip
         tl.store(out_ptr + token * 2 + parts, total)
 
 
@@ -746,7 +751,7 @@ def _tagged_broadcast_kernel(
                         half, WORLD, SLOT_WORDS)  # fmt: skip
         else:
             src = _words_slot(words_ptrs, rank, 0, half, WORLD, SLOT_WORDS)
-            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins, 5)
+            words = _await_words(src + offsets, mask, epoch, status_ptr, max_spins, _BROADCAST)
             tl.store(x_ptr + offsets, _unpack_words(words, tl.int32, BLOCK, 1), mask=mask)
 
 

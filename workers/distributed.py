@@ -343,8 +343,9 @@ def queue_peer_status() -> torch.Tensor | None:
 
 def raise_if_peers_timed_out(status: torch.Tensor | None) -> None:
     """`status`: a copy from queue_peer_status whose work is done."""
-    if status is not None and int(status[0]):
-        raise _timed_out(int(status[0]))
+    kind = 0 if status is None else int(status[0])
+    if kind:
+        raise _timed_out(kind)
 
 
 def check_peer_collectives() -> None:
