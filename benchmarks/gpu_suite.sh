@@ -42,15 +42,21 @@
 #                                             and the gRPC extras on PYTHONPATH
 #   bash benchmarks/gpu_suite.sh coldstart    (2 GPUs) benchmarks/tp_cold_start.py: the tp = 2
 #                                             engine's first requests with an empty Triton
-#                                             cache: as it is, with 16 times the peer calls'
-#                                             polls before they give up, with the ids'
-#                                             broadcast over NCCL, without tagged words
-#                                             (COLD_TIMEOUT seconds each, default 120)
+#                                             cache: as it is (warm-up in lockstep); without
+#                                             its warm-up; without it and with 16 times the
+#                                             peer calls' polls; without it and without tagged
+#                                             words (COLD_TIMEOUT seconds each, default 110)
+#   bash benchmarks/gpu_suite.sh coldstart1   (1 GPU) benchmarks/peer_wait_gpu.py (how long a
+#                                             peer call waits before it gives up; a compile
+#                                             while one waits), then the tp = 1 engine's first
+#                                             requests with an empty Triton cache, with and
+#                                             without its warm-up: the kernels each level
+#                                             compiled (COLD_TIMEOUT seconds each, default 220)
 # Results (JSON) and their rows go to $OUT when set (a device call), else benchmarks/results.
 # Each run is stopped after STEP_TIMEOUT seconds (default 300) and the part goes on with the next,
 # so a hang costs one run, not the part; the runs that failed are listed at the end.
 set -uo pipefail
-part=${1:?kernels, decode, throughput, tp, tpcheck, skinny, postnorm, cluster or coldstart}
+part=${1:?kernels, decode, throughput, tp, tpcheck, skinny, postnorm, cluster, coldstart or coldstart1}
 out=${OUT:-benchmarks/results}
 runs=${OUT:+$OUT/runs.md}
 runs=${runs:-benchmarks/BENCHMARKS.md}
@@ -64,6 +70,8 @@ guard() {
   if ((status)); then failed+=("$* (exit $status)"); fi
 }
 bench() { guard python3 -m cluster.cli bench "$@" --out-dir "$out" --report "$runs"; }
+# a cold start's levels: the cluster benchmark's warm-up and load, then prompts of other lengths
+cold_levels=1x8x4,1x128x128,8x128x128,4x37x16,3x300x8,16x23x24
 
 case "$part" in
   kernels)
@@ -119,11 +127,20 @@ case "$part" in
     done
     ;;
   coldstart)
-    cold=${COLD_TIMEOUT:-120}
+    cold=${COLD_TIMEOUT:-110}
     step_timeout=$((4 * cold + 30)) # four variants, each stopped at its own limit
     guard python3 benchmarks/tp_cold_start.py --model dummy:olmo2-7b --tp 2 \
-      --timeout "$cold" --out "$out" base= patient=AFS_PEER_MAX_SPINS=1073741824 \
-      broadcast_nccl=AFS_PEER_BROADCAST=0 untagged=AFS_PEER_TAGGED=0
+      --levels "$cold_levels" --timeout "$cold" --out "$out" base= nowarm=COLD_WARM_UP=0 \
+      nowarm_patient=COLD_WARM_UP=0,AFS_PEER_MAX_SPINS=1073741824 \
+      nowarm_untagged=COLD_WARM_UP=0,AFS_PEER_TAGGED=0
+    ;;
+  coldstart1)
+    cold=${COLD_TIMEOUT:-220}
+    step_timeout=60
+    guard python3 benchmarks/peer_wait_gpu.py --out "$out"
+    step_timeout=$((2 * cold + 30))
+    guard python3 benchmarks/tp_cold_start.py --model dummy:olmo2-7b --tp 1 \
+      --levels "$cold_levels" --timeout "$cold" --out "$out" base= nowarm=COLD_WARM_UP=0
     ;;
   *)
     echo "unknown part: $part" >&2

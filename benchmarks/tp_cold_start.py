@@ -10,11 +10,15 @@ kernel compiles while the ranks serve: the in-process engine (0.5 GiB of KV cach
 at most, as benchmarks/cluster_overhead.py builds it) takes the --levels in turn, each
 CONCURRENCYxPROMPTxNEW: closed-loop batches of random prompts of PROMPT tokens, greedy, NEW
 tokens each, 2 x CONCURRENCY requests (at least 2). The first level is the warm-up the cluster
-benchmark gives its engine. A variant's process is stopped after --timeout seconds.
+benchmark gives its engine. A variant's process is stopped after --timeout seconds. The engine
+runs its own warm-up before serving (workers/engine/warm_up.py) unless the variant sets
+COLD_WARM_UP=0.
 
-Reports, per variant: each level's seconds, every engine step slower than 0.3 s (when it
-ended), and how the run ended (done, the error a step raised, or stopped at the timeout, with the
-level it was in). Prints a table last; writes tp_cold_start.json under --out.
+Reports, per variant: the seconds until the engine was up (and its warm-up's), each level's
+seconds, the Triton kernels each level compiled (none, where the warm-up reached everything it
+serves), every engine step slower than 0.3 s (when it ended), and how the run ended (done, the
+error a step raised, or stopped at the timeout, with the level it was in). Prints a table last;
+writes tp_cold_start.json under --out.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def run_level(engine, concurrency: int, prompt: int, new: int, seed: int, clock)
 
 
 def child(args: argparse.Namespace) -> None:
+    from workers.bench.compiles import watch_compiles
     from workers.engine.llm_engine import LLMEngine
 
     t0 = time.perf_counter()
@@ -80,15 +85,18 @@ def child(args: argparse.Namespace) -> None:
         return time.perf_counter() - t0
 
     engine = LLMEngine(
-        model=args.model, device=args.device, tp=args.tp, kv_cache_gib=0.5, max_num_seqs=32
-    )
-    emit(kind="engine_up", at=round(clock(), 2))
+        model=args.model, device=args.device, tp=args.tp, kv_cache_gib=0.5, max_num_seqs=32,
+        warm_up=os.environ.get("COLD_WARM_UP", "1") != "0",
+    )  # fmt: skip
+    emit(kind="engine_up", at=round(clock(), 2), warm_up=engine.warm_up_report)
     try:
         for index, (concurrency, prompt, new) in enumerate(parse_levels(args.levels)):
             emit(kind="level_start", level=index, at=round(clock(), 2))
             start = time.perf_counter()
-            run_level(engine, concurrency, prompt, new, index, clock)
+            with watch_compiles() as compiled:
+                run_level(engine, concurrency, prompt, new, index, clock)
             emit(kind="level_done", level=index, seconds=round(time.perf_counter() - start, 2))
+            emit(kind="compiled", level=index, kernels=compiled)
     except Exception as error:  # noqa: BLE001 - reported to the parent
         emit(kind="error", error=f"{type(error).__name__}: {error}", at=round(clock(), 2))
     finally:
@@ -123,6 +131,9 @@ def run_variant(name: str, env: dict[str, str], args: argparse.Namespace) -> dic
     for record in records:
         if record["kind"] == "engine_up":
             report["engine_up_s"] = record["at"]
+            report["warm_up"] = record["warm_up"]
+        elif record["kind"] == "compiled":
+            report.setdefault("compiled", {})[record["level"]] = record["kernels"]
         elif record["kind"] == "level_start":
             report["last_level_started"] = record["level"]
         elif record["kind"] == "level_done":
@@ -176,15 +187,25 @@ def main() -> None:
         print(f"{name}: {report['ended']}; levels {report['levels']}", flush=True)
         for step in report["slow_steps"]:
             print(f"    step {step['step']} took {step['seconds']} s (at {step['at']} s)")
+        for level, kernels in report.get("compiled", {}).items():
+            for kernel in kernels:
+                seconds = kernel["seconds"]
+                took = f"{seconds:.2f} s" if seconds is not None else "?"
+                print(f"    level {level} compiled {kernel['kernel']} ({took})")
         if "error" in report:
             print(f"    {report['error']}")
         if report["ended"] != "done":  # the other ranks' errors land here
             print("    " + report["stderr_tail"][-1200:].replace("\n", "\n    "))
-    print(f"\n{'variant':>16} | {'engine up':>9} | {'levels done (s)':<30} | ended")
+    print(
+        f"\n{'variant':>16} | {'engine up':>9} | {'warm-up s':>9} | {'levels done (s)':<30} | "
+        f"{'compiles':<14} | ended"
+    )
     for name, report in result["variants"].items():
         done = ", ".join(f"{s}" for s in report["levels"].values()) or "-"
         up = report.get("engine_up_s", "-")
-        print(f"{name:>16} | {up:>9} | {done:<30} | {report['ended']}")
+        warm = (report.get("warm_up") or {}).get("seconds", "-")
+        compiles = ", ".join(str(len(k)) for k in report.get("compiled", {}).values()) or "-"
+        print(f"{name:>16} | {up:>9} | {warm:>9} | {done:<30} | {compiles:<14} | {report['ended']}")
 
 
 if __name__ == "__main__":

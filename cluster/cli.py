@@ -114,6 +114,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", help="CUDA: no graphs for decode steps"
     )
     parser.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="CUDA: serve without first running made-up requests that compile every kernel",
+    )
+    parser.add_argument(
         "--no-async-scheduling",
         action="store_true",
         help="CUDA: wait for each step's sampled ids before queueing the next step",
@@ -136,6 +141,7 @@ def engine_config_from_args(args: argparse.Namespace, detokenize: bool = True) -
         tp=args.tp,
         enforce_eager=args.enforce_eager,
         async_scheduling=False if args.no_async_scheduling else None,
+        warm_up=False if args.no_warm_up else None,
     )
 
 

@@ -229,6 +229,9 @@ class EngineConfig:
     """On CUDA, run decode steps eagerly instead of replaying captured CUDA graphs (at tp > 1 the
     graphs need the ranks' GPUs to reach each other's memory; where they cannot, decode runs
     eagerly)."""
+    warm_up: bool | None = None
+    """Before serving, run made-up requests that reach every kind of step (workers/engine/
+    warm_up.py), so that no real request waits for a kernel to compile (None: on CUDA)."""
     detokenize: bool = True
     """Produce text deltas and match stop strings here; a cluster's workers leave both to the
     gateway, which sees the whole stream even across a failover."""
@@ -267,6 +270,11 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 8192 if device.type == "cuda" else 2048
+
+    def resolved_warm_up(self, device: torch.device) -> bool:
+        """Whether the engine warms up on `device` (`warm_up`, or by default on CUDA only: on a
+        CPU nothing is compiled at the first step)."""
+        return self.warm_up if self.warm_up is not None else device.type == "cuda"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

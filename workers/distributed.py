@@ -10,6 +10,7 @@ import bisect
 import logging
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,59 @@ _PEER_MEMORY: list[torch.Tensor] = []
 _PEER_STATUS: dict = {}
 """A follower's last copy of the peer kernels' status on the host ("last") and the event that
 says it landed ("copied")."""
+_LOCKSTEP = {"on": False}
+"""Whether peer calls are in lockstep (see `set_lockstep`)."""
+
+
+class Lockstep(NamedTuple):
+    """Rank 0's word to the other ranks in place of a step: peer calls in lockstep or not."""
+
+    on: bool
+
+
+LOCKSTEP_SPINS = 1 << 30
+"""The peer calls' polls before they give up while in lockstep, 16 times the default (see
+`_spins`)."""
+
+
+def set_lockstep(on: bool) -> None:
+    """While on, each peer call first waits for this rank's queued work and then for every rank
+    of the group on the host (skipped inside a CUDA graph's capture), and waits LOCKSTEP_SPINS
+    polls before it gives up: no call then gives up on a rank still compiling a kernel (on a
+    host whose Triton cache is empty, a rank compiling the call's own kernel can be a second or
+    more behind the others). A group starts in lockstep; the engine ends it on every rank once
+    it has compiled what serving reaches (its graphs and its warm-up), as the peer kernels then
+    run at full speed."""
+    _LOCKSTEP["on"] = on
+    if _PEERS is not None:
+        _PEERS.max_spins = _spins()
+
+
+def _spins() -> int:
+    """The peer calls' limit now: LOCKSTEP_SPINS in lockstep, else the default (MAX_SPINS)."""
+    from kernels.peer_collectives import MAX_SPINS
+
+    if not _LOCKSTEP["on"] or MAX_SPINS == 1 or MAX_SPINS >= LOCKSTEP_SPINS:
+        return MAX_SPINS
+    # Triton compiles an integer argument apart when it is 1 or a multiple of 16: the limit in
+    # lockstep falls in MAX_SPINS' class, so the kernels compiled then are those served with
+    return LOCKSTEP_SPINS + (1 if MAX_SPINS % 16 else 0)
+
+
+def _lockstep() -> None:
+    """Called just before a peer kernel is launched (every rank launches the same ones). A call
+    captured into a CUDA graph keeps its arguments for good: it gets the default limit and no
+    wait (a capture cannot synchronise)."""
+    if not _LOCKSTEP["on"] or _TP.size == 1:
+        return
+    capturing = torch.cuda.is_current_stream_capturing()
+    if _PEERS is not None:
+        from kernels.peer_collectives import MAX_SPINS
+
+        _PEERS.max_spins = MAX_SPINS if capturing else _spins()
+    if not capturing:
+        torch.cuda.synchronize()
+        dist.barrier(group=_TP.cpu_group)
 
 
 def get_tp_group() -> TensorParallelGroup:
@@ -90,6 +144,7 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
         if _peer_fit(x):
             from kernels.peer_collectives import all_reduce_
 
+            _lockstep()
             return all_reduce_(x, _PEERS)
         dist.all_reduce(x, group=_TP.group)
     return x
@@ -112,6 +167,7 @@ def tp_all_reduce_rms_norm_add(
         return None
     from kernels.peer_collectives import all_reduce_rms_norm_add
 
+    _lockstep()
     # a copy made by contiguous() is a PyTorch kernel, which lets the next one launch only once
     # it is done: the residual stays settled
     return all_reduce_rms_norm_add(
@@ -148,6 +204,7 @@ def tp_qk_sum_squares(
     if _peer_fit(qkv, nbytes=qkv.shape[0] * 2 * 4):  # it publishes [T, 2] fp32
         from kernels.peer_collectives import all_reduce_qk_squares
 
+        _lockstep()
         return all_reduce_qk_squares(qkv, num_heads, num_kv_heads, head_dim, k_scale, _PEERS)
     from kernels.rope import qk_sum_squares
 
@@ -169,6 +226,7 @@ def tp_broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
             from kernels.peer_collectives import broadcast_, broadcast_fits
 
             if broadcast_fits(x, peers):
+                _lockstep()
                 return broadcast_(x, peers)
         dist.broadcast(x, src=0, group=_TP.group)
     return x
@@ -181,6 +239,7 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if _peer_fit(x):
         from kernels.peer_collectives import all_gather_last_dim
 
+        _lockstep()
         return all_gather_last_dim(x, _PEERS)
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous(), group=_TP.group)
@@ -199,6 +258,7 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on shared hosts
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    set_lockstep(True)
     group = dist.group.WORLD
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else group
     set_tp_group(TensorParallelGroup(rank=rank, size=size, group=group, cpu_group=cpu_group))
@@ -254,9 +314,18 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
             from kernels.peer_collectives import all_reduce_
 
             check = torch.full((4,), float(_TP.rank + 1), device=device)
-            peers.max_spins, spins = 1 << 22, peers.max_spins  # a mapping that fails, fails fast
+            # compiled first, by a call that waits no more than 16 polls (the same
+            # specialisation, a multiple of 16), then every rank meets: the test sum's short
+            # limit then never counts a rank still compiling it
+            _lockstep()
+            peers.max_spins = 16
+            all_reduce_(torch.zeros_like(check), peers)
+            torch.cuda.synchronize(device)
+            peers.status.zero_()
+            _lockstep()
+            peers.max_spins = 1 << 22  # a mapping that fails, fails fast
             all_reduce_(check, peers)
-            peers.max_spins = spins
+            peers.max_spins = _spins()
             expected = _TP.size * (_TP.size + 1) / 2
             ok = int(bool((check == expected).all()) and int(peers.status[0]) == 0)
         except Exception as exc:
@@ -296,6 +365,7 @@ def warm_peer_post_norm(weight: torch.Tensor, eps: float, dtype: torch.dtype) ->
     row_counts = sorted(chosen.values())
     for rows in row_counts:
         x = torch.zeros(rows, hidden, dtype=dtype, device=weight.device)
+        _lockstep()
         all_reduce_rms_norm_add(x, torch.zeros_like(x), weight, eps, peers)
     return row_counts
 
@@ -313,7 +383,9 @@ def warm_peer_broadcast(device: torch.device) -> list[int]:
 
     counts = [1, 8]
     for count in counts:
+        _lockstep()
         broadcast_(torch.zeros(count, dtype=torch.int64, device=device), peers)
+        _lockstep()
         all_reduce_(torch.zeros(4, device=device), peers)  # as init_peer_collectives' test sum
     return counts
 

@@ -19,12 +19,14 @@ from workers.attention import get_backend
 from workers.config import EngineConfig
 from workers.decode_graphs import DecodeGraphs
 from workers.distributed import (
+    Lockstep,
     check_peer_collectives,
     destroy_tensor_parallel,
     divide,
     get_tp_size,
     init_peer_collectives,
     init_tensor_parallel,
+    set_lockstep,
     tp_broadcast_object,
     tp_broadcast_tensor,
     tp_min,
@@ -175,6 +177,9 @@ def follow(config: EngineConfig, rank: int, rendezvous: str) -> None:
     try:
         worker = ShardWorker(config, device, sampler=False)
         while (schedule := tp_broadcast_object()) is not None:
+            if isinstance(schedule, Lockstep):  # rank 0 is done compiling (see set_lockstep)
+                set_lockstep(schedule.on)
+                continue
             ids = None
             if schedule.ids_on_device:  # rank 0's draw of the step before, sent on the device
                 ids = torch.empty(len(schedule.requests), dtype=torch.long, device=device)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import multiprocessing
 import random
 import threading
+import time
 from collections.abc import Sequence
 
 from workers.config import EngineConfig
 from workers.distributed import (
+    Lockstep,
     destroy_tensor_parallel,
     get_tp_size,
     init_tensor_parallel,
+    set_lockstep,
     tp_broadcast_object,
     tp_broadcast_tensor,
 )
@@ -30,6 +33,7 @@ from workers.engine.outputs import (
 from workers.engine.request import Request, RequestStatus, check_prompt_fits, check_prompt_ids
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
+from workers.engine.warm_up import plan as warm_up_plan
 from workers.worker import (
     ShardWorker,
     check_tensor_parallel,
@@ -94,6 +98,16 @@ class LLMEngine:
             else self.device.type == "cuda"
         )
         self._in_flight = None  # (schedule, StepInFlight) of a step queued ahead
+        self.warm_up_report: dict | None = None
+        if config.resolved_warm_up(self.device):
+            try:
+                self.warm_up_report = self.warm_up()
+            except BaseException:
+                self.shutdown()  # the other ranks stop too, rather than wait for a step
+                raise
+        if get_tp_size() > 1:  # every rank compiled what serving reaches: no more lockstep
+            tp_broadcast_object(Lockstep(False))
+            set_lockstep(False)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel followers (and wait for the ones this engine spawned).
@@ -111,6 +125,53 @@ class LLMEngine:
                 process.join(30)
                 if process.is_alive():  # stuck (a collective its peer never joined): stop it
                     process.kill()
+
+    def warm_up(self) -> dict:
+        """Run workers/engine/warm_up.py's requests through the engine, so that the kernels every
+        kind of step needs are compiled before a real request arrives, and leave nothing of them
+        behind: the KV blocks, the prefix cache, the counters and the seeds handed to requests
+        are as before. Returns {waves, requests, steps, seconds}; a warm-up request that fails
+        raises RuntimeError (the engine is not fit to serve)."""
+        start = time.perf_counter()
+        config = self.config
+        seeds, arrivals = self._seeds.getstate(), self._arrivals
+        waves = warm_up_plan(
+            self.model_config.vocab_size,
+            self.max_model_len,
+            config.token_budget(self.device),
+            config.block_size,
+            config.max_num_seqs,
+            config.enable_prefix_caching,
+            self.num_kv_blocks * config.block_size,
+        )
+        steps = requests = 0
+        for w, wave in enumerate(waves):
+            pending = sorted(enumerate(wave), key=lambda item: item[1].after_steps)
+            wave_steps = 0
+            while pending or self.has_unfinished_requests():
+                while pending and pending[0][1].after_steps <= wave_steps:
+                    index, arrival = pending.pop(0)
+                    self.add_request(arrival.prompt, arrival.params, f"warm-up-{w}-{index}")
+                    requests += 1
+                for output in self.step():
+                    if output.error is not None:
+                        raise RuntimeError(f"warm-up request {output.request_id}: {output.error}")
+                wave_steps += 1
+            steps += wave_steps
+        self.step()  # hands the last finished ids to every rank's runner, which drops them
+        self._seeds.setstate(seeds)
+        self._arrivals = arrivals
+        self._in_flight = None
+        self.kv = KVCacheManager(
+            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.kv, config.token_budget(self.device), config.max_num_seqs)
+        return {
+            "waves": len(waves),
+            "requests": requests,
+            "steps": steps,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
 
     # -- requests --
 
