@@ -146,9 +146,10 @@ class PeerBuffers:
     """int32 [1]: 0, or the kind of the first call on this rank that gave up waiting for another
     rank (1 + its index in `WAITS`)."""
     max_spins: int = MAX_SPINS
-    """Polls of a flag before a call gives up: by default 2^26, tens of seconds on a GPU, far
-    beyond any step (a rank compiling a kernel for a new shape can be seconds behind);
-    AFS_PEER_MAX_SPINS sets it, read at import (`MAX_SPINS`)."""
+    """Polls of a flag before a call gives up: by default 2^26, 12 to 33 s on an H200 by kind
+    of call (177 to 499 ns a poll, benchmarks/peer_wait_gpu.py), far beyond any step (a rank
+    compiling a kernel for a new shape can be seconds behind); AFS_PEER_MAX_SPINS sets it, read
+    at import (`MAX_SPINS`)."""
     push: bool = False
     """Write this rank's data into every rank's buffer before the barrier and read only local
     memory after it, instead of writing locally and reading the others' buffers. (The engine
