@@ -135,8 +135,11 @@ class LLMEngine:
         start = time.perf_counter()
         config = self.config
         seeds, arrivals = self._seeds.getstate(), self._arrivals
+        vocab = self.model_config.vocab_size
+        if self.tokenizer is not None:  # prompts the tokenizer can decode
+            vocab = min(vocab, self.tokenizer.vocab_size)
         waves = warm_up_plan(
-            self.model_config.vocab_size,
+            vocab,
             self.max_model_len,
             config.token_budget(self.device),
             config.block_size,
