@@ -320,8 +320,7 @@ def init_peer_collectives(capacity: int, device: torch.device) -> bool:
             _lockstep()
             peers.max_spins = 16
             all_reduce_(torch.zeros_like(check), peers)
-            torch.cuda.synchronize(device)
-            peers.status.zero_()
+            peers.status.zero_()  # queued behind that call
             _lockstep()
             peers.max_spins = 1 << 22  # a mapping that fails, fails fast
             all_reduce_(check, peers)

@@ -82,10 +82,7 @@ class LLMEngine:
         self.eos_token_ids = worker.eos_token_ids
         self.runner = worker.runner
         self.num_kv_blocks = worker.num_kv_blocks
-        self.kv = KVCacheManager(
-            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(self.kv, config.token_budget(self.device), config.max_num_seqs)
+        self._new_schedule_state()
         self._seeds = random.Random(config.seed)
         self._arrivals = 0
         self._streams: dict[str, TextStream] = {}
@@ -126,6 +123,15 @@ class LLMEngine:
                 if process.is_alive():  # stuck (a collective its peer never joined): stop it
                     process.kill()
 
+    def _new_schedule_state(self) -> None:
+        """An empty KV block pool and prefix cache, and a scheduler over them with no request
+        and its counters at zero."""
+        config = self.config
+        self.kv = KVCacheManager(
+            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.kv, config.token_budget(self.device), config.max_num_seqs)
+
     def warm_up(self) -> dict:
         """Run workers/engine/warm_up.py's requests through the engine, so that the kernels every
         kind of step needs are compiled before a real request arrives, and leave nothing of them
@@ -165,10 +171,7 @@ class LLMEngine:
         self._seeds.setstate(seeds)
         self._arrivals = arrivals
         self._in_flight = None
-        self.kv = KVCacheManager(
-            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(self.kv, config.token_budget(self.device), config.max_num_seqs)
+        self._new_schedule_state()
         return {
             "waves": len(waves),
             "requests": requests,
